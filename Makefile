@@ -1,0 +1,40 @@
+# Two entry points for a fresh machine: `make run` and `make test`. Both install what is missing
+# first (scripts/setup.sh: the pinned MLX wheel into .mlx/, OpenBLAS on Linux).
+
+SHELL := /bin/bash
+CARGO ?= cargo
+MLX_DIR ?= $(CURDIR)/.mlx
+export MLX_DIR
+# OpenBLAS reads this when it loads, so it must be in the environment that starts the process.
+OPENBLAS_CORETYPE ?= $(shell scripts/blas-coretype)
+ifneq ($(OPENBLAS_CORETYPE),)
+export OPENBLAS_CORETYPE
+endif
+
+DEMO_MODEL ?= tests/fixtures/qwen3-tiny
+
+.PHONY: setup build run test bench-blas fixtures
+
+setup:
+	@scripts/setup.sh
+
+build: setup
+	$(CARGO) build --release
+
+# The main job: embed a few texts with the bundled demo model and print the JSON result.
+run: build
+	target/release/mlx-embed embed --model-dir $(DEMO_MODEL) --prompt-name query \
+	  "What is a vector database?" "向量数据库" "🚀 embeddings"
+
+test: setup
+	$(CARGO) test --all-targets
+	$(CARGO) test --doc
+
+# Matmul GFLOP/s through MLX on this machine (which BLAS is behind the CPU backend matters).
+bench-blas: setup
+	$(CARGO) run --release --example matmul_gflops
+
+# Regenerates tests/fixtures with the pinned reference implementation (needs torch; not run by CI).
+fixtures:
+	python3 -m venv .venv-fixtures && .venv-fixtures/bin/pip install -q -r scripts/requirements-fixtures.txt
+	.venv-fixtures/bin/python scripts/gen_fixtures.py

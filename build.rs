@@ -1,0 +1,42 @@
+//! Builds the C++ side of the MLX bridge and links it against `libmlx` from the official MLX wheel.
+//!
+//! `MLX_DIR` names the folder the wheel was installed into (`scripts/setup.sh`; default `.mlx` in
+//! the crate). The binary keeps a RUNPATH (not RPATH) to that folder's `mlx/lib`, so
+//! `LD_LIBRARY_PATH` can select another build with the same soname (the CUDA wheel) at run time.
+
+use std::path::PathBuf;
+
+fn main() {
+    println!("cargo:rerun-if-env-changed=MLX_DIR");
+    for f in ["src/mlx/ffi.rs", "src/mlx/shim.h", "src/mlx/shim.cc"] {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo"));
+    let mlx_dir = std::env::var_os("MLX_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| manifest.join(".mlx"));
+    let include = mlx_dir.join("mlx/include");
+    let lib = mlx_dir.join("mlx/lib");
+    if !include.join("mlx/mlx.h").exists() {
+        panic!(
+            "MLX headers not found under {}: run `scripts/setup.sh` (or `make setup`), \
+             or point MLX_DIR at an installed MLX wheel",
+            include.display()
+        );
+    }
+
+    cxx_build::bridge("src/mlx/ffi.rs")
+        .file("src/mlx/shim.cc")
+        .include(&include)
+        .std("c++20")
+        .flag_if_supported("-Wno-unused-parameter")
+        .flag_if_supported("-Wno-deprecated-declarations")
+        .compile("mlx_embed_shim");
+
+    println!("cargo:rustc-link-search=native={}", lib.display());
+    println!("cargo:rustc-link-lib=dylib=mlx");
+    if std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux") {
+        println!("cargo:rustc-link-arg=-Wl,--enable-new-dtags");
+    }
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+}

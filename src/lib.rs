@@ -1,0 +1,12 @@
+//! mlx-embed: text embeddings computed with Apple's MLX, for vector stores.
+//!
+//! Layout:
+//! - [`mlx`]: the only place that touches MLX's C++ API (cxx bridge); safe, `!Send` arrays.
+//! - [`models`]: Qwen3 and Gemma 3 encoders, weight loading (safetensors, MLX-quantized), the
+//!   sentence-transformers head (pooling, Dense, normalization) and [`models::EmbeddingModel`].
+//! - [`tokenize`]: tokenizer.json with prompts, end tokens and truncation.
+//! - [`error`]: typed errors naming the file, field or tensor at fault.
+pub mod error;
+pub mod mlx;
+pub mod models;
+pub mod tokenize;

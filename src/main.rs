@@ -1,0 +1,127 @@
+//! The `mlx-embed` command line.
+//!
+//! - `embed`: one-shot embedding of texts with a local model folder; prints one JSON object.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use mlx_embed::mlx::{self, Dtype};
+use mlx_embed::models::{EmbeddingModel, LoadOptions, PromptChoice};
+
+#[derive(Parser)]
+#[command(name = "mlx-embed", version, about = "Text embeddings on MLX")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Embed texts once with a local model folder and print {"model", "dimensions", "dtype",
+    /// "device", "embeddings"} as JSON; all texts run as one padded batch.
+    Embed(EmbedArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DtypeArg {
+    Auto,
+    F32,
+    Bf16,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DeviceArg {
+    Auto,
+    Cpu,
+    Gpu,
+}
+
+#[derive(clap::Args)]
+struct EmbedArgs {
+    /// Model folder in Hugging Face layout (config.json, model.safetensors, tokenizer.json, …).
+    #[arg(long)]
+    model_dir: PathBuf,
+    /// A prompt of the model's config_sentence_transformers.json (e.g. query, document).
+    #[arg(long, conflicts_with = "instruction")]
+    prompt_name: Option<String>,
+    /// A task description, formatted as the model card says (e.g. Qwen3: "Instruct: …\nQuery:").
+    #[arg(long)]
+    instruction: Option<String>,
+    /// Cut vectors to this size (Matryoshka) and renormalize.
+    #[arg(long)]
+    dimensions: Option<i32>,
+    #[arg(long, value_enum, default_value = "auto")]
+    dtype: DtypeArg,
+    #[arg(long, value_enum, default_value = "auto")]
+    device: DeviceArg,
+    /// A JSON array of strings to embed (before any TEXT arguments).
+    #[arg(long)]
+    input: Option<PathBuf>,
+    /// Texts to embed.
+    texts: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Embed(args) => embed(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn embed(args: EmbedArgs) -> Result<()> {
+    let mut texts: Vec<String> = match &args.input {
+        Some(path) => {
+            let raw = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+            serde_json::from_str(&raw).with_context(|| format!("{}: expected a JSON array of strings", path.display()))?
+        }
+        None => vec![],
+    };
+    texts.extend(args.texts.iter().cloned());
+    if texts.is_empty() {
+        bail!("no texts: give TEXT arguments or --input FILE");
+    }
+    let gpu = match args.device {
+        DeviceArg::Cpu => false,
+        DeviceArg::Gpu if !mlx::gpu_is_available() => bail!("--device gpu: MLX has no GPU backend here (MLX {})", mlx::version()),
+        DeviceArg::Gpu => true,
+        DeviceArg::Auto => mlx::gpu_is_available(),
+    };
+    let dtype = match args.dtype {
+        DtypeArg::Auto => None,
+        DtypeArg::F32 => Some(Dtype::Float32),
+        DtypeArg::Bf16 => Some(Dtype::Bfloat16),
+    };
+    let model = EmbeddingModel::load(&args.model_dir, LoadOptions { dtype, gpu })?;
+    let prompt = match (&args.prompt_name, &args.instruction) {
+        (Some(name), _) => PromptChoice::Name(name.clone()),
+        (None, Some(task)) => PromptChoice::Instruction(task.clone()),
+        (None, None) => PromptChoice::Default,
+    };
+    let vectors = model.embed_texts(&texts, &prompt, args.dimensions)?;
+    let info = model.info();
+    let name = args.model_dir.canonicalize().ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| args.model_dir.display().to_string());
+    let out = serde_json::json!({
+        "model": name,
+        "dimensions": vectors.first().map_or(0, Vec::len),
+        "dtype": if info.dtype == Dtype::Bfloat16 { "bf16" } else { "f32" },
+        "device": if info.gpu { "gpu" } else { "cpu" },
+        "embeddings": vectors,
+    });
+    println!("{out}");
+    Ok(())
+}

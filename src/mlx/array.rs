@@ -1,0 +1,224 @@
+//! [`Array`]: an owned handle to an `mlx::core::array` (a lazy graph node), and the operations the
+//! models use. Operations build the graph; [`Array::eval`] or a copy to the host runs it.
+
+use std::marker::PhantomData;
+use std::pin::Pin;
+
+use cxx::UniquePtr;
+
+use super::ffi::ffi;
+use super::{Dtype, MlxError, Result};
+
+/// An MLX array. Cheap to clone (MLX arrays share their buffers). `!Send` and `!Sync`: MLX state
+/// must stay on one thread.
+///
+/// ```compile_fail
+/// fn needs_send<T: Send>(_: T) {}
+/// needs_send(mlx_embed::mlx::Array::from_f32(&[1.0], &[1]).unwrap());
+/// ```
+pub struct Array {
+    raw: UniquePtr<ffi::array>,
+    _not_send: PhantomData<*const ()>,
+}
+
+fn wrap(r: std::result::Result<UniquePtr<ffi::array>, cxx::Exception>) -> Result<Array> {
+    let raw = r?;
+    if raw.is_null() {
+        return Err(MlxError("bridge returned a null array".into()));
+    }
+    Ok(Array { raw, _not_send: PhantomData })
+}
+
+macro_rules! binary {
+    ($($(#[$doc:meta])* $name:ident => $ffi:ident),* $(,)?) => {$(
+        $(#[$doc])*
+        pub fn $name(&self, other: &Array) -> Result<Array> {
+            wrap(ffi::$ffi(self.r(), other.r()))
+        }
+    )*};
+}
+
+macro_rules! unary {
+    ($($name:ident),* $(,)?) => {$(
+        pub fn $name(&self) -> Result<Array> {
+            wrap(ffi::$name(self.r()))
+        }
+    )*};
+}
+
+impl Array {
+    fn r(&self) -> &ffi::array {
+        // Non-null by construction (`wrap` checks).
+        self.raw.as_ref().expect("Array is never null")
+    }
+
+    pub fn from_f32(data: &[f32], shape: &[i32]) -> Result<Array> {
+        check_len(data.len(), shape)?;
+        wrap(ffi::from_f32(data, shape))
+    }
+
+    pub fn from_i32(data: &[i32], shape: &[i32]) -> Result<Array> {
+        check_len(data.len(), shape)?;
+        wrap(ffi::from_i32(data, shape))
+    }
+
+    /// A 0-d array holding `value` converted to `dtype`.
+    pub fn scalar(value: f32, dtype: Dtype) -> Result<Array> {
+        wrap(ffi::scalar(value, dtype))
+    }
+
+    /// `[start, stop)` as int32.
+    pub fn arange(start: i32, stop: i32) -> Result<Array> {
+        wrap(ffi::arange(start, stop))
+    }
+
+    pub fn shape(&self) -> Vec<i32> {
+        ffi::shape(self.r())
+    }
+
+    pub fn dtype(&self) -> Result<Dtype> {
+        Ok(ffi::dtype(self.r())?)
+    }
+
+    /// Runs the graph up to this array.
+    pub fn eval(&self) -> Result<()> {
+        Ok(ffi::eval(self.r())?)
+    }
+
+    /// Evaluates and copies the elements out (row-major), converted to f32.
+    pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
+        Ok(ffi::to_f32_vec(self.r())?)
+    }
+
+    /// Evaluates and copies the elements out (row-major), converted to i32.
+    pub fn to_i32_vec(&self) -> Result<Vec<i32>> {
+        Ok(ffi::to_i32_vec(self.r())?)
+    }
+
+    pub fn astype(&self, dtype: Dtype) -> Result<Array> {
+        wrap(ffi::astype(self.r(), dtype))
+    }
+
+    pub fn reshape(&self, shape: &[i32]) -> Result<Array> {
+        wrap(ffi::reshape(self.r(), shape))
+    }
+
+    pub fn transpose(&self, axes: &[i32]) -> Result<Array> {
+        wrap(ffi::transpose(self.r(), axes))
+    }
+
+    pub fn expand_dims(&self, axis: i32) -> Result<Array> {
+        wrap(ffi::expand_dims(self.r(), axis))
+    }
+
+    /// `self[start[0]..stop[0], start[1]..stop[1], …]`.
+    pub fn slice(&self, start: &[i32], stop: &[i32]) -> Result<Array> {
+        wrap(ffi::slice(self.r(), start, stop))
+    }
+
+    /// Rows (along `axis`) picked by an integer index array.
+    pub fn take(&self, indices: &Array, axis: i32) -> Result<Array> {
+        wrap(ffi::take(self.r(), indices.r(), axis))
+    }
+
+    pub fn take_along_axis(&self, indices: &Array, axis: i32) -> Result<Array> {
+        wrap(ffi::take_along_axis(self.r(), indices.r(), axis))
+    }
+
+    binary! {
+        add => add,
+        subtract => subtract,
+        multiply => multiply,
+        divide => divide,
+        maximum => maximum,
+        /// Batched matrix product (`@`).
+        matmul => matmul,
+        less => less,
+        less_equal => less_equal,
+        equal => equal,
+        logical_and => logical_and,
+        logical_or => logical_or,
+    }
+
+    unary!(abs, sqrt, rsqrt, square, tanh, sigmoid);
+
+    /// Elementwise `cond ? x : y` (broadcasting).
+    pub fn select(cond: &Array, x: &Array, y: &Array) -> Result<Array> {
+        wrap(ffi::where_(cond.r(), x.r(), y.r()))
+    }
+
+    pub fn sum_axis(&self, axis: i32, keepdims: bool) -> Result<Array> {
+        wrap(ffi::sum_axis(self.r(), axis, keepdims))
+    }
+
+    /// Fused RMSNorm over the last axis: `x / rms(x) * weight`.
+    pub fn rms_norm(&self, weight: &Array, eps: f32) -> Result<Array> {
+        wrap(ffi::rms_norm(self.r(), weight.r(), eps))
+    }
+
+    /// Fused rotary embedding over the last axis of `[B, H, L, D]`, positions `offset..offset+L`.
+    pub fn rope(&self, dims: i32, traditional: bool, base: f32, scale: f32, offset: i32) -> Result<Array> {
+        wrap(ffi::rope(self.r(), dims, traditional, base, scale, offset))
+    }
+
+    /// Fused attention `softmax(q·kᵀ·scale + mask)·v` over `[B, H, L, D]` (grouped KV heads
+    /// allowed). `mask` is boolean (true = may attend) and broadcasts to `[B, H, L, L]`.
+    pub fn attention(q: &Array, k: &Array, v: &Array, scale: f32, mask: &Array) -> Result<Array> {
+        wrap(ffi::scaled_dot_product_attention(q.r(), k.r(), v.r(), scale, mask.r()))
+    }
+
+    /// `self @ dequantize(w)ᵀ` for an affine-quantized `w` (MLX packing).
+    pub fn quantized_matmul(&self, w: &Array, scales: &Array, biases: &Array, group_size: i32, bits: i32) -> Result<Array> {
+        wrap(ffi::quantized_matmul(self.r(), w.r(), scales.r(), biases.r(), true, group_size, bits))
+    }
+
+    /// Affine dequantization of packed `w`: `scales · q + biases` per group.
+    pub fn dequantize(w: &Array, scales: &Array, biases: &Array, group_size: i32, bits: i32) -> Result<Array> {
+        wrap(ffi::dequantize(w.r(), scales.r(), biases.r(), group_size, bits))
+    }
+}
+
+impl Clone for Array {
+    fn clone(&self) -> Self {
+        Array { raw: ffi::clone_ref(self.r()), _not_send: PhantomData }
+    }
+}
+
+impl std::fmt::Debug for Array {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let dtype = self.dtype().map(|d| d.name()).unwrap_or("?");
+        write!(f, "Array({:?}, {dtype})", self.shape())
+    }
+}
+
+fn check_len(len: usize, shape: &[i32]) -> Result<()> {
+    let want: i64 = shape.iter().map(|&d| d as i64).product();
+    if shape.iter().any(|&d| d < 0) || want != len as i64 {
+        return Err(MlxError(format!("{len} elements do not fill shape {shape:?}")));
+    }
+    Ok(())
+}
+
+/// The tensors of one safetensors file (memory-mapped by MLX, read lazily), taken out by name.
+pub struct TensorFile {
+    raw: UniquePtr<ffi::TensorFile>,
+    _not_send: PhantomData<*const ()>,
+}
+
+impl TensorFile {
+    pub fn open(path: &std::path::Path) -> Result<TensorFile> {
+        let p = path.to_str().ok_or_else(|| MlxError(format!("path is not UTF-8: {}", path.display())))?;
+        let raw = ffi::load_safetensors(p)?;
+        Ok(TensorFile { raw, _not_send: PhantomData })
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        ffi::tensor_names(self.raw.as_ref().expect("TensorFile is never null"))
+    }
+
+    /// Removes and returns the tensor `name`.
+    pub fn take(&mut self, name: &str) -> Result<Array> {
+        let pinned: Pin<&mut ffi::TensorFile> = self.raw.pin_mut();
+        wrap(ffi::take_tensor(pinned, name))
+    }
+}

@@ -1,0 +1,125 @@
+//! The cxx bridge to MLX's C++ API. Every function returns `Result`: a C++ exception becomes a
+//! Rust error instead of terminating the process. The C++ side (`shim.cc`) only forwards.
+
+#[cxx::bridge(namespace = "mlx_embed")]
+pub(crate) mod ffi {
+    /// Element types, shared with C++ so that an unknown value is an error, never a silent default.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    #[repr(u8)]
+    enum Dtype {
+        Bool,
+        Uint8,
+        Uint16,
+        Uint32,
+        Uint64,
+        Int8,
+        Int16,
+        Int32,
+        Int64,
+        Float16,
+        Float32,
+        Float64,
+        Bfloat16,
+        Complex64,
+    }
+
+    unsafe extern "C++" {
+        include!("mlx-embed/src/mlx/shim.h");
+
+        #[namespace = "mlx::core"]
+        type array;
+        /// The tensors of one safetensors file, taken out one by one.
+        type TensorFile;
+
+        // ---- construction and inspection
+        fn from_f32(data: &[f32], shape: &[i32]) -> Result<UniquePtr<array>>;
+        fn from_i32(data: &[i32], shape: &[i32]) -> Result<UniquePtr<array>>;
+        fn scalar(value: f32, dtype: Dtype) -> Result<UniquePtr<array>>;
+        fn arange(start: i32, stop: i32) -> Result<UniquePtr<array>>;
+        fn clone_ref(a: &array) -> UniquePtr<array>;
+        fn shape(a: &array) -> Vec<i32>;
+        fn dtype(a: &array) -> Result<Dtype>;
+        fn to_f32_vec(a: &array) -> Result<Vec<f32>>;
+        fn to_i32_vec(a: &array) -> Result<Vec<i32>>;
+        fn eval(a: &array) -> Result<()>;
+
+        // ---- shape and type
+        fn astype(a: &array, dtype: Dtype) -> Result<UniquePtr<array>>;
+        fn reshape(a: &array, shape: &[i32]) -> Result<UniquePtr<array>>;
+        fn transpose(a: &array, axes: &[i32]) -> Result<UniquePtr<array>>;
+        fn expand_dims(a: &array, axis: i32) -> Result<UniquePtr<array>>;
+        fn slice(a: &array, start: &[i32], stop: &[i32]) -> Result<UniquePtr<array>>;
+        fn take(a: &array, indices: &array, axis: i32) -> Result<UniquePtr<array>>;
+        fn take_along_axis(a: &array, indices: &array, axis: i32) -> Result<UniquePtr<array>>;
+
+        // ---- arithmetic and comparisons (broadcasting)
+        fn add(a: &array, b: &array) -> Result<UniquePtr<array>>;
+        fn subtract(a: &array, b: &array) -> Result<UniquePtr<array>>;
+        fn multiply(a: &array, b: &array) -> Result<UniquePtr<array>>;
+        fn divide(a: &array, b: &array) -> Result<UniquePtr<array>>;
+        fn maximum(a: &array, b: &array) -> Result<UniquePtr<array>>;
+        fn matmul(a: &array, b: &array) -> Result<UniquePtr<array>>;
+        fn less(a: &array, b: &array) -> Result<UniquePtr<array>>;
+        fn less_equal(a: &array, b: &array) -> Result<UniquePtr<array>>;
+        fn equal(a: &array, b: &array) -> Result<UniquePtr<array>>;
+        fn logical_and(a: &array, b: &array) -> Result<UniquePtr<array>>;
+        fn logical_or(a: &array, b: &array) -> Result<UniquePtr<array>>;
+        fn where_(cond: &array, x: &array, y: &array) -> Result<UniquePtr<array>>;
+
+        // ---- elementwise and reductions
+        fn abs(a: &array) -> Result<UniquePtr<array>>;
+        fn sqrt(a: &array) -> Result<UniquePtr<array>>;
+        fn rsqrt(a: &array) -> Result<UniquePtr<array>>;
+        fn square(a: &array) -> Result<UniquePtr<array>>;
+        fn tanh(a: &array) -> Result<UniquePtr<array>>;
+        fn sigmoid(a: &array) -> Result<UniquePtr<array>>;
+        fn sum_axis(a: &array, axis: i32, keepdims: bool) -> Result<UniquePtr<array>>;
+
+        // ---- fused kernels
+        fn rms_norm(x: &array, weight: &array, eps: f32) -> Result<UniquePtr<array>>;
+        fn rope(
+            x: &array,
+            dims: i32,
+            traditional: bool,
+            base: f32,
+            scale: f32,
+            offset: i32,
+        ) -> Result<UniquePtr<array>>;
+        fn scaled_dot_product_attention(
+            q: &array,
+            k: &array,
+            v: &array,
+            scale: f32,
+            mask: &array,
+        ) -> Result<UniquePtr<array>>;
+        fn quantized_matmul(
+            x: &array,
+            w: &array,
+            scales: &array,
+            biases: &array,
+            transpose: bool,
+            group_size: i32,
+            bits: i32,
+        ) -> Result<UniquePtr<array>>;
+        fn dequantize(
+            w: &array,
+            scales: &array,
+            biases: &array,
+            group_size: i32,
+            bits: i32,
+        ) -> Result<UniquePtr<array>>;
+
+        // ---- weights
+        fn load_safetensors(path: &str) -> Result<UniquePtr<TensorFile>>;
+        fn tensor_names(file: &TensorFile) -> Vec<String>;
+        fn take_tensor(file: Pin<&mut TensorFile>, name: &str) -> Result<UniquePtr<array>>;
+
+        // ---- devices and memory
+        fn gpu_is_available() -> bool;
+        fn set_default_device(gpu: bool) -> Result<()>;
+        fn version() -> String;
+        fn active_memory() -> usize;
+        fn peak_memory() -> usize;
+        fn cache_memory() -> usize;
+    }
+}

@@ -1,0 +1,89 @@
+//! Safe MLX for the rest of the crate: [`Array`], [`Dtype`] and device/memory queries.
+//!
+//! This is the only module that names `cxx` or the FFI. Every operation returns
+//! [`Result`]: MLX reports bad shapes and other misuse with C++ exceptions, which arrive here as
+//! [`MlxError`] instead of aborting the process. MLX is not thread-safe, so [`Array`] is `!Send`:
+//! arrays stay on the thread that made them (the engine thread).
+
+mod array;
+mod ffi;
+
+pub use array::{Array, TensorFile};
+pub use ffi::ffi::Dtype;
+
+/// An error raised by MLX (a C++ exception) or by the bridge around it.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("MLX: {0}")]
+pub struct MlxError(pub String);
+
+impl From<cxx::Exception> for MlxError {
+    fn from(e: cxx::Exception) -> Self {
+        MlxError(e.what().to_string())
+    }
+}
+
+pub type Result<T> = std::result::Result<T, MlxError>;
+
+impl Dtype {
+    /// The name used in configs, logs and the API (`float32`, `bfloat16`, …).
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::Bool => "bool",
+            Dtype::Uint8 => "uint8",
+            Dtype::Uint16 => "uint16",
+            Dtype::Uint32 => "uint32",
+            Dtype::Uint64 => "uint64",
+            Dtype::Int8 => "int8",
+            Dtype::Int16 => "int16",
+            Dtype::Int32 => "int32",
+            Dtype::Int64 => "int64",
+            Dtype::Float16 => "float16",
+            Dtype::Float32 => "float32",
+            Dtype::Float64 => "float64",
+            Dtype::Bfloat16 => "bfloat16",
+            Dtype::Complex64 => "complex64",
+            _ => "unknown",
+        }
+    }
+
+    pub fn is_float(self) -> bool {
+        matches!(self, Dtype::Float16 | Dtype::Float32 | Dtype::Float64 | Dtype::Bfloat16)
+    }
+}
+
+impl std::fmt::Display for Dtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The MLX library version actually loaded (the wheel's, or the one `LD_LIBRARY_PATH` chose).
+pub fn version() -> String {
+    ffi::ffi::version()
+}
+
+/// Whether MLX has a GPU backend here (Metal on a Mac, CUDA with the CUDA runtime).
+pub fn gpu_is_available() -> bool {
+    ffi::ffi::gpu_is_available()
+}
+
+/// Makes the GPU (or the CPU) the device every later operation of this thread runs on.
+pub fn set_default_device(gpu: bool) -> Result<()> {
+    Ok(ffi::ffi::set_default_device(gpu)?)
+}
+
+/// MLX's allocator counters, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryStats {
+    pub active: usize,
+    pub peak: usize,
+    pub cache: usize,
+}
+
+pub fn memory_stats() -> MemoryStats {
+    MemoryStats {
+        active: ffi::ffi::active_memory(),
+        peak: ffi::ffi::peak_memory(),
+        cache: ffi::ffi::cache_memory(),
+    }
+}

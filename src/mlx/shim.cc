@@ -1,0 +1,181 @@
+// Forwarding shim: see shim.h. Exceptions propagate to cxx, which turns them into Rust errors.
+#include "mlx-embed/src/mlx/shim.h"
+
+#include <stdexcept>
+
+#include "mlx-embed/src/mlx/ffi.rs.h"
+
+namespace mlx_embed {
+
+namespace mx = mlx::core;
+
+namespace {
+
+mx::Dtype to_mlx(Dtype d) {
+  switch (d) {
+    case Dtype::Bool: return mx::bool_;
+    case Dtype::Uint8: return mx::uint8;
+    case Dtype::Uint16: return mx::uint16;
+    case Dtype::Uint32: return mx::uint32;
+    case Dtype::Uint64: return mx::uint64;
+    case Dtype::Int8: return mx::int8;
+    case Dtype::Int16: return mx::int16;
+    case Dtype::Int32: return mx::int32;
+    case Dtype::Int64: return mx::int64;
+    case Dtype::Float16: return mx::float16;
+    case Dtype::Float32: return mx::float32;
+    case Dtype::Float64: return mx::float64;
+    case Dtype::Bfloat16: return mx::bfloat16;
+    case Dtype::Complex64: return mx::complex64;
+  }
+  throw std::invalid_argument("unknown dtype code " + std::to_string(static_cast<int>(d)));
+}
+
+Dtype from_mlx(mx::Dtype d) {
+  switch (d.val()) {
+    case mx::Dtype::Val::bool_: return Dtype::Bool;
+    case mx::Dtype::Val::uint8: return Dtype::Uint8;
+    case mx::Dtype::Val::uint16: return Dtype::Uint16;
+    case mx::Dtype::Val::uint32: return Dtype::Uint32;
+    case mx::Dtype::Val::uint64: return Dtype::Uint64;
+    case mx::Dtype::Val::int8: return Dtype::Int8;
+    case mx::Dtype::Val::int16: return Dtype::Int16;
+    case mx::Dtype::Val::int32: return Dtype::Int32;
+    case mx::Dtype::Val::int64: return Dtype::Int64;
+    case mx::Dtype::Val::float16: return Dtype::Float16;
+    case mx::Dtype::Val::float32: return Dtype::Float32;
+    case mx::Dtype::Val::float64: return Dtype::Float64;
+    case mx::Dtype::Val::bfloat16: return Dtype::Bfloat16;
+    case mx::Dtype::Val::complex64: return Dtype::Complex64;
+  }
+  throw std::invalid_argument("MLX dtype without a bridge equivalent");
+}
+
+mx::Shape to_shape(rust::Slice<const int32_t> s) { return mx::Shape(s.begin(), s.end()); }
+
+ArrayPtr own(mx::array a) { return std::make_unique<mx::array>(std::move(a)); }
+
+template <typename T>
+rust::Vec<T> copy_out(const array& a, mx::Dtype as) {
+  auto c = mx::contiguous(mx::astype(a, as));
+  c.eval();
+  rust::Vec<T> out;
+  out.reserve(c.size());
+  const T* p = c.data<T>();
+  for (size_t i = 0; i < c.size(); ++i) out.push_back(p[i]);
+  return out;
+}
+
+}  // namespace
+
+ArrayPtr from_f32(rust::Slice<const float> data, rust::Slice<const int32_t> shape) {
+  return own(mx::array(data.begin(), to_shape(shape), mx::float32));
+}
+ArrayPtr from_i32(rust::Slice<const int32_t> data, rust::Slice<const int32_t> shape) {
+  return own(mx::array(data.begin(), to_shape(shape), mx::int32));
+}
+ArrayPtr scalar(float value, Dtype dtype) { return own(mx::array(value, to_mlx(dtype))); }
+ArrayPtr arange(int32_t start, int32_t stop) { return own(mx::arange(start, stop)); }
+ArrayPtr clone_ref(const array& a) { return std::make_unique<mx::array>(a); }
+rust::Vec<int32_t> shape(const array& a) {
+  rust::Vec<int32_t> out;
+  for (auto d : a.shape()) out.push_back(d);
+  return out;
+}
+Dtype dtype(const array& a) { return from_mlx(a.dtype()); }
+rust::Vec<float> to_f32_vec(const array& a) { return copy_out<float>(a, mx::float32); }
+rust::Vec<int32_t> to_i32_vec(const array& a) { return copy_out<int32_t>(a, mx::int32); }
+void eval(const array& a) { mx::eval(a); }
+
+ArrayPtr astype(const array& a, Dtype dtype) { return own(mx::astype(a, to_mlx(dtype))); }
+ArrayPtr reshape(const array& a, rust::Slice<const int32_t> shape) {
+  return own(mx::reshape(a, to_shape(shape)));
+}
+ArrayPtr transpose(const array& a, rust::Slice<const int32_t> axes) {
+  return own(mx::transpose(a, std::vector<int>(axes.begin(), axes.end())));
+}
+ArrayPtr expand_dims(const array& a, int32_t axis) { return own(mx::expand_dims(a, axis)); }
+ArrayPtr slice(const array& a, rust::Slice<const int32_t> start, rust::Slice<const int32_t> stop) {
+  return own(mx::slice(a, to_shape(start), to_shape(stop)));
+}
+ArrayPtr take(const array& a, const array& indices, int32_t axis) {
+  return own(mx::take(a, indices, axis));
+}
+ArrayPtr take_along_axis(const array& a, const array& indices, int32_t axis) {
+  return own(mx::take_along_axis(a, indices, axis));
+}
+
+ArrayPtr add(const array& a, const array& b) { return own(mx::add(a, b)); }
+ArrayPtr subtract(const array& a, const array& b) { return own(mx::subtract(a, b)); }
+ArrayPtr multiply(const array& a, const array& b) { return own(mx::multiply(a, b)); }
+ArrayPtr divide(const array& a, const array& b) { return own(mx::divide(a, b)); }
+ArrayPtr maximum(const array& a, const array& b) { return own(mx::maximum(a, b)); }
+ArrayPtr matmul(const array& a, const array& b) { return own(mx::matmul(a, b)); }
+ArrayPtr less(const array& a, const array& b) { return own(mx::less(a, b)); }
+ArrayPtr less_equal(const array& a, const array& b) { return own(mx::less_equal(a, b)); }
+ArrayPtr equal(const array& a, const array& b) { return own(mx::equal(a, b)); }
+ArrayPtr logical_and(const array& a, const array& b) { return own(mx::logical_and(a, b)); }
+ArrayPtr logical_or(const array& a, const array& b) { return own(mx::logical_or(a, b)); }
+ArrayPtr where_(const array& cond, const array& x, const array& y) {
+  return own(mx::where(cond, x, y));
+}
+
+ArrayPtr abs(const array& a) { return own(mx::abs(a)); }
+ArrayPtr sqrt(const array& a) { return own(mx::sqrt(a)); }
+ArrayPtr rsqrt(const array& a) { return own(mx::rsqrt(a)); }
+ArrayPtr square(const array& a) { return own(mx::square(a)); }
+ArrayPtr tanh(const array& a) { return own(mx::tanh(a)); }
+ArrayPtr sigmoid(const array& a) { return own(mx::sigmoid(a)); }
+ArrayPtr sum_axis(const array& a, int32_t axis, bool keepdims) {
+  return own(mx::sum(a, axis, keepdims));
+}
+
+ArrayPtr rms_norm(const array& x, const array& weight, float eps) {
+  return own(mx::fast::rms_norm(x, weight, eps));
+}
+ArrayPtr rope(const array& x, int32_t dims, bool traditional, float base, float scale,
+              int32_t offset) {
+  return own(mx::fast::rope(x, dims, traditional, base, scale, offset));
+}
+ArrayPtr scaled_dot_product_attention(const array& q, const array& k, const array& v, float scale,
+                                      const array& mask) {
+  return own(mx::fast::scaled_dot_product_attention(q, k, v, scale, "", mask));
+}
+ArrayPtr quantized_matmul(const array& x, const array& w, const array& scales, const array& biases,
+                          bool transpose, int32_t group_size, int32_t bits) {
+  return own(mx::quantized_matmul(x, w, scales, biases, transpose, group_size, bits, "affine"));
+}
+ArrayPtr dequantize(const array& w, const array& scales, const array& biases, int32_t group_size,
+                    int32_t bits) {
+  return own(mx::dequantize(w, scales, biases, group_size, bits, "affine"));
+}
+
+std::unique_ptr<TensorFile> load_safetensors(rust::Str path) {
+  auto loaded = mx::load_safetensors(std::string(path), mx::Device::cpu);
+  auto file = std::make_unique<TensorFile>();
+  file->tensors = std::move(loaded.first);
+  return file;
+}
+rust::Vec<rust::String> tensor_names(const TensorFile& file) {
+  rust::Vec<rust::String> out;
+  for (const auto& kv : file.tensors) out.push_back(rust::String(kv.first));
+  return out;
+}
+ArrayPtr take_tensor(TensorFile& file, rust::Str name) {
+  auto it = file.tensors.find(std::string(name));
+  if (it == file.tensors.end()) throw std::out_of_range("no tensor named " + std::string(name));
+  auto out = own(std::move(it->second));
+  file.tensors.erase(it);
+  return out;
+}
+
+bool gpu_is_available() { return mx::is_available(mx::Device::gpu); }
+void set_default_device(bool gpu) {
+  mx::set_default_device(gpu ? mx::Device::gpu : mx::Device::cpu);
+}
+rust::String version() { return rust::String(mx::version()); }
+size_t active_memory() { return mx::get_active_memory(); }
+size_t peak_memory() { return mx::get_peak_memory(); }
+size_t cache_memory() { return mx::get_cache_memory(); }
+
+}  // namespace mlx_embed

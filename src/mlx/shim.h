@@ -1,0 +1,82 @@
+// Forwarding shim between the cxx bridge (ffi.rs) and MLX's C++ API. No logic, no statics, no
+// environment reads: each function converts argument types and calls MLX.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <unordered_map>
+
+#include "mlx/mlx.h"
+#include "rust/cxx.h"
+
+namespace mlx_embed {
+
+enum class Dtype : uint8_t;
+using mlx::core::array;
+using ArrayPtr = std::unique_ptr<array>;
+
+struct TensorFile {
+  std::unordered_map<std::string, array> tensors;
+};
+
+ArrayPtr from_f32(rust::Slice<const float> data, rust::Slice<const int32_t> shape);
+ArrayPtr from_i32(rust::Slice<const int32_t> data, rust::Slice<const int32_t> shape);
+ArrayPtr scalar(float value, Dtype dtype);
+ArrayPtr arange(int32_t start, int32_t stop);
+ArrayPtr clone_ref(const array& a);
+rust::Vec<int32_t> shape(const array& a);
+Dtype dtype(const array& a);
+rust::Vec<float> to_f32_vec(const array& a);
+rust::Vec<int32_t> to_i32_vec(const array& a);
+void eval(const array& a);
+
+ArrayPtr astype(const array& a, Dtype dtype);
+ArrayPtr reshape(const array& a, rust::Slice<const int32_t> shape);
+ArrayPtr transpose(const array& a, rust::Slice<const int32_t> axes);
+ArrayPtr expand_dims(const array& a, int32_t axis);
+ArrayPtr slice(const array& a, rust::Slice<const int32_t> start, rust::Slice<const int32_t> stop);
+ArrayPtr take(const array& a, const array& indices, int32_t axis);
+ArrayPtr take_along_axis(const array& a, const array& indices, int32_t axis);
+
+ArrayPtr add(const array& a, const array& b);
+ArrayPtr subtract(const array& a, const array& b);
+ArrayPtr multiply(const array& a, const array& b);
+ArrayPtr divide(const array& a, const array& b);
+ArrayPtr maximum(const array& a, const array& b);
+ArrayPtr matmul(const array& a, const array& b);
+ArrayPtr less(const array& a, const array& b);
+ArrayPtr less_equal(const array& a, const array& b);
+ArrayPtr equal(const array& a, const array& b);
+ArrayPtr logical_and(const array& a, const array& b);
+ArrayPtr logical_or(const array& a, const array& b);
+ArrayPtr where_(const array& cond, const array& x, const array& y);
+
+ArrayPtr abs(const array& a);
+ArrayPtr sqrt(const array& a);
+ArrayPtr rsqrt(const array& a);
+ArrayPtr square(const array& a);
+ArrayPtr tanh(const array& a);
+ArrayPtr sigmoid(const array& a);
+ArrayPtr sum_axis(const array& a, int32_t axis, bool keepdims);
+
+ArrayPtr rms_norm(const array& x, const array& weight, float eps);
+ArrayPtr rope(const array& x, int32_t dims, bool traditional, float base, float scale, int32_t offset);
+ArrayPtr scaled_dot_product_attention(const array& q, const array& k, const array& v, float scale,
+                                      const array& mask);
+ArrayPtr quantized_matmul(const array& x, const array& w, const array& scales, const array& biases,
+                          bool transpose, int32_t group_size, int32_t bits);
+ArrayPtr dequantize(const array& w, const array& scales, const array& biases, int32_t group_size,
+                    int32_t bits);
+
+std::unique_ptr<TensorFile> load_safetensors(rust::Str path);
+rust::Vec<rust::String> tensor_names(const TensorFile& file);
+ArrayPtr take_tensor(TensorFile& file, rust::Str name);
+
+bool gpu_is_available();
+void set_default_device(bool gpu);
+rust::String version();
+size_t active_memory();
+size_t peak_memory();
+size_t cache_memory();
+
+}  // namespace mlx_embed

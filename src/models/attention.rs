@@ -1,0 +1,118 @@
+//! Self-attention and gated MLP blocks shared by Qwen3 and Gemma3: projections, per-head q/k
+//! RMSNorm, rotary embedding (rotate-half convention), fused attention with a boolean mask.
+
+use crate::error::Result;
+use crate::mlx::Array;
+use crate::models::layers::{gelu_tanh, silu, Linear, RmsNorm};
+use crate::models::weights::Weights;
+
+/// Shapes of one attention block.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionShape {
+    pub hidden: i32,
+    pub heads: i32,
+    pub kv_heads: i32,
+    pub head_dim: i32,
+    pub bias: bool,
+}
+
+pub struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    q_norm: RmsNorm,
+    k_norm: RmsNorm,
+    shape: AttentionShape,
+    /// Multiplier of q·kᵀ.
+    scale: f32,
+    rope_base: f32,
+    rope_scale: f32,
+}
+
+impl Attention {
+    /// Loads `{prefix}.{q,k,v,o}_proj` and `{prefix}.{q,k}_norm`; `norm` builds a norm's
+    /// multiplier from its stored weight (`w` or `1 + w`).
+    pub fn load(
+        w: &mut Weights,
+        prefix: &str,
+        s: AttentionShape,
+        scale: f32,
+        rope: (f32, f32),
+        norm: &dyn Fn(&mut Weights, &str, i32) -> Result<RmsNorm>,
+    ) -> Result<Attention> {
+        let q_dim = s.heads * s.head_dim;
+        let kv_dim = s.kv_heads * s.head_dim;
+        Ok(Attention {
+            q_proj: w.linear(&format!("{prefix}.q_proj"), s.hidden, q_dim, s.bias)?,
+            k_proj: w.linear(&format!("{prefix}.k_proj"), s.hidden, kv_dim, s.bias)?,
+            v_proj: w.linear(&format!("{prefix}.v_proj"), s.hidden, kv_dim, s.bias)?,
+            o_proj: w.linear(&format!("{prefix}.o_proj"), q_dim, s.hidden, s.bias)?,
+            q_norm: norm(w, &format!("{prefix}.q_norm"), s.head_dim)?,
+            k_norm: norm(w, &format!("{prefix}.k_norm"), s.head_dim)?,
+            shape: s,
+            scale,
+            rope_base: rope.0,
+            rope_scale: rope.1,
+        })
+    }
+
+    /// `[B, L, hidden]` → `[B, L, hidden]`; `mask` is boolean `[B, 1, L, L]`.
+    pub fn forward(&self, x: &Array, mask: &Array) -> Result<Array> {
+        let s = self.shape;
+        let dims = x.shape();
+        let (b, l) = (dims[0], dims[1]);
+        // 1. Project, split heads: [B, L, H·D] → [B, L, H, D]; norm each head; → [B, H, L, D].
+        let heads = |proj: &Linear, n: i32, norm: Option<&RmsNorm>| -> Result<Array> {
+            let mut t = proj.forward(x)?.reshape(&[b, l, n, s.head_dim])?;
+            if let Some(norm) = norm {
+                t = norm.forward(&t)?;
+            }
+            Ok(t.transpose(&[0, 2, 1, 3])?)
+        };
+        let q = heads(&self.q_proj, s.heads, Some(&self.q_norm))?;
+        let k = heads(&self.k_proj, s.kv_heads, Some(&self.k_norm))?;
+        let v = heads(&self.v_proj, s.kv_heads, None)?;
+        // 2. Rotary positions 0..L (batches are right-padded, so every row starts at 0).
+        let q = q.rope(s.head_dim, false, self.rope_base, self.rope_scale, 0)?;
+        let k = k.rope(s.head_dim, false, self.rope_base, self.rope_scale, 0)?;
+        // 3. Attention [B, H, L, D] (grouped KV heads broadcast), merge heads → [B, L, H·D].
+        let a = Array::attention(&q, &k, &v, self.scale, mask)?;
+        let a = a.transpose(&[0, 2, 1, 3])?.reshape(&[b, l, s.heads * s.head_dim])?;
+        Ok(self.o_proj.forward(&a)?)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    GeluTanh,
+}
+
+/// `down(act(gate(x)) · up(x))`.
+pub struct GatedMlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    act: Activation,
+}
+
+impl GatedMlp {
+    pub fn load(w: &mut Weights, prefix: &str, hidden: i32, inter: i32, act: Activation) -> Result<GatedMlp> {
+        Ok(GatedMlp {
+            gate: w.linear(&format!("{prefix}.gate_proj"), hidden, inter, false)?,
+            up: w.linear(&format!("{prefix}.up_proj"), hidden, inter, false)?,
+            down: w.linear(&format!("{prefix}.down_proj"), inter, hidden, false)?,
+            act,
+        })
+    }
+
+    pub fn forward(&self, x: &Array) -> Result<Array> {
+        let g = self.gate.forward(x)?;
+        let g = match self.act {
+            Activation::Silu => silu(&g)?,
+            Activation::GeluTanh => gelu_tanh(&g)?,
+        };
+        Ok(self.down.forward(&g.multiply(&self.up.forward(x)?)?)?)
+    }
+}

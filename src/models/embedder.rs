@@ -1,0 +1,334 @@
+//! [`EmbeddingModel`]: a model folder loaded for embedding — encoder, sentence-transformers head,
+//! tokenizer and prompts — and the batch path ids → padded batch → forward → pool → head → host.
+//!
+//! The text side ([`Preprocessor`]) is `Send + Sync` and can tokenize on any thread; the MLX side
+//! stays on the thread that loaded it.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::mlx::{self, Array, Dtype};
+use crate::models::files::read_json;
+use crate::models::gemma3::Gemma3;
+use crate::models::head::{load_head, load_prompts, max_seq_length, Head, Pooling};
+use crate::models::qwen3::Qwen3;
+use crate::models::weights::{Quant, Weights};
+use crate::models::Encoder;
+use crate::tokenize::{TextTokenizer, Truncation};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    Qwen3,
+    Gemma3,
+}
+
+impl Architecture {
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Architecture::Qwen3 => "qwen3",
+            Architecture::Gemma3 => "gemma3_text",
+        }
+    }
+
+    /// How a custom instruction becomes a prompt, following each model card.
+    fn instruction_prompt(self, instruction: &str) -> String {
+        match self {
+            Architecture::Qwen3 => format!("Instruct: {instruction}\nQuery:"),
+            Architecture::Gemma3 => format!("task: {instruction} | query: "),
+        }
+    }
+}
+
+/// How to load a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Compute dtype; `None` picks bf16 on a GPU and f32 on the CPU.
+    pub dtype: Option<Dtype>,
+    pub gpu: bool,
+}
+
+/// Which prompt to put before a text.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum PromptChoice {
+    /// The model's `default_prompt_name`, if any.
+    #[default]
+    Default,
+    /// No prompt.
+    None,
+    /// A prompt of `config_sentence_transformers.json` by name (`query`, `document`, …).
+    Name(String),
+    /// A task description, formatted the way the model card says.
+    Instruction(String),
+}
+
+/// What a loaded model is, for the API, the log and the CLI.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub architecture: Architecture,
+    pub hidden_size: i32,
+    /// Length of the full output vector.
+    pub dimensions: i32,
+    /// Sizes `dimensions` may be cut to (Matryoshka), largest first.
+    pub allowed_dimensions: Vec<i32>,
+    pub max_tokens: usize,
+    pub pooling: Pooling,
+    pub normalize: bool,
+    pub dtype: Dtype,
+    pub gpu: bool,
+    pub quantization: Option<Quant>,
+    pub prompts: BTreeMap<String, String>,
+    pub default_prompt: Option<String>,
+}
+
+/// Tokenization with prompts: everything of a model that does not touch MLX.
+pub struct Preprocessor {
+    pub info: ModelInfo,
+    tokenizer: TextTokenizer,
+}
+
+impl Preprocessor {
+    /// The prompt text `choice` stands for.
+    pub fn prompt(&self, choice: &PromptChoice) -> Result<String> {
+        Ok(match choice {
+            PromptChoice::None => String::new(),
+            PromptChoice::Default => match &self.info.default_prompt {
+                Some(name) => self.info.prompts[name].clone(),
+                None => String::new(),
+            },
+            PromptChoice::Name(name) => self.info.prompts.get(name).cloned().ok_or_else(|| {
+                let known: Vec<&str> = self.info.prompts.keys().map(String::as_str).collect();
+                Error::invalid("prompt_name", format!("unknown prompt `{name}` (this model has: {})",
+                    if known.is_empty() { "none".to_string() } else { known.join(", ") }))
+            })?,
+            PromptChoice::Instruction(task) => self.info.architecture.instruction_prompt(task),
+        })
+    }
+
+    /// Token ids of `prompt + text`, limited to `max_tokens` (the model's limit when `None`).
+    pub fn tokenize(&self, prompt: &str, text: &str, max_tokens: Option<usize>, truncation: Truncation) -> Result<Vec<u32>> {
+        let limit = max_tokens.unwrap_or(self.info.max_tokens).min(self.info.max_tokens);
+        self.tokenizer.encode(&format!("{prompt}{text}"), limit, truncation)
+    }
+
+    /// Checks a requested output size against the model's Matryoshka sizes.
+    pub fn check_dimensions(&self, dimensions: Option<i32>) -> Result<i32> {
+        match dimensions {
+            None => Ok(self.info.dimensions),
+            Some(d) if self.info.allowed_dimensions.contains(&d) => Ok(d),
+            Some(d) => Err(Error::invalid("dimensions", format!(
+                "{d} is not allowed for this model (allowed: {})", describe_sizes(&self.info.allowed_dimensions)))),
+        }
+    }
+}
+
+fn describe_sizes(sizes: &[i32]) -> String {
+    let contiguous = sizes.windows(2).all(|w| w[0] == w[1] + 1);
+    match (contiguous && sizes.len() > 4, sizes.first(), sizes.last()) {
+        (true, Some(hi), Some(lo)) => format!("any size from {lo} to {hi}"),
+        _ => sizes.iter().map(i32::to_string).collect::<Vec<_>>().join(", "),
+    }
+}
+
+pub struct EmbeddingModel {
+    pre: Arc<Preprocessor>,
+    encoder: Box<dyn Encoder>,
+    head: Head,
+}
+
+impl EmbeddingModel {
+    /// Loads a model folder in Hugging Face layout. Must run on the thread that will use it.
+    pub fn load(dir: &Path, opts: LoadOptions) -> Result<EmbeddingModel> {
+        if !dir.is_dir() {
+            return Err(Error::file(dir, "not a folder"));
+        }
+        let config_path = dir.join("config.json");
+        let raw: Value = read_json(&config_path, "the model's architecture")?;
+        let model_type = raw.get("model_type").and_then(Value::as_str)
+            .ok_or_else(|| Error::field(&config_path, "model_type", "missing"))?;
+        let architecture = match model_type {
+            "qwen3" => Architecture::Qwen3,
+            "gemma3_text" => Architecture::Gemma3,
+            other => return Err(Error::field(&config_path, "model_type",
+                format!("unsupported `{other}` (supported: qwen3, gemma3_text)"))),
+        };
+        mlx::set_default_device(opts.gpu)?;
+        let dtype = opts.dtype.unwrap_or(if opts.gpu { Dtype::Bfloat16 } else { Dtype::Float32 });
+        if !matches!(dtype, Dtype::Float32 | Dtype::Bfloat16) {
+            return Err(Error::invalid("dtype", format!("{dtype} is not a compute dtype (use float32 or bfloat16)")));
+        }
+
+        // Head first: a folder that cannot be served is refused before reading weights.
+        let hidden_hint = raw.get("hidden_size").and_then(Value::as_i64).unwrap_or(0) as i32;
+        let head = match (load_head(dir, hidden_hint)?, architecture) {
+            (Some(head), _) => head,
+            (None, Architecture::Qwen3) => {
+                tracing::info!(dir = %dir.display(),
+                    "no sentence-transformers files (modules.json): Qwen3 pooling follows the architecture: last token, L2-normalized");
+                Head { pooling: Pooling::LastToken, dense: vec![], normalize: true, source: "architecture default".into() }
+            }
+            (None, Architecture::Gemma3) => return Err(Error::file(&dir.join("modules.json"),
+                "missing: EmbeddingGemma needs its sentence-transformers head (modules.json, \
+                 1_Pooling/config.json, 2_Dense/, 3_Dense/); copy them from the original checkpoint")),
+        };
+
+        let mut weights = Weights::open(dir, dtype)?;
+        weights.set_quantization(&config_path, raw.get("quantization").or_else(|| raw.get("quantization_config")))?;
+        let encoder: Box<dyn Encoder> = match architecture {
+            Architecture::Qwen3 => Box::new(Qwen3::load(&config_path, &raw, &mut weights)?),
+            Architecture::Gemma3 => Box::new(Gemma3::load(&config_path, &raw, &mut weights)?),
+        };
+        let quantization = quant_info(&raw);
+
+        let eos = match architecture {
+            Architecture::Qwen3 => Some("<|endoftext|>"),
+            Architecture::Gemma3 => None,
+        };
+        let tokenizer = TextTokenizer::load(dir, eos)?;
+        if tokenizer.appends_eos() {
+            tracing::info!(dir = %dir.display(), "tokenizer does not end sequences with <|endoftext|>: appending it");
+        }
+        if tokenizer.vocab_size() > encoder.vocab_size() as usize {
+            return Err(Error::field(&config_path, "vocab_size", format!(
+                "{} but tokenizer.json has {} tokens", encoder.vocab_size(), tokenizer.vocab_size())));
+        }
+        let prompts = load_prompts(dir)?;
+        let max_tokens = max_seq_length(dir)?.unwrap_or(i32::MAX).min(encoder.max_positions()).max(1) as usize;
+        let dimensions = head.output_dim(encoder.hidden_size());
+        let info = ModelInfo {
+            architecture,
+            hidden_size: encoder.hidden_size(),
+            dimensions,
+            allowed_dimensions: matryoshka_sizes(architecture, dimensions),
+            max_tokens,
+            pooling: head.pooling,
+            normalize: head.normalize,
+            dtype,
+            gpu: opts.gpu,
+            quantization,
+            prompts: prompts.prompts,
+            default_prompt: prompts.default_prompt_name,
+        };
+        tracing::info!(dir = %dir.display(), model_type, dims = dimensions, %dtype, gpu = opts.gpu,
+            pooling = info.pooling.name(), head = %head.source, "model loaded");
+        Ok(EmbeddingModel { pre: Arc::new(Preprocessor { info, tokenizer }), encoder, head })
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.pre.info
+    }
+
+    /// The text side, shareable with other threads.
+    pub fn preprocessor(&self) -> Arc<Preprocessor> {
+        Arc::clone(&self.pre)
+    }
+
+    /// Embeds token sequences as one right-padded batch. Returns the head's output per sequence
+    /// (full size, not normalized; see [`finish`]).
+    pub fn embed_ids(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
+        if batch.is_empty() {
+            return Ok(vec![]);
+        }
+        if let Some(i) = batch.iter().position(|s| s.is_empty()) {
+            return Err(Error::invalid(format!("items[{i}]"), "no tokens"));
+        }
+        let len = batch.iter().map(|s| s.len()).max().unwrap_or(0);
+        let lengths: Vec<i32> = batch.iter().map(|s| s.len() as i32).collect();
+        let mut ids = vec![0i32; batch.len() * len];
+        for (row, seq) in batch.iter().enumerate() {
+            for (j, &t) in seq.iter().enumerate() {
+                ids[row * len + j] = t as i32;
+            }
+        }
+        let ids = Array::from_i32(&ids, &[batch.len() as i32, len as i32])?;
+        let hidden = self.encoder.forward(&ids, &lengths)?;
+        let out = self.head.forward(&hidden, &lengths)?;
+        let flat = out.to_f32_vec()?;
+        let dim = flat.len() / batch.len();
+        Ok(flat.chunks(dim).map(<[f32]>::to_vec).collect())
+    }
+
+    /// Tokenizes and embeds `texts` as one padded batch, with the model's normalization.
+    pub fn embed_texts(&self, texts: &[String], prompt: &PromptChoice, dimensions: Option<i32>) -> Result<Vec<Vec<f32>>> {
+        let dims = self.pre.check_dimensions(dimensions)?;
+        let prompt = self.pre.prompt(prompt)?;
+        let ids = texts.iter().map(|t| self.pre.tokenize(&prompt, t, None, Truncation::Right)).collect::<Result<Vec<_>>>()?;
+        let refs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+        let normalize = self.pre.info.normalize;
+        Ok(self.embed_ids(&refs)?.into_iter().map(|v| finish(v, dims as usize, normalize)).collect())
+    }
+}
+
+/// Final vector: cut to `dims` (Matryoshka), then L2-normalize when asked (after the cut, so a
+/// shortened vector is unit length too). Zero vectors stay zero.
+pub fn finish(mut v: Vec<f32>, dims: usize, normalize: bool) -> Vec<f32> {
+    v.truncate(dims);
+    if normalize {
+        let norm = v.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt().max(1e-12);
+        for x in &mut v {
+            *x = (*x as f64 / norm) as f32;
+        }
+    }
+    v
+}
+
+/// Sizes a vector of `dims` may be cut to. Qwen3-Embedding: any size from 32 up. EmbeddingGemma:
+/// the sizes it was trained for (768, 512, 256, 128); other widths: halvings down to 32.
+fn matryoshka_sizes(arch: Architecture, dims: i32) -> Vec<i32> {
+    match arch {
+        Architecture::Qwen3 => (32.min(dims)..=dims).rev().collect(),
+        Architecture::Gemma3 if dims == 768 => vec![768, 512, 256, 128],
+        Architecture::Gemma3 => {
+            let mut v = vec![dims];
+            while v.last().is_some_and(|&d| d % 2 == 0 && d / 2 >= 32) {
+                v.push(v.last().unwrap() / 2);
+            }
+            v
+        }
+    }
+}
+
+fn quant_info(raw: &Value) -> Option<Quant> {
+    let q = raw.get("quantization")?;
+    Some(Quant {
+        group_size: q.get("group_size")?.as_i64()? as i32,
+        bits: q.get("bits")?.as_i64()? as i32,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finish_cuts_then_renormalizes() {
+        let v = finish(vec![3.0, 4.0, 12.0], 2, true);
+        assert!((v[0] - 0.6).abs() < 1e-7 && (v[1] - 0.8).abs() < 1e-7, "{v:?}");
+    }
+
+    #[test]
+    fn finish_without_normalize_only_cuts() {
+        assert_eq!(finish(vec![3.0, 4.0, 12.0], 2, false), vec![3.0, 4.0]);
+    }
+
+    #[test]
+    fn finish_keeps_a_zero_vector_finite() {
+        assert_eq!(finish(vec![0.0; 4], 4, true), vec![0.0; 4]);
+    }
+
+    #[test]
+    fn embeddinggemma_sizes_are_the_trained_ones() {
+        assert_eq!(matryoshka_sizes(Architecture::Gemma3, 768), vec![768, 512, 256, 128]);
+        assert_eq!(matryoshka_sizes(Architecture::Gemma3, 64), vec![64, 32]);
+    }
+
+    #[test]
+    fn qwen3_allows_every_size_from_32() {
+        let s = matryoshka_sizes(Architecture::Qwen3, 1024);
+        assert_eq!((s.len(), s[0], *s.last().unwrap()), (993, 1024, 32));
+        assert_eq!(describe_sizes(&s), "any size from 32 to 1024");
+    }
+}

@@ -1,0 +1,134 @@
+//! Layers shared by the model files: linear (dense or MLX-quantized), embedding tables, RMSNorm,
+//! activations and attention masks.
+
+use crate::mlx::{Array, Dtype, Result};
+
+/// An MLX affine-quantized matrix `[rows, cols]`: `value = scale · q + bias` per group of
+/// `group_size` columns, q packed `32 / bits` to a uint32 word, lowest bits first.
+pub struct QuantizedWeight {
+    pub w: Array,
+    pub scales: Array,
+    pub biases: Array,
+    pub group_size: i32,
+    pub bits: i32,
+}
+
+pub enum Linear {
+    /// `wt` is the weight transposed, `[in, out]`.
+    Dense { wt: Array, bias: Option<Array> },
+    Quantized { q: QuantizedWeight, bias: Option<Array> },
+}
+
+impl Linear {
+    /// `[…, in] → […, out]`.
+    pub fn forward(&self, x: &Array) -> Result<Array> {
+        let (y, bias) = match self {
+            Linear::Dense { wt, bias } => (x.matmul(wt)?, bias),
+            Linear::Quantized { q, bias } => {
+                (x.quantized_matmul(&q.w, &q.scales, &q.biases, q.group_size, q.bits)?, bias)
+            }
+        };
+        match bias {
+            Some(b) => y.add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+pub enum Embedding {
+    Dense(Array),
+    Quantized(QuantizedWeight),
+}
+
+impl Embedding {
+    /// Token ids `[B, L]` (int32) → `[B, L, hidden]`.
+    pub fn forward(&self, ids: &Array) -> Result<Array> {
+        match self {
+            Embedding::Dense(table) => table.take(ids, 0),
+            Embedding::Quantized(q) => {
+                // Gather the packed rows first, then dequantize only those.
+                let w = q.w.take(ids, 0)?;
+                let s = q.scales.take(ids, 0)?;
+                let b = q.biases.take(ids, 0)?;
+                Array::dequantize(&w, &s, &b, q.group_size, q.bits)
+            }
+        }
+    }
+}
+
+/// RMSNorm over the last axis with a ready-made multiplier (`w` for Qwen3, `1 + w` for Gemma).
+pub struct RmsNorm {
+    pub weight: Array,
+    pub eps: f32,
+}
+
+impl RmsNorm {
+    pub fn forward(&self, x: &Array) -> Result<Array> {
+        x.rms_norm(&self.weight, self.eps)
+    }
+}
+
+/// `x · sigmoid(x)`.
+pub fn silu(x: &Array) -> Result<Array> {
+    x.multiply(&x.sigmoid()?)
+}
+
+/// GELU, tanh approximation (`gelu_pytorch_tanh`):
+/// `0.5 · x · (1 + tanh(√(2/π) · (x + 0.044715 · x³)))`.
+pub fn gelu_tanh(x: &Array) -> Result<Array> {
+    let dt = x.dtype()?;
+    let c = Array::scalar((2.0f32 / std::f32::consts::PI).sqrt(), dt)?;
+    let k = Array::scalar(0.044715, dt)?;
+    let half = Array::scalar(0.5, dt)?;
+    let one = Array::scalar(1.0, dt)?;
+    let x3 = x.multiply(&x.square()?)?;
+    let inner = x.add(&x3.multiply(&k)?)?.multiply(&c)?;
+    half.multiply(x)?.multiply(&one.add(&inner.tanh()?)?)
+}
+
+/// Which key positions each query position of a right-padded batch may attend to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MaskKind {
+    /// j ≤ i (decoder models such as Qwen3).
+    Causal,
+    /// Every real token.
+    Bidirectional,
+    /// Every real token with |i − j| ≤ `radius` (Gemma's sliding layers in bidirectional mode).
+    Window { radius: i32 },
+    /// j ≤ i and i − j < `window` (Gemma's sliding layers in causal mode).
+    CausalWindow { window: i32 },
+}
+
+/// A boolean mask `[B, 1, L, L]` for a right-padded batch of `lengths` (each ≥ 1) padded to `len`.
+/// Keys past a row's length are masked. A padding query may always see itself so that no row of
+/// the softmax is empty (an empty row gives NaN); padding rows are never pooled.
+pub fn attention_mask(kind: MaskKind, lengths: &[i32], len: i32) -> Result<Array> {
+    let b = lengths.len() as i32;
+    let pos = Array::arange(0, len)?;
+    let i = pos.reshape(&[len, 1])?;
+    let j = pos.reshape(&[1, len])?;
+    let lens = Array::from_i32(lengths, &[b, 1, 1, 1])?;
+    let key_valid = j.reshape(&[1, 1, 1, len])?.less(&lens)?;
+    let allowed = match kind {
+        MaskKind::Causal => key_valid.logical_and(&j.less_equal(&i)?)?,
+        MaskKind::Bidirectional => key_valid,
+        MaskKind::Window { radius } => {
+            let dist = i.subtract(&j)?.abs()?;
+            let r = Array::scalar(radius as f32, Dtype::Int32)?;
+            key_valid.logical_and(&dist.less_equal(&r)?)?
+        }
+        MaskKind::CausalWindow { window } => {
+            let back = i.subtract(&j)?;
+            let w = Array::scalar(window as f32, Dtype::Int32)?;
+            key_valid.logical_and(&j.less_equal(&i)?)?.logical_and(&back.less(&w)?)?
+        }
+    };
+    allowed.logical_or(&i.equal(&j)?)
+}
+
+/// A boolean `[B, L, 1]`: true at the real (non-padding) tokens.
+pub fn token_mask(lengths: &[i32], len: i32) -> Result<Array> {
+    let b = lengths.len() as i32;
+    let pos = Array::arange(0, len)?.reshape(&[1, len, 1])?;
+    pos.less(&Array::from_i32(lengths, &[b, 1, 1])?)
+}

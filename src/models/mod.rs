@@ -1,0 +1,38 @@
+//! Embedding models on MLX: the transformer encoders (`qwen3`, `gemma3`), their shared layers and
+//! weight loading, the sentence-transformers head (`head`: pooling, Dense, normalization) and the
+//! [`EmbeddingModel`] that ties a model folder together.
+
+pub mod attention;
+mod embedder;
+pub mod files;
+pub mod gemma3;
+pub mod head;
+pub mod layers;
+pub mod qwen3;
+pub mod rope;
+pub mod weights;
+
+use std::path::Path;
+
+pub use embedder::{finish, Architecture, EmbeddingModel, LoadOptions, ModelInfo, Preprocessor, PromptChoice};
+
+use crate::error::{Error, Result};
+use crate::mlx::Array;
+
+/// A transformer that maps right-padded token ids to final hidden states.
+pub trait Encoder {
+    /// `ids` `[B, L]` int32, right-padded; `lengths[b]` real tokens in row b (≥ 1).
+    /// Returns `[B, L, hidden]` in the compute dtype.
+    fn forward(&self, ids: &Array, lengths: &[i32]) -> Result<Array>;
+    fn hidden_size(&self) -> i32;
+    fn vocab_size(&self) -> i32;
+    fn max_positions(&self) -> i32;
+}
+
+/// Fails naming the first field that is not positive.
+pub(crate) fn check_positive(path: &Path, fields: &[(&str, i32)]) -> Result<()> {
+    match fields.iter().find(|(_, v)| *v <= 0) {
+        Some((name, v)) => Err(Error::field(path, *name, format!("must be positive, found {v}"))),
+        None => Ok(()),
+    }
+}

@@ -1,0 +1,96 @@
+//! Text → token ids with the model's own `tokenizer.json` (the `tokenizers` crate, as the reference
+//! uses): prompt prefixes, special tokens, the `<|endoftext|>` Qwen3-Embedding pools on (appended
+//! here when the tokenizer's post-processor does not), and truncation that keeps special tokens.
+//! Thread-safe: tokenization runs off the MLX thread.
+
+use std::path::Path;
+
+use tokenizers::{Tokenizer, TruncationDirection};
+
+use crate::error::{Error, Result};
+
+/// What to do with a text longer than the limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Truncation {
+    /// Fail with the token count and the limit.
+    Off,
+    /// Keep the beginning.
+    #[default]
+    Right,
+    /// Keep the end.
+    Left,
+}
+
+pub struct TextTokenizer {
+    inner: Tokenizer,
+    /// A token to append after the post-processor (Qwen3's `<|endoftext|>` when it is missing).
+    append: Option<u32>,
+    /// Special tokens the post-processor adds to one sequence.
+    added: usize,
+}
+
+impl TextTokenizer {
+    /// Loads `dir/tokenizer.json`. `eos_token` names a token every sequence must end with
+    /// (appended unless the post-processor already adds it).
+    pub fn load(dir: &Path, eos_token: Option<&str>) -> Result<TextTokenizer> {
+        let path = dir.join("tokenizer.json");
+        if !path.exists() {
+            return Err(Error::file(&path, "missing (the model's tokenizer)"));
+        }
+        let mut inner = Tokenizer::from_file(&path).map_err(|e| Error::file(&path, format!("cannot load tokenizer: {e}")))?;
+        // Length limits and padding are ours to apply.
+        inner.with_truncation(None).map_err(|e| Error::file(&path, e.to_string()))?;
+        inner.with_padding(None);
+        let added = inner.get_post_processor().map_or(0, |p| tokenizers::PostProcessor::added_tokens(p, false));
+        let mut tok = TextTokenizer { inner, append: None, added };
+        if let Some(eos) = eos_token {
+            let id = tok.inner.token_to_id(eos).ok_or_else(|| {
+                Error::file(&path, format!("has no `{eos}` token, which this architecture pools on"))
+            })?;
+            let probe = tok.encode_raw("a")?;
+            if probe.last() != Some(&id) {
+                tok.append = Some(id);
+                tok.added += 1;
+            }
+        }
+        Ok(tok)
+    }
+
+    /// Whether `load` found it had to append the end token itself.
+    pub fn appends_eos(&self) -> bool {
+        self.append.is_some()
+    }
+
+    fn encode_raw(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, true).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Token ids of `text` with special tokens, at most `max_tokens` long.
+    pub fn encode(&self, text: &str, max_tokens: usize, truncation: Truncation) -> Result<Vec<u32>> {
+        let mut enc = self.inner.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let total = enc.len() + self.added;
+        if total > max_tokens {
+            let direction = match truncation {
+                Truncation::Off => {
+                    return Err(Error::invalid("text", format!(
+                        "{total} tokens exceed the limit of {max_tokens} and truncation is off")))
+                }
+                Truncation::Right => TruncationDirection::Right,
+                Truncation::Left => TruncationDirection::Left,
+            };
+            if max_tokens <= self.added {
+                return Err(Error::invalid("max_tokens", format!("{max_tokens} leaves no room for text")));
+            }
+            enc.truncate(max_tokens - self.added, 0, direction);
+        }
+        let enc = self.inner.post_process(enc, None, true).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let mut ids = enc.get_ids().to_vec();
+        ids.extend(self.append);
+        Ok(ids)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+}

@@ -275,19 +275,12 @@ pub fn finish(mut v: Vec<f32>, dims: usize, normalize: bool) -> Vec<f32> {
     v
 }
 
-/// Sizes a vector of `dims` may be cut to. Qwen3-Embedding: any size from 32 up. EmbeddingGemma:
-/// the sizes it was trained for (768, 512, 256, 128); other widths: halvings down to 32.
+/// Sizes a vector of `dims` may be cut to. EmbeddingGemma (768-d): the sizes it was trained for
+/// (768, 512, 256, 128). Qwen3-Embedding and other widths: any size from 32 up.
 fn matryoshka_sizes(arch: Architecture, dims: i32) -> Vec<i32> {
     match arch {
-        Architecture::Qwen3 => (32.min(dims)..=dims).rev().collect(),
         Architecture::Gemma3 if dims == 768 => vec![768, 512, 256, 128],
-        Architecture::Gemma3 => {
-            let mut v = vec![dims];
-            while v.last().is_some_and(|&d| d % 2 == 0 && d / 2 >= 32) {
-                v.push(v.last().unwrap() / 2);
-            }
-            v
-        }
+        _ => (32.min(dims)..=dims).rev().collect(),
     }
 }
 
@@ -322,7 +315,7 @@ mod tests {
     #[test]
     fn embeddinggemma_sizes_are_the_trained_ones() {
         assert_eq!(matryoshka_sizes(Architecture::Gemma3, 768), vec![768, 512, 256, 128]);
-        assert_eq!(matryoshka_sizes(Architecture::Gemma3, 64), vec![64, 32]);
+        assert_eq!(matryoshka_sizes(Architecture::Gemma3, 48), (32..=48).rev().collect::<Vec<_>>());
     }
 
     #[test]

@@ -180,8 +180,8 @@ impl Encoder for Gemma3 {
         let len = ids.shape()[1];
         let full = attention_mask(self.mask_kind(false), lengths, len)?;
         let local = attention_mask(self.mask_kind(true), lengths, len)?;
-        // 1. Scaled embeddings: [B, L] → [B, L, hidden].
-        let mut x = self.embed.forward(ids)?.multiply(&self.embed_scale)?;
+        // 1. Scaled embeddings: [B, L] → [B, L, hidden]; the residual stream is kept in f32.
+        let mut x = self.embed.forward(ids)?.multiply(&self.embed_scale)?.astype(Dtype::Float32)?;
         // 2. Sandwich-norm blocks.
         for layer in &self.layers {
             let mask = if layer.sliding { &local } else { &full };
@@ -190,8 +190,8 @@ impl Encoder for Gemma3 {
             let m = layer.mlp.forward(&layer.pre_ff_norm.forward(&x)?)?;
             x = x.add(&layer.post_ff_norm.forward(&m)?)?;
         }
-        // 3. Final norm: [B, L, hidden].
-        Ok(self.norm.forward(&x)?)
+        // 3. Final norm: [B, L, hidden], in f32 for pooling.
+        Ok(x.rms_norm(&self.norm.weight, self.norm.eps)?)
     }
 
     fn hidden_size(&self) -> i32 {

@@ -56,7 +56,9 @@ impl Embedding {
     }
 }
 
-/// RMSNorm over the last axis with a ready-made multiplier (`w` for Qwen3, `1 + w` for Gemma).
+/// RMSNorm over the last axis with a ready-made multiplier (`w` for Qwen3, `1 + w` for Gemma),
+/// held in the compute dtype. The output is in the compute dtype too, whatever the input's: the
+/// residual stream stays f32 between blocks while matmuls run in the compute dtype.
 pub struct RmsNorm {
     pub weight: Array,
     pub eps: f32,
@@ -64,7 +66,9 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn forward(&self, x: &Array) -> Result<Array> {
-        x.rms_norm(&self.weight, self.eps)
+        let y = x.rms_norm(&self.weight, self.eps)?;
+        let dt = self.weight.dtype()?;
+        if y.dtype()? == dt { Ok(y) } else { y.astype(dt) }
     }
 }
 

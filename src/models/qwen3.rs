@@ -8,7 +8,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::mlx::Array;
+use crate::mlx::{Array, Dtype};
 use crate::models::attention::{Activation, Attention, AttentionShape, GatedMlp};
 use crate::models::layers::{attention_mask, Embedding, MaskKind, RmsNorm};
 use crate::models::rope::rope_for;
@@ -107,15 +107,15 @@ impl Encoder for Qwen3 {
     fn forward(&self, ids: &Array, lengths: &[i32]) -> Result<Array> {
         let len = ids.shape()[1];
         let mask = attention_mask(MaskKind::Causal, lengths, len)?;
-        // 1. Embed: [B, L] → [B, L, hidden].
-        let mut x = self.embed.forward(ids)?;
+        // 1. Embed: [B, L] → [B, L, hidden]; the residual stream is kept in f32.
+        let mut x = self.embed.forward(ids)?.astype(Dtype::Float32)?;
         // 2. Pre-norm blocks: x += attn(norm(x)); x += mlp(norm(x)).
         for layer in &self.layers {
             x = x.add(&layer.attn.forward(&layer.input_norm.forward(&x)?, &mask)?)?;
             x = x.add(&layer.mlp.forward(&layer.post_norm.forward(&x)?)?)?;
         }
-        // 3. Final norm: [B, L, hidden].
-        Ok(self.norm.forward(&x)?)
+        // 3. Final norm: [B, L, hidden], in f32 for pooling.
+        Ok(x.rms_norm(&self.norm.weight, self.norm.eps)?)
     }
 
     fn hidden_size(&self) -> i32 {

@@ -1,0 +1,170 @@
+//! Broken model folders are refused with an error that names the file and the field or tensor at
+//! fault — never a crash. Each test breaks one thing in a scratch copy of a fixture.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use mlx_embed::mlx::Dtype;
+use mlx_embed::models::{EmbeddingModel, LoadOptions};
+
+fn load_err(dir: &Path) -> String {
+    let _g = mlx_lock();
+    match EmbeddingModel::load(dir, LoadOptions { dtype: Some(Dtype::Float32), gpu: false }) {
+        Ok(_) => panic!("{} loaded but should have been refused", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn assert_mentions(err: &str, parts: &[&str]) {
+    for p in parts {
+        assert!(err.contains(p), "error {err:?} does not mention {p:?}");
+    }
+}
+
+#[test]
+fn a_missing_config_is_named() {
+    let d = scratch_copy("qwen3-tiny");
+    std::fs::remove_file(d.path().join("config.json")).unwrap();
+    assert_mentions(&load_err(d.path()), &["config.json", "missing"]);
+}
+
+#[test]
+fn a_missing_tokenizer_is_named() {
+    let d = scratch_copy("qwen3-tiny");
+    std::fs::remove_file(d.path().join("tokenizer.json")).unwrap();
+    assert_mentions(&load_err(d.path()), &["tokenizer.json", "missing"]);
+}
+
+#[test]
+fn missing_weights_are_named() {
+    let d = scratch_copy("qwen3-tiny");
+    std::fs::remove_file(d.path().join("model.safetensors")).unwrap();
+    assert_mentions(&load_err(d.path()), &["model.safetensors", "missing"]);
+}
+
+#[test]
+fn a_shard_named_by_the_index_but_absent_is_named() {
+    let d = scratch_copy("qwen3-tiny-q4");
+    std::fs::remove_file(d.path().join("model-00002-of-00002.safetensors")).unwrap();
+    assert_mentions(&load_err(d.path()), &["model-00002-of-00002.safetensors", "missing"]);
+}
+
+#[test]
+fn a_truncated_weights_file_is_an_error_not_a_crash() {
+    let d = scratch_copy("qwen3-tiny");
+    let p = d.path().join("model.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+    assert_mentions(&load_err(d.path()), &["model.safetensors"]);
+}
+
+#[test]
+fn an_unknown_model_type_is_named() {
+    let d = scratch_copy("qwen3-tiny");
+    edit_json(&d.path().join("config.json"), |c| c["model_type"] = "bert".into());
+    assert_mentions(&load_err(d.path()), &["config.json", "model_type", "bert"]);
+}
+
+#[test]
+fn broken_json_names_the_file() {
+    let d = scratch_copy("gemma-tiny");
+    std::fs::write(d.path().join("config.json"), "{\"model_type\": ").unwrap();
+    assert_mentions(&load_err(d.path()), &["config.json", "invalid JSON"]);
+}
+
+#[test]
+fn a_wrongly_typed_config_field_is_named() {
+    let d = scratch_copy("qwen3-tiny");
+    edit_json(&d.path().join("config.json"), |c| c["num_hidden_layers"] = "three".into());
+    assert_mentions(&load_err(d.path()), &["config.json", "num_hidden_layers"]);
+}
+
+#[test]
+fn a_shape_that_does_not_match_the_config_names_the_tensor() {
+    let d = scratch_copy("qwen3-tiny");
+    edit_json(&d.path().join("config.json"), |c| {
+        let i = c["intermediate_size"].as_i64().unwrap();
+        c["intermediate_size"] = (i + 8).into();
+    });
+    assert_mentions(&load_err(d.path()), &["model.safetensors", "layers.0.mlp.gate_proj.weight", "shape"]);
+}
+
+#[test]
+fn an_unsupported_weight_dtype_names_the_tensor() {
+    let d = scratch_copy("gemma-tiny");
+    edit_safetensors_header(&d.path().join("model.safetensors"), |h| h["norm.weight"]["dtype"] = "I32".into());
+    assert_mentions(&load_err(d.path()), &["model.safetensors", "norm.weight", "int32"]);
+}
+
+#[test]
+fn unsupported_quantization_bits_are_named() {
+    let d = scratch_copy("qwen3-tiny-q4");
+    edit_json(&d.path().join("config.json"), |c| c["quantization"]["bits"] = 7.into());
+    assert_mentions(&load_err(d.path()), &["config.json", "quantization.bits", "7"]);
+}
+
+#[test]
+fn an_unsupported_quantization_mode_is_named() {
+    let d = scratch_copy("qwen3-tiny-q4");
+    edit_json(&d.path().join("config.json"), |c| c["quantization"]["mode"] = "mxfp4".into());
+    assert_mentions(&load_err(d.path()), &["config.json", "quantization.mode", "mxfp4"]);
+}
+
+#[test]
+fn quantized_weights_without_a_quantization_block_are_refused() {
+    let d = scratch_copy("qwen3-tiny-q4");
+    edit_json(&d.path().join("config.json"), |c| {
+        let o = c.as_object_mut().unwrap();
+        o.remove("quantization");
+        o.remove("quantization_config");
+    });
+    assert_mentions(&load_err(d.path()), &["config.json", "quantization", "missing"]);
+}
+
+#[test]
+fn embeddinggemma_without_its_head_says_what_is_missing() {
+    let d = scratch_copy("gemma-tiny");
+    std::fs::remove_file(d.path().join("modules.json")).unwrap();
+    assert_mentions(&load_err(d.path()), &["modules.json", "2_Dense", "3_Dense"]);
+}
+
+#[test]
+fn a_dense_module_without_weights_is_named() {
+    let d = scratch_copy("gemma-tiny");
+    std::fs::remove_file(d.path().join("2_Dense/model.safetensors")).unwrap();
+    assert_mentions(&load_err(d.path()), &["2_Dense/model.safetensors", "missing"]);
+}
+
+#[test]
+fn layer_types_of_the_wrong_length_are_named() {
+    let d = scratch_copy("gemma-tiny");
+    edit_json(&d.path().join("config.json"), |c| {
+        c["layer_types"].as_array_mut().unwrap().pop();
+    });
+    assert_mentions(&load_err(d.path()), &["config.json", "layer_types"]);
+}
+
+#[test]
+fn an_unknown_pooling_mode_is_named() {
+    let d = scratch_copy("gemma-tiny");
+    edit_json(&d.path().join("1_Pooling/config.json"), |c| {
+        c["pooling_mode_mean_tokens"] = false.into();
+        c["pooling_mode_max_tokens"] = true.into();
+    });
+    assert_mentions(&load_err(d.path()), &["1_Pooling/config.json", "pooling_mode_max_tokens"]);
+}
+
+#[test]
+fn a_tokenizer_larger_than_the_vocabulary_is_refused() {
+    let d = scratch_copy("qwen3-tiny");
+    edit_json(&d.path().join("config.json"), |c| c["vocab_size"] = 16.into());
+    // The embedding table no longer matches config.json, which is caught first.
+    assert_mentions(&load_err(d.path()), &["model.safetensors", "embed_tokens.weight", "[16, 64]"]);
+}
+
+#[test]
+fn a_folder_that_does_not_exist_is_named() {
+    assert_mentions(&load_err(Path::new("/nonexistent/model")), &["/nonexistent/model"]);
+}

@@ -1,0 +1,135 @@
+//! Shared test helpers: the committed reference fixtures and the lock every MLX-touching test holds.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use mlx_embed::mlx::Dtype;
+use mlx_embed::models::{EmbeddingModel, LoadOptions, PromptChoice};
+use serde::Deserialize;
+
+static MLX: Mutex<()> = Mutex::new(());
+
+/// MLX is not thread-safe and tests run on several threads: hold this while using MLX.
+pub fn mlx_lock() -> MutexGuard<'static, ()> {
+    MLX.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Reference {
+    pub architecture: String,
+    pub cases: Vec<Case>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Case {
+    pub name: String,
+    pub prompt_name: Option<String>,
+    pub instruction: Option<String>,
+    pub prompt: String,
+    pub dimensions: Option<i32>,
+    pub texts: Vec<String>,
+    pub token_ids: Vec<Vec<u32>>,
+    pub embeddings: Vec<Vec<f32>>,
+}
+
+impl Case {
+    pub fn prompt_choice(&self) -> PromptChoice {
+        match (&self.prompt_name, &self.instruction) {
+            (Some(n), _) => PromptChoice::Name(n.clone()),
+            (None, Some(i)) => PromptChoice::Instruction(i.clone()),
+            (None, None) => PromptChoice::None,
+        }
+    }
+}
+
+pub fn fixtures_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// Every fixture folder that carries a `reference.json`, sorted by name.
+pub fn fixtures() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(fixtures_dir())
+        .expect("tests/fixtures exists")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("reference.json").exists())
+        .collect();
+    v.sort();
+    assert!(!v.is_empty(), "no fixtures with reference.json");
+    v
+}
+
+pub fn reference(dir: &Path) -> Reference {
+    let text = std::fs::read_to_string(dir.join("reference.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+pub fn is_quantized(dir: &Path) -> bool {
+    let c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    c.get("quantization").is_some()
+}
+
+pub fn load(dir: &Path, dtype: Dtype) -> EmbeddingModel {
+    EmbeddingModel::load(dir, LoadOptions { dtype: Some(dtype), gpu: gpu() })
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+}
+
+/// Tests run on the GPU when MLX has one (the CUDA runtime on an NVIDIA machine).
+pub fn gpu() -> bool {
+    std::env::var("MLX_EMBED_TEST_DEVICE").map(|d| d == "gpu").unwrap_or(false)
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "vector lengths differ");
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+/// A scratch copy of fixture `name` to break in a test.
+pub fn scratch_copy(name: &str) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_dir(&fixtures_dir().join(name), tmp.path());
+    tmp
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), dst).unwrap();
+        }
+    }
+}
+
+/// Edits a JSON file in place.
+pub fn edit_json(path: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+}
+
+/// Edits the JSON header of a safetensors file in place, keeping the tensor data.
+pub fn edit_safetensors_header(path: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    f(&mut header);
+    let mut h = serde_json::to_vec(&header).unwrap();
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&h);
+    out.extend_from_slice(&bytes[8 + n..]);
+    std::fs::write(path, out).unwrap();
+}

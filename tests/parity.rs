@@ -71,9 +71,7 @@ fn bf16_vectors_are_close_to_the_reference() {
             let got = model.embed_texts(&case.texts, &case.prompt_choice(), case.dimensions).unwrap();
             let worst = got.iter().zip(&case.embeddings).map(|(g, w)| cosine(g, w)).fold(1.0, f64::min);
             eprintln!("{} / {} bf16: min cosine {worst:.6}", dir.file_name().unwrap().to_string_lossy(), case.name);
-            if !is_quantized(&dir) {
-                assert!(worst >= 0.999, "{} / {}: bf16 cosine {worst}", dir.display(), case.name);
-            }
+            assert!(worst >= 0.999, "{} / {}: bf16 cosine {worst}", dir.display(), case.name);
         }
     }
 }

@@ -175,7 +175,7 @@ impl EmbeddingModel {
                  1_Pooling/config.json, 2_Dense/, 3_Dense/); copy them from the original checkpoint")),
         };
 
-        let mut weights = Weights::open(dir, dtype)?;
+        let mut weights = Weights::open(dir, dtype, opts.gpu)?;
         weights.set_quantization(&config_path, raw.get("quantization").or_else(|| raw.get("quantization_config")))?;
         let encoder: Box<dyn Encoder> = match architecture {
             Architecture::Qwen3 => Box::new(Qwen3::load(&config_path, &raw, &mut weights)?),

@@ -200,7 +200,7 @@ fn load_dense(dir: &Path, width: i32) -> Result<Dense> {
         _ => return Err(Error::field(&cfg_path, "activation_function",
             format!("unsupported `{}` (supported: Identity, Tanh)", c.activation_function))),
     };
-    let mut w = Weights::open(dir, Dtype::Float32)?;
+    let mut w = Weights::open(dir, Dtype::Float32, false)?;
     let linear = w.linear("linear", c.in_features, c.out_features, c.bias)?;
     Ok(Dense { linear, tanh, out_features: c.out_features })
 }

@@ -11,6 +11,18 @@ pub struct QuantizedWeight {
     pub biases: Array,
     pub group_size: i32,
     pub bits: i32,
+    /// The compute dtype results are returned in (the scales may be wider).
+    pub out: Dtype,
+}
+
+impl QuantizedWeight {
+    /// `x @ dequantize(self)ᵀ`, computed in the scales' dtype, returned in `out`.
+    fn matmul_t(&self, x: &Array) -> Result<Array> {
+        let sd = self.scales.dtype()?;
+        let x = if x.dtype()? == sd { x.clone() } else { x.astype(sd)? };
+        let y = x.quantized_matmul(&self.w, &self.scales, &self.biases, self.group_size, self.bits)?;
+        if sd == self.out { Ok(y) } else { y.astype(self.out) }
+    }
 }
 
 pub enum Linear {
@@ -24,9 +36,7 @@ impl Linear {
     pub fn forward(&self, x: &Array) -> Result<Array> {
         let (y, bias) = match self {
             Linear::Dense { wt, bias } => (x.matmul(wt)?, bias),
-            Linear::Quantized { q, bias } => {
-                (x.quantized_matmul(&q.w, &q.scales, &q.biases, q.group_size, q.bits)?, bias)
-            }
+            Linear::Quantized { q, bias } => (q.matmul_t(x)?, bias),
         };
         match bias {
             Some(b) => y.add(b),
@@ -50,7 +60,8 @@ impl Embedding {
                 let w = q.w.take(ids, 0)?;
                 let s = q.scales.take(ids, 0)?;
                 let b = q.biases.take(ids, 0)?;
-                Array::dequantize(&w, &s, &b, q.group_size, q.bits)
+                let rows = Array::dequantize(&w, &s, &b, q.group_size, q.bits)?;
+                if rows.dtype()? == q.out { Ok(rows) } else { rows.astype(q.out) }
             }
         }
     }

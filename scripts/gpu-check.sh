@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Runs the MLX parity tests and a matmul probe on an NVIDIA machine with MLX's CUDA runtime.
+# The binaries are built on a Linux CPU machine (linked against the mlx-cpu wheel); libmlx.so
+# has the same soname in the CUDA wheel, so LD_LIBRARY_PATH selects the CUDA build here.
+#
+#   scripts/gpu-check.sh PARTS_DIR BIN_DIR
+#     PARTS_DIR: lib.part.* and include.tar.xz from shared/tools/pack-mlx-cuda (the headers are
+#                needed at run time: MLX's CUDA backend compiles kernels with NVRTC)
+#     BIN_DIR:   parity, mlx_bridge, bad_folders, mlx-embed, matmul_gflops, qmm_check (release)
+set -euo pipefail
+parts=$1 bins=$2
+prefix=/tmp/mlx-cuda
+mkdir -p "$prefix"
+[ -e "$prefix/mlx/lib/libmlx.so" ] || cat "$parts"/lib.part.* | xz -d | tar xf - -C "$prefix"
+[ -e "$prefix/mlx/include" ] || tar xJf "$parts/include.tar.xz" -C "$prefix"
+# Kernels MLX compiles at run time are cached across the processes below.
+export MLX_PTX_CACHE_DIR=/tmp/mlx-ptx-cache
+export LD_LIBRARY_PATH=$prefix/mlx/lib:/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
+# Test binaries look for fixtures where they were built.
+built_in=$(strings "$bins/parity" | grep -m1 -o '/[^ ]*/tests/fixtures' | sed 's#/tests/fixtures##' || true)
+if [ -n "$built_in" ] && [ ! -e "$built_in/tests/fixtures" ]; then
+  mkdir -p "$(dirname "$built_in")" && ln -s "$PWD" "$built_in"
+fi
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+echo "== matmul probe (GPU default device)"; "$bins/matmul_gflops" 4096 20
+echo "== mlx-embed embed --device gpu"
+"$bins/mlx-embed" embed --model-dir tests/fixtures/gemma-tiny --device gpu --dtype f32 "hello GPU" | cut -c1-160 || true
+echo "== quantized_matmul vs dequantize+matmul"; "$bins/qmm_check" || true
+echo "== bridge"; "$bins/mlx_bridge" --test-threads 1 2>&1 | grep "test result" || true
+echo "== bad folders"; "$bins/bad_folders" --test-threads 1 2>&1 | grep "test result" || true
+for tf32 in 1 0; do
+  echo "== parity on the GPU, MLX_ENABLE_TF32=$tf32"
+  MLX_ENABLE_TF32=$tf32 MLX_EMBED_TEST_DEVICE=gpu "$bins/parity" --test-threads 1 --nocapture 2>&1 \
+    | grep -E "max|cosine|FAIL|test result" || true
+done

@@ -17,7 +17,7 @@ pub struct QuantizedWeight {
 
 impl QuantizedWeight {
     /// `x @ dequantize(self)ᵀ`, computed in the scales' dtype, returned in `out`.
-    fn matmul_t(&self, x: &Array) -> Result<Array> {
+    pub fn matmul_t(&self, x: &Array) -> Result<Array> {
         let sd = self.scales.dtype()?;
         let x = if x.dtype()? == sd { x.clone() } else { x.astype(sd)? };
         let y = x.quantized_matmul(&self.w, &self.scales, &self.biases, self.group_size, self.bits)?;

@@ -7,6 +7,7 @@ mod embedder;
 pub mod files;
 pub mod gemma3;
 pub mod head;
+pub mod kernel_check;
 pub mod layers;
 pub mod qwen3;
 pub mod rope;

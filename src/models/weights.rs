@@ -13,6 +13,7 @@ use serde::Deserialize;
 use crate::error::{Error, Result};
 use crate::mlx::{Array, Dtype, TensorFile};
 use crate::models::files::read_json;
+use crate::models::kernel_check;
 use crate::models::layers::{Embedding, Linear, QuantizedWeight};
 
 /// MLX quantization settings (`quantization` in config.json).
@@ -32,6 +33,8 @@ pub struct Weights {
     /// Default quantization and per-module overrides (`None` = that module is not quantized).
     quant: Option<Quant>,
     quant_overrides: HashMap<String, Option<Quant>>,
+    /// Whether the device's quantized kernels passed the check, per (bits, group, in, out).
+    kernel_ok: HashMap<(i32, i32, i32, i32), bool>,
     config_path: PathBuf,
 }
 
@@ -84,6 +87,7 @@ impl Weights {
             gpu,
             quant: None,
             quant_overrides: HashMap::new(),
+            kernel_ok: HashMap::new(),
             config_path: dir.join("config.json"),
         })
     }
@@ -218,7 +222,11 @@ impl Weights {
     pub fn linear(&mut self, module: &str, in_dim: i32, out_dim: i32, bias: bool) -> Result<Linear> {
         let bias = if bias { Some(self.tensor(&format!("{module}.bias"), &[out_dim])?) } else { None };
         if let Some(q) = self.quantized(module, out_dim, in_dim)? {
-            return Ok(Linear::Quantized { q, bias });
+            if self.kernels_work(&q, in_dim, out_dim)? {
+                return Ok(Linear::Quantized { q, bias });
+            }
+            let w = kernel_check::dequantize_on_cpu(&q, self.compute, self.gpu)?;
+            return Ok(Linear::Dense { wt: w.transpose(&[1, 0])?, bias });
         }
         let w = self.tensor(&format!("{module}.weight"), &[out_dim, in_dim])?;
         Ok(Linear::Dense { wt: w.transpose(&[1, 0])?, bias })
@@ -227,9 +235,34 @@ impl Weights {
     /// An embedding table `[vocab, hidden]` at `module`.
     pub fn embedding(&mut self, module: &str, vocab: i32, hidden: i32) -> Result<Embedding> {
         if let Some(q) = self.quantized(module, vocab, hidden)? {
-            return Ok(Embedding::Quantized(q));
+            if self.kernels_work(&q, hidden, vocab)? {
+                return Ok(Embedding::Quantized(q));
+            }
+            return Ok(Embedding::Dense(kernel_check::dequantize_on_cpu(&q, self.compute, self.gpu)?));
         }
         Ok(Embedding::Dense(self.tensor(&format!("{module}.weight"), &[vocab, hidden])?))
+    }
+
+    /// On a GPU, whether its quantized kernels agree with the CPU for this shape (checked once per
+    /// shape; see `kernel_check`). The CPU's kernels are the reference and are not checked.
+    fn kernels_work(&mut self, q: &QuantizedWeight, in_dim: i32, out_dim: i32) -> Result<bool> {
+        if !self.gpu {
+            return Ok(true);
+        }
+        let key = (q.bits, q.group_size, in_dim, out_dim);
+        if let Some(&ok) = self.kernel_ok.get(&key) {
+            return Ok(ok);
+        }
+        let errors = kernel_check::check(q, in_dim, self.gpu)?;
+        let ok = errors.ok();
+        if !ok {
+            tracing::warn!(bits = q.bits, group_size = q.group_size, in_dim, out_dim,
+                matmul_error = errors.matmul, dequantize_error = errors.dequantize,
+                "this MLX backend's quantized kernels disagree with the CPU for this shape: \
+                 using weights dequantized on the CPU instead");
+        }
+        self.kernel_ok.insert(key, ok);
+        Ok(ok)
     }
 }
 

@@ -1,7 +1,8 @@
 //! A load-time check of the backend's quantized kernels against the CPU.
 //!
-//! MLX's CUDA backend (0.32.4) returns wrong results for some quantized shapes (seen: 8-bit,
-//! group 64, small inputs), and a wrong kernel gives plausible-looking vectors. Before a quantized
+//! MLX's CUDA backend (0.32.4, H100) returns wrong results for some quantized shapes (seen: group
+//! size 64 with a 64-wide input and many rows, 4 and 8 bits) and raises for others (group 128,
+//! f32, many rows); a wrong kernel gives plausible-looking vectors. Before a quantized
 //! layer of a new shape is used on a GPU, its `quantized_matmul` and `dequantize` are compared with
 //! the CPU's f32 result on a probe input; a shape that disagrees runs on weights dequantized by
 //! the CPU instead (correct, but without the memory saving), and the log says so.
@@ -14,16 +15,19 @@ use crate::models::layers::QuantizedWeight;
 /// kernels seen are off by more than 0.3.
 const TOLERANCE: f64 = 2e-2;
 
-/// Relative errors of the default device's quantized matmul and dequantization against the CPU.
-#[derive(Debug, Clone, Copy)]
+/// How the default device's quantized kernels compare with the CPU for one weight shape.
+#[derive(Debug, Clone)]
 pub struct KernelErrors {
+    /// Worst relative L2 error of `quantized_matmul` over the probe sizes.
     pub matmul: f64,
     pub dequantize: f64,
+    /// The error MLX raised, if a kernel failed outright.
+    pub failure: Option<String>,
 }
 
 impl KernelErrors {
     pub fn ok(&self) -> bool {
-        self.matmul <= TOLERANCE && self.dequantize <= TOLERANCE
+        self.failure.is_none() && self.matmul <= TOLERANCE && self.dequantize <= TOLERANCE
     }
 }
 
@@ -36,29 +40,48 @@ fn rel_err(got: &[f32], want: &[f32]) -> f64 {
     (num / den.max(1e-30)).sqrt()
 }
 
-/// Runs `q` (`[out, in]`) on a probe input on the current default device (`gpu`) and on the CPU.
+/// Probe row counts: MLX picks different kernels for a few rows (vector) and many (matrix).
+const PROBE_ROWS: [i32; 2] = [1, 256];
+
+/// Runs `q` (`[out, in]`) on probe inputs on the current default device (`gpu`) and on the CPU.
 pub fn check(q: &QuantizedWeight, in_dim: i32, gpu: bool) -> Result<KernelErrors> {
-    let rows = 4;
-    let probe: Vec<f32> = (0..rows * in_dim).map(|i| ((i as i64 * 7919) % 1009) as f32 / 1009.0 - 0.5).collect();
-    let x = Array::from_f32(&probe, &[rows, in_dim])?.astype(q.out)?;
+    match measure(q, in_dim, gpu) {
+        Ok((matmul, dequantize)) => Ok(KernelErrors { matmul, dequantize, failure: None }),
+        // A kernel that throws counts as broken; the device must be restored either way.
+        Err(e) => {
+            mlx::set_default_device(gpu)?;
+            Ok(KernelErrors { matmul: f64::INFINITY, dequantize: f64::INFINITY, failure: Some(e.to_string()) })
+        }
+    }
+}
+
+fn measure(q: &QuantizedWeight, in_dim: i32, gpu: bool) -> Result<(f64, f64)> {
     let sample = 8.min(q.w.shape()[0]);
     let first_rows = |a: &Array| -> Result<Array> {
         let cols = a.shape()[1];
         Ok(a.slice(&[0, 0], &[sample, cols])?)
     };
-    let y = q.matmul_t(&x)?.to_f32_vec()?;
+    let probes = PROBE_ROWS
+        .iter()
+        .map(|&rows| {
+            let v: Vec<f32> = (0..rows * in_dim).map(|i| ((i as i64 * 7919) % 1009) as f32 / 1009.0 - 0.5).collect();
+            Ok(Array::from_f32(&v, &[rows, in_dim])?.astype(q.out)?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let got = probes.iter().map(|x| Ok(q.matmul_t(x)?.to_f32_vec()?)).collect::<Result<Vec<_>>>()?;
     let d = Array::dequantize(&first_rows(&q.w)?, &first_rows(&q.scales)?, &first_rows(&q.biases)?, q.group_size, q.bits)?
         .to_f32_vec()?;
     mlx::set_default_device(false)?;
-    let reference = (|| -> Result<(Vec<f32>, Vec<f32>)> {
+    let reference = (|| -> Result<(Vec<Vec<f32>>, Vec<f32>)> {
         let w = dequantize_f32(q)?;
-        let y = x.astype(Dtype::Float32)?.matmul(&w.transpose(&[1, 0])?)?.to_f32_vec()?;
-        let d = first_rows(&w)?.to_f32_vec()?;
-        Ok((y, d))
+        let wt = w.transpose(&[1, 0])?;
+        let ys = probes.iter().map(|x| Ok(x.astype(Dtype::Float32)?.matmul(&wt)?.to_f32_vec()?)).collect::<Result<Vec<_>>>()?;
+        Ok((ys, first_rows(&w)?.to_f32_vec()?))
     })();
     mlx::set_default_device(gpu)?;
-    let (y_ref, d_ref) = reference?;
-    Ok(KernelErrors { matmul: rel_err(&y, &y_ref), dequantize: rel_err(&d, &d_ref) })
+    let (want, d_ref) = reference?;
+    let matmul = got.iter().zip(&want).map(|(g, w)| rel_err(g, w)).fold(0.0, f64::max);
+    Ok((matmul, rel_err(&d, &d_ref)))
 }
 
 /// The whole matrix dequantized in f32 on the current device.

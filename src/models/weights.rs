@@ -258,6 +258,7 @@ impl Weights {
         if !ok {
             tracing::warn!(bits = q.bits, group_size = q.group_size, in_dim, out_dim,
                 matmul_error = errors.matmul, dequantize_error = errors.dequantize,
+                failure = errors.failure.as_deref().unwrap_or(""),
                 "this MLX backend's quantized kernels disagree with the CPU for this shape: \
                  using weights dequantized on the CPU instead");
         }

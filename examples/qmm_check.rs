@@ -4,6 +4,7 @@
 //! `cargo run --release --example qmm_check`
 
 use mlx_embed::mlx::{self, Array, Dtype};
+use mlx_embed::models::kernel_check::rel_err;
 
 fn main() -> anyhow::Result<()> {
     let gpu = mlx::gpu_is_available();
@@ -29,12 +30,6 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-fn rel_err(got: &[f32], want: &[f32]) -> f64 {
-    let num: f64 = got.iter().zip(want).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
-    let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
-    (num / den.max(1e-30)).sqrt()
 }
 
 /// (qmm error, dequantize error) of the default device against the CPU in f32.

@@ -121,10 +121,7 @@ fn f16_bits(x: f32) -> u16 {
 
 /// Rewrites every F32 tensor of a safetensors file as F16.
 fn to_f16(path: &std::path::Path) {
-    let bytes = std::fs::read(path).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    let data = &bytes[8 + n..];
+    let (header, data) = read_safetensors(path);
     let mut out_header = serde_json::Map::new();
     let mut out_data = Vec::new();
     for (name, info) in header {
@@ -140,14 +137,7 @@ fn to_f16(path: &std::path::Path) {
         }
         out_header.insert(name, serde_json::json!({"dtype": "F16", "shape": info["shape"], "data_offsets": [start, out_data.len()]}));
     }
-    let mut h = serde_json::to_vec(&out_header).unwrap();
-    while h.len() % 8 != 0 {
-        h.push(b' ');
-    }
-    let mut out = (h.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(&h);
-    out.extend_from_slice(&out_data);
-    std::fs::write(path, out).unwrap();
+    write_safetensors(path, &out_header, &out_data);
 }
 
 #[test]

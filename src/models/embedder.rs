@@ -182,6 +182,7 @@ impl EmbeddingModel {
             Architecture::Gemma3 => Box::new(Gemma3::load(&config_path, &raw, &mut weights)?),
         };
         let quantization = quant_info(&raw);
+        let dims = encoder.dims();
 
         let eos = match architecture {
             Architecture::Qwen3 => Some("<|endoftext|>"),
@@ -191,16 +192,16 @@ impl EmbeddingModel {
         if tokenizer.appends_eos() {
             tracing::info!(dir = %dir.display(), "tokenizer does not end sequences with <|endoftext|>: appending it");
         }
-        if tokenizer.vocab_size() > encoder.vocab_size() as usize {
+        if tokenizer.vocab_size() > dims.vocab as usize {
             return Err(Error::field(&config_path, "vocab_size", format!(
-                "{} but tokenizer.json has {} tokens", encoder.vocab_size(), tokenizer.vocab_size())));
+                "{} but tokenizer.json has {} tokens", dims.vocab, tokenizer.vocab_size())));
         }
         let prompts = load_prompts(dir)?;
-        let max_tokens = max_seq_length(dir)?.unwrap_or(i32::MAX).min(encoder.max_positions()).max(1) as usize;
-        let dimensions = head.output_dim(encoder.hidden_size());
+        let max_tokens = max_seq_length(dir)?.unwrap_or(i32::MAX).min(dims.max_positions).max(1) as usize;
+        let dimensions = head.output_dim(dims.hidden);
         let info = ModelInfo {
             architecture,
-            hidden_size: encoder.hidden_size(),
+            hidden_size: dims.hidden,
             dimensions,
             allowed_dimensions: matryoshka_sizes(architecture, dimensions),
             max_tokens,

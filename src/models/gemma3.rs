@@ -15,7 +15,7 @@ use crate::models::attention::{Activation, Attention, AttentionShape, GatedMlp};
 use crate::models::layers::{attention_mask, Embedding, MaskKind, RmsNorm};
 use crate::models::rope::rope_for;
 use crate::models::weights::Weights;
-use crate::models::{check_positive, Encoder};
+use crate::models::{check_positive, Encoder, EncoderDims};
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Config {
@@ -194,15 +194,8 @@ impl Encoder for Gemma3 {
         Ok(x.rms_norm(&self.norm.weight, self.norm.eps)?)
     }
 
-    fn hidden_size(&self) -> i32 {
-        self.config.hidden_size
-    }
-
-    fn vocab_size(&self) -> i32 {
-        self.config.vocab_size
-    }
-
-    fn max_positions(&self) -> i32 {
-        self.config.max_position_embeddings
+    fn dims(&self) -> EncoderDims {
+        let c = &self.config;
+        EncoderDims { hidden: c.hidden_size, vocab: c.vocab_size, max_positions: c.max_position_embeddings }
     }
 }

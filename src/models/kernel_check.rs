@@ -31,7 +31,8 @@ impl KernelErrors {
     }
 }
 
-fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+/// Relative L2 error ‖got − want‖ / ‖want‖ (infinite for NaN or mismatched lengths).
+pub fn rel_err(got: &[f32], want: &[f32]) -> f64 {
     let num: f64 = got.iter().zip(want).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
     let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
     if got.len() != want.len() || !num.is_finite() {

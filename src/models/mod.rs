@@ -25,9 +25,15 @@ pub trait Encoder {
     /// `ids` `[B, L]` int32, right-padded; `lengths[b]` real tokens in row b (≥ 1).
     /// Returns `[B, L, hidden]` in the compute dtype.
     fn forward(&self, ids: &Array, lengths: &[i32]) -> Result<Array>;
-    fn hidden_size(&self) -> i32;
-    fn vocab_size(&self) -> i32;
-    fn max_positions(&self) -> i32;
+    fn dims(&self) -> EncoderDims;
+}
+
+/// Sizes of an encoder that the rest of the pipeline needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EncoderDims {
+    pub hidden: i32,
+    pub vocab: i32,
+    pub max_positions: i32,
 }
 
 /// Fails naming the first field that is not positive.

@@ -120,16 +120,27 @@ pub fn edit_json(path: &Path, f: impl FnOnce(&mut serde_json::Value)) {
 
 /// Edits the JSON header of a safetensors file in place, keeping the tensor data.
 pub fn edit_safetensors_header(path: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let (header, data) = read_safetensors(path);
+    let mut header = serde_json::Value::Object(header);
+    f(&mut header);
+    write_safetensors(path, &header, &data);
+}
+
+/// Reads a safetensors file as (header, data).
+pub fn read_safetensors(path: &Path) -> (serde_json::Map<String, serde_json::Value>, Vec<u8>) {
     let bytes = std::fs::read(path).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    f(&mut header);
-    let mut h = serde_json::to_vec(&header).unwrap();
+    (serde_json::from_slice(&bytes[8..8 + n]).unwrap(), bytes[8 + n..].to_vec())
+}
+
+/// Writes a safetensors file (header padded to 8 bytes, as the format recommends).
+pub fn write_safetensors(path: &Path, header: &impl serde::Serialize, data: &[u8]) {
+    let mut h = serde_json::to_vec(header).unwrap();
     while h.len() % 8 != 0 {
         h.push(b' ');
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();
     out.extend_from_slice(&h);
-    out.extend_from_slice(&bytes[8 + n..]);
+    out.extend_from_slice(data);
     std::fs::write(path, out).unwrap();
 }

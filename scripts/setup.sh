@@ -2,7 +2,8 @@
 # Installs what the build and the tests need, into the project's own folder where possible:
 #   - MLX's official wheel (pinned), unpacked into $MLX_DIR (default .mlx): headers + libmlx.so;
 #   - on Linux, Debian's OpenBLAS, put behind the wheel's bundled reference BLAS/LAPACK names
-#     (the bundled reference BLAS is more than 10x slower on matmul).
+#     (the bundled reference BLAS is about 100x slower on matmul);
+#   - protoc (the gRPC protocol is compiled by build.rs).
 # Idempotent: a second run only checks. Usage: scripts/setup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +30,13 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$wheel==$MLX_VERSION" ]; then
   python3 -m pip install -q --disable-pip-version-check --no-deps --only-binary=:all: \
     --target "$MLX_DIR" "$wheel==$MLX_VERSION"
   echo "$wheel==$MLX_VERSION" > "$stamp"
+fi
+
+if ! command -v protoc >/dev/null; then
+  case "$(uname -s)" in
+    Linux) apt_install protobuf-compiler ;;
+    Darwin) brew install protobuf ;;
+  esac
 fi
 
 if [ "$(uname -s)" = Linux ]; then

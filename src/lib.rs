@@ -6,6 +6,7 @@
 //!   sentence-transformers head (pooling, Dense, normalization) and [`models::EmbeddingModel`].
 //! - [`tokenize`]: tokenizer.json with prompts, end tokens and truncation.
 //! - [`error`]: typed errors naming the file, field or tensor at fault.
+pub mod config;
 pub mod error;
 pub mod mlx;
 pub mod models;

@@ -1,0 +1,342 @@
+//! Server configuration and model registry from YAML (`config.example.yaml`).
+//!
+//! Unknown fields and bad values are refused with the file, line and field named. Durations are
+//! written `250ms`, `2s`, `1m`. Relative model paths are relative to the config file's folder.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A configuration error: `file:line:column: field: message`.
+#[derive(Debug, thiserror::Error)]
+#[error("{}{}: {message}", file.display(), location.map(|(l, c)| format!(":{l}:{c}")).unwrap_or_default())]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub location: Option<(usize, usize)>,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address the gRPC server listens on.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub batching: Batching,
+    pub models: Vec<ModelConfig>,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:50051".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Items in one Embed request (texts and vectors together).
+    pub max_items_per_request: usize,
+    /// Largest gRPC message accepted or sent, in bytes.
+    pub max_message_bytes: usize,
+    /// Requests served at the same time; more wait for a slot.
+    pub max_concurrent_requests: usize,
+    /// Longest a request may take when the client sets no deadline.
+    #[serde(with = "duration")]
+    pub request_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_items_per_request: 512,
+            max_message_bytes: 16 << 20,
+            max_concurrent_requests: 512,
+            request_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Batching {
+    /// Padded tokens (longest × count) in one forward pass.
+    pub max_batch_tokens: usize,
+    /// Sequences in one forward pass.
+    pub max_batch_size: usize,
+    /// How long a short queue waits for more work before running.
+    #[serde(with = "duration")]
+    pub max_wait: Duration,
+    /// Sequences waiting per model; beyond it requests are refused (RESOURCE_EXHAUSTED).
+    pub max_queue: usize,
+}
+
+impl Default for Batching {
+    fn default() -> Self {
+        Batching { max_batch_tokens: 16384, max_batch_size: 64, max_wait: Duration::from_millis(2), max_queue: 8192 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DtypeChoice {
+    #[default]
+    Auto,
+    F32,
+    Bf16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    #[default]
+    Auto,
+    Cpu,
+    Gpu,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TruncationChoice {
+    /// Keep the beginning.
+    #[default]
+    End,
+    /// Keep the end.
+    Start,
+    /// Refuse over-long texts.
+    None,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The name clients use.
+    pub name: String,
+    /// A local folder in Hugging Face layout (`hf://org/name[@revision]` is reserved for hub pulls).
+    pub source: String,
+    #[serde(default)]
+    pub dtype: DtypeChoice,
+    #[serde(default)]
+    pub device: DeviceChoice,
+    /// Prompt name used when a request selects none (overrides the model's own default).
+    pub default_prompt: Option<String>,
+    /// Matryoshka sizes clients may ask for (default: the model's own list).
+    pub allowed_dimensions: Option<Vec<u32>>,
+    /// Token limit per text (default and upper bound: the model's).
+    pub max_tokens: Option<usize>,
+    /// What to do with over-long texts when a request does not say.
+    #[serde(default)]
+    pub truncation: TruncationChoice,
+}
+
+/// Where a model's files come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Local(PathBuf),
+    Hub { repo: String, revision: Option<String> },
+}
+
+impl ModelConfig {
+    /// The source, with a relative folder resolved against `base` (the config file's folder).
+    pub fn resolved_source(&self, base: &Path) -> Source {
+        match self.source.strip_prefix("hf://") {
+            Some(rest) => {
+                let (repo, revision) = match rest.split_once('@') {
+                    Some((r, rev)) => (r.to_string(), Some(rev.to_string())),
+                    None => (rest.to_string(), None),
+                };
+                Source::Hub { repo, revision }
+            }
+            None => {
+                let p = PathBuf::from(&self.source);
+                Source::Local(if p.is_absolute() { p } else { base.join(p) })
+            }
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError { file: path.to_path_buf(), location: None, message: format!("cannot read: {e}") })?;
+        Config::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let de = serde_yaml::Deserializer::from_str(text);
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            let inner = e.into_inner();
+            let location = inner.location().map(|l| (l.line(), l.column()));
+            let message = if field == "." { inner.to_string() } else { format!("field `{field}`: {inner}") };
+            ConfigError { file: path.to_path_buf(), location, message: strip_location(&message) }
+        })?;
+        config.validate().map_err(|(field, message)| ConfigError {
+            file: path.to_path_buf(),
+            location: find_line(text, &field),
+            message: format!("field `{field}`: {message}"),
+        })?;
+        Ok(config)
+    }
+
+    /// Checks values serde cannot: returns the field path and the problem.
+    fn validate(&self) -> Result<(), (String, String)> {
+        let positive = [
+            ("limits.max_items_per_request", self.limits.max_items_per_request),
+            ("limits.max_message_bytes", self.limits.max_message_bytes),
+            ("limits.max_concurrent_requests", self.limits.max_concurrent_requests),
+            ("batching.max_batch_tokens", self.batching.max_batch_tokens),
+            ("batching.max_batch_size", self.batching.max_batch_size),
+            ("batching.max_queue", self.batching.max_queue),
+        ];
+        if let Some((f, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err((f.to_string(), "must be greater than 0".into()));
+        }
+        if self.limits.request_timeout.is_zero() {
+            return Err(("limits.request_timeout".into(), "must be greater than 0".into()));
+        }
+        self.listen.parse::<std::net::SocketAddr>()
+            .map_err(|e| ("listen".to_string(), format!("`{}` is not an address (host:port): {e}", self.listen)))?;
+        if self.models.is_empty() {
+            return Err(("models".into(), "at least one model is needed".into()));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, m) in self.models.iter().enumerate() {
+            if m.name.trim().is_empty() || m.name.contains(char::is_whitespace) {
+                return Err((format!("models[{i}].name"), format!("`{}` is not a usable name (no spaces, not empty)", m.name)));
+            }
+            if !seen.insert(m.name.as_str()) {
+                return Err((format!("models[{i}].name"), format!("`{}` is used twice", m.name)));
+            }
+            if m.source.trim().is_empty() {
+                return Err((format!("models[{i}].source"), "must not be empty".into()));
+            }
+            if let Some(dims) = &m.allowed_dimensions {
+                if dims.is_empty() || dims.contains(&0) {
+                    return Err((format!("models[{i}].allowed_dimensions"), "must list sizes greater than 0".into()));
+                }
+            }
+            if m.max_tokens == Some(0) {
+                return Err((format!("models[{i}].max_tokens"), "must be greater than 0".into()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// serde_yaml appends " at line L column C"; the location is reported separately.
+fn strip_location(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(i) => message[..i].to_string(),
+        None => message.to_string(),
+    }
+}
+
+/// Best-effort line of a field path's last key (`models[1].name` → the second `name:` line under
+/// `models`), for errors found after parsing.
+fn find_line(text: &str, field: &str) -> Option<(usize, usize)> {
+    let key = field.rsplit('.').next()?.split('[').next()?;
+    let index: usize = field.split('[').nth(1).and_then(|s| s.split(']').next()).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let is_list_field = field.contains('[');
+    let mut hits = text.lines().enumerate().filter_map(|(n, line)| {
+        let t = line.trim_start().trim_start_matches("- ");
+        t.starts_with(&format!("{key}:")).then(|| (n + 1, line.find(key).unwrap_or(0) + 1))
+    });
+    if is_list_field { hits.nth(index) } else { hits.next() }
+}
+
+mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        parse(&s).ok_or_else(|| serde::de::Error::custom(format!("`{s}` is not a duration (e.g. 250ms, 2s, 1m)")))
+    }
+
+    pub fn parse(s: &str) -> Option<Duration> {
+        let s = s.trim();
+        let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+        let (num, unit) = s.split_at(split);
+        let v: f64 = num.parse().ok()?;
+        let secs = match unit.trim() {
+            "us" | "µs" => v / 1e6,
+            "ms" => v / 1e3,
+            "s" => v,
+            "m" => v * 60.0,
+            _ => return None,
+        };
+        (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("cfg.yaml"), text)
+    }
+
+    const MINIMAL: &str = "models:\n  - name: m\n    source: ./m\n";
+
+    #[test]
+    fn a_minimal_config_gets_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:50051");
+        assert_eq!(c.batching.max_wait, Duration::from_millis(2));
+        assert_eq!(c.models[0].dtype, DtypeChoice::Auto);
+    }
+
+    #[test]
+    fn an_unknown_field_is_named_with_its_line() {
+        let err = parse("models:\n  - name: m\n    source: ./m\n    colour: red\n").unwrap_err().to_string();
+        assert!(err.starts_with("cfg.yaml:4:") && err.contains("colour") && err.contains("models[0]"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_value_is_named_with_its_line() {
+        let err = parse("models:\n  - name: m\n    source: ./m\n    dtype: f64\n").unwrap_err().to_string();
+        assert!(err.starts_with("cfg.yaml:4:") && err.contains("models[0].dtype") && err.contains("f64"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_duration_is_refused() {
+        let err = parse(&format!("batching:\n  max_wait: soon\n{MINIMAL}")).unwrap_err().to_string();
+        assert!(err.contains("batching.max_wait") && err.contains("soon") && err.starts_with("cfg.yaml:2:"), "{err}");
+    }
+
+    #[test]
+    fn a_duplicate_model_name_points_at_the_second() {
+        let err = parse("models:\n  - name: m\n    source: a\n  - name: m\n    source: b\n").unwrap_err().to_string();
+        assert!(err.starts_with("cfg.yaml:4:") && err.contains("models[1].name"), "{err}");
+    }
+
+    #[test]
+    fn zero_limits_and_bad_addresses_are_refused() {
+        let err = parse(&format!("limits:\n  max_items_per_request: 0\n{MINIMAL}")).unwrap_err().to_string();
+        assert!(err.contains("limits.max_items_per_request") && err.starts_with("cfg.yaml:2:"), "{err}");
+        let err = parse(&format!("listen: nowhere\n{MINIMAL}")).unwrap_err().to_string();
+        assert!(err.contains("listen") && err.starts_with("cfg.yaml:1:"), "{err}");
+    }
+
+    #[test]
+    fn sources_resolve_relative_to_the_config_and_hub_references_parse() {
+        let mut m = parse(MINIMAL).unwrap().models.remove(0);
+        assert_eq!(m.resolved_source(Path::new("/etc/x")), Source::Local(PathBuf::from("/etc/x/./m")));
+        m.source = "hf://Qwen/Qwen3-Embedding-0.6B@main".into();
+        assert_eq!(m.resolved_source(Path::new("/")), Source::Hub { repo: "Qwen/Qwen3-Embedding-0.6B".into(), revision: Some("main".into()) });
+    }
+
+    #[test]
+    fn durations_parse_in_common_units() {
+        assert_eq!(duration::parse("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(duration::parse("1.5s"), Some(Duration::from_millis(1500)));
+        assert_eq!(duration::parse("1m"), Some(Duration::from_secs(60)));
+        assert_eq!(duration::parse("5 parsecs"), None);
+    }
+}

@@ -21,6 +21,13 @@ pub enum Truncation {
     Left,
 }
 
+/// Token ids of one text, and whether it was cut to the limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Encoded {
+    pub ids: Vec<u32>,
+    pub truncated: bool,
+}
+
 pub struct TextTokenizer {
     inner: Tokenizer,
     /// A token to append after the post-processor (Qwen3's `<|endoftext|>` when it is missing).
@@ -67,10 +74,11 @@ impl TextTokenizer {
     }
 
     /// Token ids of `text` with special tokens, at most `max_tokens` long.
-    pub fn encode(&self, text: &str, max_tokens: usize, truncation: Truncation) -> Result<Vec<u32>> {
+    pub fn encode(&self, text: &str, max_tokens: usize, truncation: Truncation) -> Result<Encoded> {
         let mut enc = self.inner.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
         let total = enc.len() + self.added;
-        if total > max_tokens {
+        let truncated = total > max_tokens;
+        if truncated {
             let direction = match truncation {
                 Truncation::Off => {
                     return Err(Error::invalid("text", format!(
@@ -87,7 +95,7 @@ impl TextTokenizer {
         let enc = self.inner.post_process(enc, None, true).map_err(|e| Error::Tokenizer(e.to_string()))?;
         let mut ids = enc.get_ids().to_vec();
         ids.extend(self.append);
-        Ok(ids)
+        Ok(Encoded { ids, truncated })
     }
 
     pub fn vocab_size(&self) -> usize {

@@ -43,7 +43,7 @@ fn tokenization_matches_the_reference_token_ids() {
             let prompt = pre.prompt(&case.prompt_choice()).unwrap();
             assert_eq!(prompt, case.prompt, "{} / {}: prompt", dir.display(), case.name);
             for (text, want) in case.texts.iter().zip(&case.token_ids) {
-                let ids = pre.tokenize(&prompt, text, None, Truncation::Off).unwrap();
+                let ids = pre.tokenize(&prompt, text, None, Truncation::Off).unwrap().ids;
                 assert_eq!(&ids, want, "{} / {}: {text:?}", dir.display(), case.name);
             }
         }
@@ -153,4 +153,32 @@ fn float16_weights_are_upcast_and_stay_close_to_the_reference() {
     // The weights really were f16 (rounded): the vectors are not bit-identical to f32's.
     let exact = got.iter().zip(&case.embeddings).all(|(g, w)| max_abs_diff(g, w) <= 1e-7);
     assert!(!exact, "f16 conversion had no effect");
+}
+
+#[test]
+fn truncation_keeps_special_tokens_and_says_so() {
+    let _g = mlx_lock();
+    for (fixture, first, last) in [("qwen3-tiny", None, Some(560u32)), ("qwen3-tiny-q4", None, Some(560)), ("gemma-tiny", Some(2u32), Some(1u32))] {
+        let model = load(&fixtures_dir().join(fixture), Dtype::Float32);
+        let pre = model.preprocessor();
+        let text = reference(&fixtures_dir().join(fixture)).cases[0].texts.iter().max_by_key(|t| t.len()).unwrap().clone();
+        let full = pre.tokenize("", &text, None, Truncation::Off).unwrap();
+        assert!(!full.truncated && full.ids.len() > 12);
+        for (dir, keep_start) in [(Truncation::Right, true), (Truncation::Left, false)] {
+            let cut = pre.tokenize("", &text, Some(10), dir).unwrap();
+            assert!(cut.truncated && cut.ids.len() == 10, "{fixture}: {cut:?}");
+            if let Some(f) = first { assert_eq!(cut.ids[0], f, "{fixture}: first token kept"); }
+            if let Some(l) = last { assert_eq!(cut.ids[9], l, "{fixture}: end token kept"); }
+            let inner = if first.is_some() { &full.ids[1..] } else { &full.ids[..] };
+            let body = &cut.ids[usize::from(first.is_some())..9];
+            if keep_start {
+                assert_eq!(body, &inner[..body.len()], "{fixture}: keeps the beginning");
+            } else {
+                let end = inner.len() - 1;
+                assert_eq!(body, &inner[end - body.len()..end], "{fixture}: keeps the end");
+            }
+        }
+        let err = pre.tokenize("", &text, Some(10), Truncation::Off).unwrap_err().to_string();
+        assert!(err.contains(&full.ids.len().to_string()) && err.contains("10"), "{err}");
+    }
 }

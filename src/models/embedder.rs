@@ -18,7 +18,7 @@ use crate::models::head::{load_head, load_prompts, max_seq_length, Head, Pooling
 use crate::models::qwen3::Qwen3;
 use crate::models::weights::{Quant, Weights};
 use crate::models::Encoder;
-use crate::tokenize::{TextTokenizer, Truncation};
+use crate::tokenize::{Encoded, TextTokenizer, Truncation};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Architecture {
@@ -109,7 +109,7 @@ impl Preprocessor {
     }
 
     /// Token ids of `prompt + text`, limited to `max_tokens` (the model's limit when `None`).
-    pub fn tokenize(&self, prompt: &str, text: &str, max_tokens: Option<usize>, truncation: Truncation) -> Result<Vec<u32>> {
+    pub fn tokenize(&self, prompt: &str, text: &str, max_tokens: Option<usize>, truncation: Truncation) -> Result<Encoded> {
         let limit = max_tokens.unwrap_or(self.info.max_tokens).min(self.info.max_tokens);
         self.tokenizer.encode(&format!("{prompt}{text}"), limit, truncation)
     }
@@ -256,7 +256,7 @@ impl EmbeddingModel {
     pub fn embed_texts(&self, texts: &[String], prompt: &PromptChoice, dimensions: Option<i32>) -> Result<Vec<Vec<f32>>> {
         let dims = self.pre.check_dimensions(dimensions)?;
         let prompt = self.pre.prompt(prompt)?;
-        let ids = texts.iter().map(|t| self.pre.tokenize(&prompt, t, None, Truncation::Right)).collect::<Result<Vec<_>>>()?;
+        let ids = texts.iter().map(|t| Ok(self.pre.tokenize(&prompt, t, None, Truncation::Right)?.ids)).collect::<Result<Vec<_>>>()?;
         let refs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
         let normalize = self.pre.info.normalize;
         Ok(self.embed_ids(&refs)?.into_iter().map(|v| finish(v, dims as usize, normalize)).collect())

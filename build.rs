@@ -1,4 +1,5 @@
-//! Builds the C++ side of the MLX bridge and links it against `libmlx` from the official MLX wheel.
+//! Compiles the gRPC protocol (`proto/`) and builds the C++ side of the MLX bridge, linked against
+//! `libmlx` from the official MLX wheel.
 //!
 //! `MLX_DIR` names the folder the wheel was installed into (`scripts/setup.sh`; default `.mlx` in
 //! the crate). The binary keeps a RUNPATH (not RPATH) to that folder's `mlx/lib`, so
@@ -7,6 +8,7 @@
 use std::path::PathBuf;
 
 fn main() {
+    compile_protos();
     println!("cargo:rerun-if-env-changed=MLX_DIR");
     for f in ["src/mlx/ffi.rs", "src/mlx/shim.h", "src/mlx/shim.cc"] {
         println!("cargo:rerun-if-changed={f}");
@@ -39,4 +41,14 @@ fn main() {
         println!("cargo:rustc-link-arg=-Wl,--enable-new-dtags");
     }
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+}
+
+/// Generated code goes to OUT_DIR (never committed), with a descriptor set for server reflection.
+fn compile_protos() {
+    println!("cargo:rerun-if-changed=proto");
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("set by cargo"));
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out.join("embedding_descriptor.bin"))
+        .compile_protos(&["proto/embedding/v1/embedding.proto"], &["proto"])
+        .unwrap_or_else(|e| panic!("compiling proto/embedding/v1/embedding.proto (is protoc installed? scripts/setup.sh installs it): {e}"));
 }

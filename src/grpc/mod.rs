@@ -10,3 +10,4 @@ pub mod pb {
 }
 pub mod convert;
 pub mod service;
+pub mod server;

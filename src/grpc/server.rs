@@ -1,0 +1,128 @@
+//! Wiring: config → engine → gRPC server with health (per model) and reflection (v1 and v1alpha).
+//!
+//! [`serve`] takes the listener and the shutdown signal as arguments, so tests bind port 0 and
+//! stop the server themselves.
+
+use std::future::Future;
+use std::path::Path;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+
+use crate::config::{Config, DeviceChoice, DtypeChoice, Source};
+use crate::engine::{batcher, EngineHandle, LoadSpec, ModelStatus};
+use crate::grpc::pb::{self, embedding_service_server::EmbeddingServiceServer};
+use crate::grpc::service::Service;
+use crate::mlx::{self, Dtype};
+use crate::models::LoadOptions;
+
+/// The engine's load list for `config` (relative folders resolved against `base`), with each
+/// model's source as shown to clients.
+pub fn load_specs(config: &Config, base: &Path) -> (Vec<LoadSpec>, Vec<String>) {
+    let gpu_available = mlx::gpu_is_available();
+    config.models.iter().map(|m| {
+        let (dir, shown) = match m.resolved_source(base) {
+            Source::Local(p) => {
+                let shown = p.display().to_string();
+                let dir = if p.is_dir() { Ok(p) } else { Err(format!("model folder {shown} does not exist")) };
+                (dir, shown)
+            }
+            Source::Hub { repo, revision } => {
+                let shown = format!("hf://{repo}{}", revision.map(|r| format!("@{r}")).unwrap_or_default());
+                (Err(format!("{shown}: pulling from the Hugging Face hub is not available in this build; use a local folder")), shown)
+            }
+        };
+        let gpu = match m.device {
+            DeviceChoice::Auto => gpu_available,
+            DeviceChoice::Cpu => false,
+            DeviceChoice::Gpu => true,
+        };
+        let dir = match (m.device, gpu_available) {
+            (DeviceChoice::Gpu, false) => Err("device: gpu, but MLX has no GPU backend here".to_string()),
+            _ => dir,
+        };
+        let dtype = match m.dtype {
+            DtypeChoice::Auto => None,
+            DtypeChoice::F32 => Some(Dtype::Float32),
+            DtypeChoice::Bf16 => Some(Dtype::Bfloat16),
+        };
+        (LoadSpec { name: m.name.clone(), dir, options: LoadOptions { dtype, gpu } }, shown)
+    }).unzip()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Serves `config` on `listener` until `shutdown` completes, then finishes in-flight requests.
+pub async fn serve(
+    config: Config,
+    base: &Path,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let (specs, sources) = load_specs(&config, base);
+    let limits = batcher::Limits {
+        max_tokens: config.batching.max_batch_tokens,
+        max_size: config.batching.max_batch_size,
+        max_wait: config.batching.max_wait,
+    };
+    let engine = EngineHandle::start(specs, limits, config.batching.max_queue);
+
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_service_status("", ServingStatus::Serving).await;
+    for (i, name) in engine.model_names().enumerate() {
+        reporter.set_service_status(name, ServingStatus::NotServing).await;
+        let (mut rx, reporter, name) = (engine.subscribe(i), reporter.clone(), name.to_string());
+        tokio::spawn(async move {
+            loop {
+                let serving = matches!(*rx.borrow_and_update(), ModelStatus::Ready(_));
+                let status = if serving { ServingStatus::Serving } else { ServingStatus::NotServing };
+                reporter.set_service_status(&name, status).await;
+                if rx.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+
+    let reflection = |b: tonic_reflection::server::Builder<'static>| {
+        b.register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // google.rpc error details, so grpcurl can show BadRequest and RetryInfo.
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection(tonic_reflection::server::Builder::configure()).build_v1()?;
+    let reflection_v1alpha = reflection(tonic_reflection::server::Builder::configure()).build_v1alpha()?;
+
+    let max_msg = config.limits.max_message_bytes;
+    let service = EmbeddingServiceServer::new(Service::new(engine, &config, sources))
+        .max_decoding_message_size(max_msg)
+        .max_encoding_message_size(max_msg);
+
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, models = config.models.len(), "serving");
+    let health_reporter = reporter.clone();
+    let shutdown = async move {
+        shutdown.await;
+        tracing::info!("shutting down: finishing requests in flight");
+        health_reporter.set_service_status("", ServingStatus::NotServing).await;
+    };
+    Server::builder()
+        .timeout(config.limits.request_timeout)
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}

@@ -13,7 +13,7 @@ endif
 
 DEMO_MODEL ?= tests/fixtures/qwen3-tiny
 
-.PHONY: setup build run test bench-blas fixtures
+.PHONY: setup build run embed-demo test bench-blas fixtures
 
 setup:
 	@scripts/setup.sh
@@ -21,8 +21,13 @@ setup:
 build: setup
 	$(CARGO) build --release
 
-# The main job: embed a few texts with the bundled demo model and print the JSON result.
+# The main job: serve config.example.yaml (the bundled demo model answers at once; models whose
+# folders are absent are reported NOT_SERVING). Stop with Ctrl-C.
 run: build
+	target/release/mlx-embed serve --config config.example.yaml
+
+# One-shot embedding with the demo model, printed as JSON.
+embed-demo: build
 	target/release/mlx-embed embed --model-dir $(DEMO_MODEL) --prompt-name query \
 	  "What is a vector database?" "向量数据库" "🚀 embeddings"
 

@@ -49,6 +49,7 @@ fn compile_protos() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("set by cargo"));
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("embedding_descriptor.bin"))
+        .codec_path("crate::grpc::codec::StrictCodec")
         .compile_protos(&["proto/embedding/v1/embedding.proto"], &["proto"])
         .unwrap_or_else(|e| panic!("compiling proto/embedding/v1/embedding.proto (is protoc installed? scripts/setup.sh installs it): {e}"));
 }

@@ -62,6 +62,17 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
 }
 
+/// Starts the engine thread for `config`'s models; returns it with each model's source.
+pub fn start_engine(config: &Config, base: &Path) -> (EngineHandle, Vec<String>) {
+    let (specs, sources) = load_specs(config, base);
+    let limits = batcher::Limits {
+        max_tokens: config.batching.max_batch_tokens,
+        max_size: config.batching.max_batch_size,
+        max_wait: config.batching.max_wait,
+    };
+    (EngineHandle::start(specs, limits, config.batching.max_queue), sources)
+}
+
 /// Serves `config` on `listener` until `shutdown` completes, then finishes in-flight requests.
 pub async fn serve(
     config: Config,
@@ -69,14 +80,18 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let (specs, sources) = load_specs(&config, base);
-    let limits = batcher::Limits {
-        max_tokens: config.batching.max_batch_tokens,
-        max_size: config.batching.max_batch_size,
-        max_wait: config.batching.max_wait,
-    };
-    let engine = EngineHandle::start(specs, limits, config.batching.max_queue);
+    let (engine, sources) = start_engine(&config, base);
+    serve_engine(config, engine, sources, listener, shutdown).await
+}
 
+/// [`serve`] with an engine already started (tests keep a handle to read its counters).
+pub async fn serve_engine(
+    config: Config,
+    engine: EngineHandle,
+    sources: Vec<String>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_service_status("", ServingStatus::Serving).await;
     for (i, name) in engine.model_names().enumerate() {

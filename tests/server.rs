@@ -202,3 +202,35 @@ async fn sixty_four_concurrent_clients_get_their_own_vectors_and_batches_form() 
     assert!(stats.max_batch_size.load(std::sync::atomic::Ordering::Relaxed) > 1 && batches < 64,
         "no batching: {batches} batches for 64 requests");
 }
+
+/// Runs `grpcurl -plaintext FLAGS ADDRESS VERB…` against the test server.
+fn grpcurl(flags: &[&str], verb: &[&str]) -> (bool, String) {
+    let bin = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/bin/grpcurl");
+    assert!(bin.exists(), "{} missing: run scripts/setup.sh", bin.display());
+    let out = std::process::Command::new(bin)
+        .arg("-plaintext").args(flags).arg(server().addr.to_string()).args(verb)
+        .output().unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+#[test]
+fn grpcurl_lists_describes_checks_health_and_embeds_through_reflection() {
+    let (ok, out) = grpcurl(&[], &["list"]);
+    assert!(ok && out.contains("embedding.v1.EmbeddingService") && out.contains("grpc.health.v1.Health"), "{out}");
+    let (ok, out) = grpcurl(&[], &["describe", "embedding.v1.EmbedRequest"]);
+    assert!(ok && out.contains("repeated .embedding.v1.Item items"), "{out}");
+    let (ok, out) = grpcurl(&["-d", r#"{"service":"qwen"}"#], &["grpc.health.v1.Health/Check"]);
+    assert!(ok && out.contains("\"SERVING\""), "{out}");
+
+    let case = reference(&fixtures_dir().join("gemma-tiny")).cases.into_iter().find(|c| c.prompt_name.as_deref() == Some("query")).unwrap();
+    let body = serde_json::json!({"model": "gemma", "promptName": "query", "items": [{"text": case.texts[2]}]}).to_string();
+    let (ok, out) = grpcurl(&["-d", &body], &["embedding.v1.EmbeddingService/Embed"]);
+    assert!(ok, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let got: Vec<f32> = serde_json::from_value(v["embeddings"][0]["values"].clone()).unwrap();
+    assert!(max_abs_diff(&got, &case.embeddings[2]) <= 1e-5);
+
+    // Errors come back with their code and the BadRequest detail, decoded through reflection.
+    let (ok, out) = grpcurl(&["-d", r#"{"model":"qwen","items":[{"text":""}]}"#], &["embedding.v1.EmbeddingService/Embed"]);
+    assert!(!ok && out.contains("InvalidArgument") && out.contains(r#""field":"items[0].text""#), "{out}");
+}

@@ -4,75 +4,10 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::sync::OnceLock;
-
+use common::server::*;
 use common::*;
-use mlx_embed::config::Config;
-use mlx_embed::engine::EngineHandle;
-use mlx_embed::grpc::pb::{self, embedding_service_client::EmbeddingServiceClient};
+use mlx_embed::grpc::pb;
 use tonic::transport::Channel;
-
-const CONFIG: &str = "
-limits:
-  max_items_per_request: 16
-  max_message_bytes: 65536
-  max_concurrent_requests: 256
-batching:
-  max_batch_tokens: 8192
-  max_batch_size: 32
-  max_wait: 5ms
-models:
-  - {name: qwen, source: qwen3-tiny, dtype: f32, device: cpu}
-  - {name: gemma, source: gemma-tiny, dtype: f32, device: cpu}
-  - {name: short, source: qwen3-tiny, dtype: f32, device: cpu, max_tokens: 16, truncation: none}
-  - {name: absent, source: does-not-exist}
-";
-
-struct TestServer {
-    addr: SocketAddr,
-    engine: EngineHandle,
-}
-
-/// The shared server, started on first use on a thread of its own.
-fn server() -> &'static TestServer {
-    static SERVER: OnceLock<TestServer> = OnceLock::new();
-    SERVER.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Runtime::new().unwrap();
-            rt.block_on(async move {
-                let config = Config::parse(std::path::Path::new("test.yaml"), CONFIG).unwrap();
-                let (engine, sources) = mlx_embed::grpc::server::start_engine(&config, &fixtures_dir());
-                // Tests start once the fixture models are loaded.
-                for i in 0..3 {
-                    let mut st = engine.subscribe(i);
-                    st.wait_for(|s| !matches!(s, mlx_embed::engine::ModelStatus::Loading)).await.unwrap();
-                }
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                tx.send(TestServer { addr: listener.local_addr().unwrap(), engine: engine.clone() }).unwrap();
-                mlx_embed::grpc::server::serve_engine(config, engine, sources, listener, std::future::pending()).await.unwrap();
-            });
-        });
-        rx.recv().unwrap()
-    })
-}
-
-async fn client() -> EmbeddingServiceClient<Channel> {
-    EmbeddingServiceClient::connect(format!("http://{}", server().addr)).await.unwrap()
-}
-
-fn text(t: &str) -> pb::Item {
-    pb::Item { input: Some(pb::item::Input::Text(t.into())) }
-}
-
-fn vector(v: Vec<f32>) -> pb::Item {
-    pb::Item { input: Some(pb::item::Input::Vector(pb::Vector { values: v })) }
-}
-
-fn request(model: &str, items: Vec<pb::Item>) -> pb::EmbedRequest {
-    pb::EmbedRequest { model: model.into(), items, ..Default::default() }
-}
 
 #[tokio::test]
 async fn vectors_over_grpc_equal_the_reference() {

@@ -133,6 +133,7 @@ pub async fn serve_engine(
     };
     Server::builder()
         .timeout(config.limits.request_timeout)
+        .layer(tower::util::MapResponseLayer::new(oversized_is_resource_exhausted))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -140,4 +141,19 @@ pub async fn serve_engine(
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;
     Ok(())
+}
+
+/// tonic answers a request over `max_message_bytes` with OUT_OF_RANGE; gRPC's status-code guide
+/// (and the other implementations) say RESOURCE_EXHAUSTED, which is what clients retry on.
+fn oversized_is_resource_exhausted<B>(mut resp: http::Response<B>) -> http::Response<B> {
+    let headers = resp.headers_mut();
+    let out_of_range = headers.get("grpc-status").is_some_and(|v| v == "11");
+    let too_large = headers.get("grpc-message").is_some_and(|m| {
+        let m = m.as_bytes();
+        m.windows(b"too%20large".len()).any(|w| w == b"too%20large") || m.windows(b"too large".len()).any(|w| w == b"too large")
+    });
+    if out_of_range && too_large {
+        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+    }
+    resp
 }

@@ -8,6 +8,8 @@ use mlx_embed::mlx::Dtype;
 use mlx_embed::models::{EmbeddingModel, LoadOptions, PromptChoice};
 use serde::Deserialize;
 
+pub mod server;
+
 static MLX: Mutex<()> = Mutex::new(());
 
 /// MLX is not thread-safe and tests run on several threads: hold this while using MLX.

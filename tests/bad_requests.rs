@@ -1,0 +1,122 @@
+//! Every bad request gets the right gRPC code and, for invalid arguments, a BadRequest naming the
+//! field; a valid request sent right after each one succeeds (nothing is poisoned).
+
+mod common;
+
+use common::server::*;
+use mlx_embed::grpc::pb;
+use tonic::Code;
+use tonic_types::StatusExt;
+
+/// What a bad request must produce: a code and, for INVALID_ARGUMENT, the field named.
+struct Case {
+    name: &'static str,
+    req: pb::EmbedRequest,
+    code: Code,
+    field: Option<&'static str>,
+    /// Text the message must contain.
+    says: &'static str,
+}
+
+fn case(name: &'static str, req: pb::EmbedRequest, code: Code, field: Option<&'static str>, says: &'static str) -> Case {
+    Case { name, req, code, field, says }
+}
+
+fn with(mut req: pb::EmbedRequest, f: impl FnOnce(&mut pb::EmbedRequest)) -> pb::EmbedRequest {
+    f(&mut req);
+    req
+}
+
+fn cases() -> Vec<Case> {
+    let ok = request("qwen", vec![text("fine")]);
+    let invalid = Code::InvalidArgument;
+    let mut v64 = vec![0.5f32; 64];
+    vec![
+        case("empty model name", request("", vec![text("x")]), invalid, Some("model"), "required"),
+        case("unknown model", request("nope", vec![text("x")]), Code::NotFound, None, "nope"),
+        case("model that failed to load", request("absent", vec![text("x")]), Code::Unavailable, None, "absent"),
+        case("no items", request("qwen", vec![]), invalid, Some("items"), "at least one"),
+        case("too many items", request("qwen", (0..17).map(|_| text("x")).collect()), invalid, Some("items"), "17 items exceed the limit of 16"),
+        case("item with neither text nor vector", request("qwen", vec![text("a"), pb::Item { input: None }]), invalid, Some("items[1]"), "either text or vector"),
+        case("empty text", request("qwen", vec![text("a"), text("")]), invalid, Some("items[1].text"), "empty"),
+        case("vector of the wrong length", request("qwen", vec![vector(vec![1.0; 10])]), invalid, Some("items[0].vector.values"), "has 10 values, expected 64"),
+        case("empty vector", request("qwen", vec![vector(vec![])]), invalid, Some("items[0].vector.values"), "has 0 values"),
+        case("NaN in a vector", request("qwen", vec![vector({ v64[3] = f32::NAN; v64.clone() })]), invalid, Some("items[0].vector.values[3]"), "NaN"),
+        case("+Inf in a vector", request("qwen", vec![vector({ v64[3] = 0.5; v64[5] = f32::INFINITY; v64.clone() })]), invalid, Some("items[0].vector.values[5]"), "inf"),
+        case("-Inf in a vector", request("qwen", vec![text("t"), vector({ v64[5] = f32::NEG_INFINITY; v64.clone() })]), invalid, Some("items[1].vector.values[5]"), "-inf"),
+        case("vector of the full size when a cut is asked is fine, but not of another", with(request("qwen", vec![vector(vec![1.0; 48])]), |r| r.dimensions = Some(40)), invalid, Some("items[0].vector.values"), "or 40"),
+        case("dimensions not allowed", with(ok.clone(), |r| r.dimensions = Some(7)), invalid, Some("dimensions"), "7 is not allowed"),
+        case("dimensions larger than the model", with(ok.clone(), |r| r.dimensions = Some(4096)), invalid, Some("dimensions"), "4096"),
+        case("dimensions zero", with(ok.clone(), |r| r.dimensions = Some(0)), invalid, Some("dimensions"), "0 is not allowed"),
+        case("dimensions not in the configured list", with(request("gemma", vec![text("x")]), |r| r.dimensions = Some(40)), invalid, Some("dimensions"), "40"),
+        case("unknown prompt name", with(ok.clone(), |r| r.prompt_name = "poem".into()), invalid, Some("prompt_name"), "unknown prompt `poem`"),
+        case("prompt name and instruction", with(ok.clone(), |r| { r.prompt_name = "query".into(); r.instruction = "x".into() }), invalid, Some("instruction"), "at most one"),
+        case("input type and prompt name", with(ok.clone(), |r| { r.input_type = pb::InputType::Query as i32; r.prompt_name = "query".into() }), invalid, Some("prompt_name"), "at most one"),
+        case("unknown input type", with(ok.clone(), |r| r.input_type = 42), invalid, Some("input_type"), "unknown value 42"),
+        case("unknown truncation", with(ok.clone(), |r| r.truncation = 9), invalid, Some("truncation"), "unknown value 9"),
+        case("unknown encoding", with(ok.clone(), |r| r.encoding = 7), invalid, Some("encoding"), "unknown value 7"),
+        case("over-long text with truncation off", request("short", vec![text("a b c d e f g h i j k l m n o p q r s t u v w x y z")]), invalid, Some("items[0].text"), "exceed the limit of 16"),
+        case("over-long text with truncation off by request", with(request("qwen", vec![text(&"word ".repeat(600))]), |r| r.truncation = pb::Truncation::None as i32), invalid, Some("items[0].text"), "exceed the limit of 512"),
+        case("message over the size limit", request("qwen", vec![text(&"x".repeat(70_000))]), Code::ResourceExhausted, None, "message"),
+    ]
+}
+
+#[tokio::test]
+async fn each_bad_request_gets_its_code_and_field_and_the_next_request_succeeds() {
+    let mut c = client().await;
+    let cases = cases();
+    assert!(cases.len() >= 25);
+    for k in cases {
+        let status = c.embed(k.req.clone()).await.expect_err(k.name);
+        assert_eq!(status.code(), k.code, "{}: {status:?}", k.name);
+        assert!(status.message().contains(k.says), "{}: message {:?} lacks {:?}", k.name, status.message(), k.says);
+        if let Some(field) = k.field {
+            let details = status.get_error_details();
+            let violations = &details.bad_request().unwrap_or_else(|| panic!("{}: no BadRequest", k.name)).field_violations;
+            assert_eq!(violations[0].field, field, "{}", k.name);
+        }
+        let next = c.embed(request("qwen", vec![text("still fine")])).await;
+        assert!(next.is_ok(), "{}: the next request failed: {next:?}", k.name);
+    }
+}
+
+#[tokio::test]
+async fn bad_requests_to_the_other_calls_get_their_codes() {
+    let mut c = client().await;
+    let s = c.get_model(pb::GetModelRequest { model: "nope".into() }).await.unwrap_err();
+    assert_eq!(s.code(), Code::NotFound);
+    let s = c.tokenize(pb::TokenizeRequest { model: "qwen".into(), text: "x".into(), prompt_name: "poem".into(), ..Default::default() }).await.unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument);
+    let s = c.tokenize(pb::TokenizeRequest { model: "absent".into(), text: "x".into(), ..Default::default() }).await.unwrap_err();
+    assert_eq!(s.code(), Code::Unavailable);
+}
+
+/// `EmbedRequest` with its text as raw bytes, to put malformed UTF-8 on the wire.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawRequest {
+    #[prost(string, tag = "1")]
+    model: String,
+    #[prost(message, repeated, tag = "2")]
+    items: Vec<RawItem>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawItem {
+    #[prost(bytes = "vec", tag = "1")]
+    text: Vec<u8>,
+}
+
+#[tokio::test]
+async fn malformed_utf8_is_an_invalid_argument() {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server().addr)).unwrap().connect().await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let raw = RawRequest { model: "qwen".into(), items: vec![RawItem { text: vec![b'a', 0xff, 0xfe, b'b'] }] };
+    let path = http::uri::PathAndQuery::from_static("/embedding.v1.EmbeddingService/Embed");
+    let codec = tonic_prost::ProstCodec::<RawRequest, pb::EmbedResponse>::default();
+    let status = grpc.unary(tonic::Request::new(raw), path, codec).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("malformed"), "{status:?}");
+    let mut c = client().await;
+    assert!(c.embed(request("qwen", vec![text("ok")])).await.is_ok());
+}

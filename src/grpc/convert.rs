@@ -98,9 +98,40 @@ pub fn encode(v: Vec<f32>, encoding: pb::Encoding, token_count: u32, truncated: 
     }
 }
 
+/// The client's deadline from a `grpc-timeout` value (`<digits><H|M|S|m|u|n>`), if valid.
+pub fn grpc_timeout(value: &str) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_every_unit_and_refuse_junk() {
+        use std::time::Duration;
+        assert_eq!(grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(grpc_timeout("150m"), Some(Duration::from_millis(150)));
+        assert_eq!(grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(grpc_timeout("7n"), Some(Duration::from_nanos(7)));
+        for junk in ["", "S", "12", "1x", "123456789S", "-1S"] {
+            assert_eq!(grpc_timeout(junk), None, "{junk:?}");
+        }
+    }
 
     #[test]
     fn a_user_vector_of_the_wrong_length_names_the_item() {

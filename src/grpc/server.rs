@@ -132,7 +132,6 @@ pub async fn serve_engine(
         health_reporter.set_service_status("", ServingStatus::NotServing).await;
     };
     Server::builder()
-        .timeout(config.limits.request_timeout)
         .layer(tower::util::MapResponseLayer::new(oversized_is_resource_exhausted))
         .add_service(health)
         .add_service(reflection_v1)

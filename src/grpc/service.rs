@@ -29,6 +29,8 @@ struct Inner {
     /// Display form of each model's source.
     sources: Vec<String>,
     max_items: usize,
+    /// Longest a request may take when the client sets no (or a longer) deadline.
+    request_timeout: std::time::Duration,
     /// Requests in progress; beyond `max_concurrent_requests` requests are refused.
     permits: Semaphore,
 }
@@ -41,6 +43,7 @@ impl Service {
                 models: config.models.clone(),
                 sources,
                 max_items: config.limits.max_items_per_request,
+                request_timeout: config.limits.request_timeout,
                 permits: Semaphore::new(config.limits.max_concurrent_requests),
             }),
         }
@@ -164,7 +167,17 @@ type ResponseStream = Pin<Box<dyn Stream<Item = std::result::Result<pb::EmbedRes
 #[tonic::async_trait]
 impl EmbeddingService for Service {
     async fn embed(&self, req: Request<pb::EmbedRequest>) -> std::result::Result<Response<pb::EmbedResponse>, Status> {
-        Ok(Response::new(self.inner.embed(req.into_inner()).await?))
+        // The client's deadline (or the configured limit): when it passes, the work is dropped —
+        // the engine skips texts whose caller has gone.
+        let limit = self.inner.request_timeout;
+        let deadline = req.metadata().get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(convert::grpc_timeout)
+            .map_or(limit, |d| d.min(limit));
+        match tokio::time::timeout(deadline, self.inner.embed(req.into_inner())).await {
+            Ok(r) => Ok(Response::new(r?)),
+            Err(_) => Err(Error::DeadlineExceeded(format!("the deadline ({deadline:?}) passed before the vectors were ready")).into()),
+        }
     }
 
     type EmbedStreamStream = ResponseStream;

@@ -66,6 +66,13 @@ struct Slot {
     queued: AtomicUsize,
 }
 
+/// What the handle sends to the engine thread.
+enum Msg {
+    Job(Job),
+    /// Finish the queued work, then stop.
+    Stop,
+}
+
 struct Job {
     model: usize,
     seqs: Vec<Vec<u32>>,
@@ -74,10 +81,12 @@ struct Job {
 
 #[derive(Clone)]
 pub struct EngineHandle {
-    tx: mpsc::Sender<Job>,
+    tx: mpsc::Sender<Msg>,
     slots: Arc<Vec<Slot>>,
     stats: Arc<Stats>,
     max_queue: usize,
+    /// The engine thread, joined by [`EngineHandle::shutdown`].
+    thread: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
 impl EngineHandle {
@@ -93,11 +102,22 @@ impl EngineHandle {
         let stats = Arc::new(Stats::default());
         let (tx, rx) = mpsc::channel();
         let (s, st) = (Arc::clone(&slots), Arc::clone(&stats));
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("mlx-engine".into())
             .spawn(move || Engine::new(s, st, limits).run(specs, rx))
             .expect("spawning the engine thread");
-        EngineHandle { tx, slots, stats, max_queue }
+        EngineHandle { tx, slots, stats, max_queue, thread: Arc::new(std::sync::Mutex::new(Some(thread))) }
+    }
+
+    /// Lets the engine finish the work already queued, then stops its thread and waits for it.
+    /// MLX must be idle before the process exits (its teardown aborts under a running thread).
+    /// Later `embed` calls get [`EngineError::Stopped`].
+    pub fn shutdown(&self) {
+        let _ = self.tx.send(Msg::Stop);
+        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
     }
 
     pub fn model_names(&self) -> impl Iterator<Item = &str> {
@@ -136,7 +156,7 @@ impl EngineHandle {
             return Err(EngineError::Overloaded { model: slot.name.clone(), queued: before, limit: self.max_queue });
         }
         let (reply, rx) = oneshot::channel();
-        if self.tx.send(Job { model, seqs, reply }).is_err() {
+        if self.tx.send(Msg::Job(Job { model, seqs, reply })).is_err() {
             slot.queued.fetch_sub(n, Ordering::SeqCst);
             return Err(EngineError::Stopped);
         }
@@ -178,7 +198,7 @@ impl Engine {
         }
     }
 
-    fn run(mut self, specs: Vec<LoadSpec>, rx: mpsc::Receiver<Job>) {
+    fn run(mut self, specs: Vec<LoadSpec>, rx: mpsc::Receiver<Msg>) {
         for (i, spec) in specs.into_iter().enumerate() {
             self.load(i, spec);
         }
@@ -201,8 +221,11 @@ impl Engine {
             if open && first.is_none() && wait.is_none() {
                 open = false; // every handle is gone
             }
-            for job in first.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
-                self.accept(job);
+            for msg in first.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+                match msg {
+                    Msg::Job(job) => self.accept(job),
+                    Msg::Stop => open = false,
+                }
             }
             // 2. Drop texts of callers that have gone.
             self.drop_abandoned();

@@ -119,6 +119,7 @@ pub async fn serve_engine(
     let reflection_v1alpha = reflection(tonic_reflection::server::Builder::configure()).build_v1alpha()?;
 
     let max_msg = config.limits.max_message_bytes;
+    let stopper = engine.clone();
     let service = EmbeddingServiceServer::new(Service::new(engine, &config, sources))
         .max_decoding_message_size(max_msg)
         .max_encoding_message_size(max_msg);
@@ -131,15 +132,18 @@ pub async fn serve_engine(
         tracing::info!("shutting down: finishing requests in flight");
         health_reporter.set_service_status("", ServingStatus::NotServing).await;
     };
-    Server::builder()
+    let served = Server::builder()
         .layer(tower::util::MapResponseLayer::new(oversized_is_resource_exhausted))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(service)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await?;
-    Ok(())
+        .await;
+    // Also after a server error: the process must not exit while MLX is busy.
+    tokio::task::spawn_blocking(move || stopper.shutdown()).await.ok();
+    tracing::info!("stopped");
+    Ok(served?)
 }
 
 /// tonic answers a request over `max_message_bytes` with OUT_OF_RANGE; gRPC's status-code guide

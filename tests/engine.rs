@@ -97,3 +97,20 @@ async fn a_failing_batch_fails_its_requests_and_the_engine_goes_on() {
     assert!(matches!(err, EngineError::Failed(_)), "{err:?}");
     assert_eq!(engine.embed(0, vec![vec![7, 560]]).await.unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn work_whose_caller_gave_up_is_dropped_before_inference_and_counted() {
+    let _g = mlx_lock();
+    let slow = Limits { max_tokens: 4096, max_size: 32, max_wait: Duration::from_millis(300) };
+    let engine = EngineHandle::start(vec![spec("q", "qwen3-tiny")], slow, 100);
+    ready(&engine, 0).await;
+    let stats = engine.stats();
+    // The caller waits 20 ms for a batch that would only form after 300 ms, then leaves.
+    let gave_up = tokio::time::timeout(Duration::from_millis(20), engine.embed(0, vec![vec![5, 560], vec![6, 560]])).await;
+    assert!(gave_up.is_err());
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // A later request wakes the engine, which drops the abandoned texts instead of running them.
+    engine.embed(0, vec![vec![7, 560]]).await.unwrap();
+    assert_eq!(stats.abandoned.load(std::sync::atomic::Ordering::Relaxed), 2);
+    assert_eq!(stats.sequences.load(std::sync::atomic::Ordering::Relaxed), 1, "only the later text ran");
+}

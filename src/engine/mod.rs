@@ -2,8 +2,9 @@
 //!
 //! [`EngineHandle`] is the cloneable, `Send` side: it submits tokenized texts for a model and
 //! awaits their vectors. The thread loads the models, then loops: take new work, drop work whose
-//! caller has gone, pick the next model in turn that has a batch ready (`batcher`), run it, and
-//! answer each request once all its texts are done. A failing batch (an MLX error or a panic)
+//! caller has gone, pick the next model in turn that has a batch ready (`batcher`), start it, and
+//! only then collect the batch started before — so the next batch is built while the device
+//! computes the current one — and answer each request once all its texts are done. A failing batch (an MLX error or a panic)
 //! fails only the requests in it; the engine goes on.
 
 pub mod batcher;
@@ -17,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch};
 
-use crate::models::{EmbeddingModel, LoadOptions, Preprocessor};
+use crate::models::{EmbeddingModel, Launched, LoadOptions, Preprocessor};
 use batcher::{Limits, Next, Queue, Seq};
 
 /// A model's state, as clients and health checks see it.
@@ -181,6 +182,14 @@ struct Engine {
     next_job: u64,
     /// Where the round-robin over models resumes.
     turn: usize,
+    /// The batch started last, not yet collected.
+    in_flight: Option<InFlight>,
+}
+
+struct InFlight {
+    model: usize,
+    batch: Vec<Seq>,
+    launched: Launched,
 }
 
 impl Engine {
@@ -195,6 +204,7 @@ impl Engine {
             jobs: HashMap::new(),
             next_job: 0,
             turn: 0,
+            in_flight: None,
         }
     }
 
@@ -232,7 +242,7 @@ impl Engine {
             // 3. Run the next model's batch in turn; remember the earliest wait.
             let limits = if open { self.limits } else { Limits { max_wait: Duration::ZERO, ..self.limits } };
             wait = self.step(limits);
-            if !open && self.queues.iter().all(Queue::is_empty) {
+            if !open && self.in_flight.is_none() && self.queues.iter().all(Queue::is_empty) {
                 return;
             }
         }
@@ -285,7 +295,8 @@ impl Engine {
         }
     }
 
-    /// Runs at most one batch; returns how long to wait before the next look (`None`: idle).
+    /// Starts at most one batch and collects the one before; returns how long to wait before
+    /// the next look (`None`: idle).
     fn step(&mut self, limits: Limits) -> Option<Duration> {
         let n = self.queues.len();
         let now = Instant::now();
@@ -295,45 +306,72 @@ impl Engine {
             match self.queues[m].next(now, limits) {
                 Next::Run(batch) => {
                     self.turn = m + 1;
-                    self.run_batch(m, batch);
+                    let previous = self.in_flight.take();
+                    self.launch(m, batch);
+                    if let Some(p) = previous {
+                        self.collect(p);
+                    }
                     return Some(Duration::ZERO);
                 }
                 Next::WaitUntil(t) => earliest = Some(earliest.map_or(t, |e| e.min(t))),
                 Next::Idle => {}
             }
         }
+        if let Some(p) = self.in_flight.take() {
+            self.collect(p);
+            return Some(Duration::ZERO);
+        }
         earliest.map(|t| t.saturating_duration_since(Instant::now()))
     }
 
-    fn run_batch(&mut self, m: usize, batch: Vec<Seq>) {
+    fn launch(&mut self, m: usize, batch: Vec<Seq>) {
         self.slots[m].queued.fetch_sub(batch.len(), Ordering::SeqCst);
         let refs: Vec<&[u32]> = batch.iter().map(|s| s.ids.as_slice()).collect();
-        let result = match &self.models[m] {
-            Some(model) => match catch_unwind(AssertUnwindSafe(|| model.embed_ids(&refs))) {
+        let launched = match &self.models[m] {
+            Some(model) => match catch_unwind(AssertUnwindSafe(|| model.launch(&refs))) {
                 Ok(r) => r.map_err(|e| e.to_string()),
                 Err(_) => Err("inference panicked".to_string()),
             },
             None => Err(format!("model `{}` is not loaded", self.slots[m].name)),
         };
-        self.stats.batches.fetch_add(1, Ordering::Relaxed);
-        self.stats.sequences.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        self.stats.max_batch_size.fetch_max(batch.len() as u64, Ordering::Relaxed);
+        match launched {
+            Ok(launched) => self.in_flight = Some(InFlight { model: m, batch, launched }),
+            Err(why) => self.fail(m, &batch, why),
+        }
+    }
+
+    fn collect(&mut self, f: InFlight) {
+        let InFlight { model: m, batch, launched } = f;
+        let result = match catch_unwind(AssertUnwindSafe(|| launched.collect())) {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err("inference panicked".to_string()),
+        };
         match result {
             Ok(vectors) => {
+                self.count(&batch);
                 for (s, v) in batch.into_iter().zip(vectors) {
                     self.deliver(s, v);
                 }
             }
-            Err(why) => {
-                self.stats.failed_batches.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(model = %self.slots[m].name, error = %why, size = batch.len(), "batch failed");
-                // Every request with a text in this batch fails; its other texts are dropped
-                // from the queue on the next pass (their job is gone).
-                for s in &batch {
-                    if let Some(p) = self.jobs.remove(&s.job) {
-                        let _ = p.reply.send(Err(EngineError::Failed(why.clone())));
-                    }
-                }
+            Err(why) => self.fail(m, &batch, why),
+        }
+    }
+
+    fn count(&self, batch: &[Seq]) {
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        self.stats.sequences.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        self.stats.max_batch_size.fetch_max(batch.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Fails every request with a text in `batch`; its other texts are dropped from the queue on
+    /// the next pass (their job is gone).
+    fn fail(&mut self, m: usize, batch: &[Seq], why: String) {
+        self.count(batch);
+        self.stats.failed_batches.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(model = %self.slots[m].name, error = %why, size = batch.len(), "batch failed");
+        for s in batch {
+            if let Some(p) = self.jobs.remove(&s.job) {
+                let _ = p.reply.send(Err(EngineError::Failed(why.clone())));
             }
         }
     }

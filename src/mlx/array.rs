@@ -85,6 +85,12 @@ impl Array {
         Ok(ffi::eval(self.r())?)
     }
 
+    /// Starts computing the graph up to this array and returns at once; a later `eval` or copy
+    /// waits for it. Lets the host prepare the next batch while the device works.
+    pub fn async_eval(&self) -> Result<()> {
+        Ok(ffi::async_eval(self.r())?)
+    }
+
     /// Evaluates and copies the elements out (row-major), converted to f32.
     pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
         Ok(ffi::to_f32_vec(self.r())?)

@@ -42,6 +42,7 @@ pub(crate) mod ffi {
         fn to_f32_vec(a: &array) -> Result<Vec<f32>>;
         fn to_i32_vec(a: &array) -> Result<Vec<i32>>;
         fn eval(a: &array) -> Result<()>;
+        fn async_eval(a: &array) -> Result<()>;
 
         // ---- shape and type
         fn astype(a: &array, dtype: Dtype) -> Result<UniquePtr<array>>;

@@ -86,6 +86,7 @@ Dtype dtype(const array& a) { return from_mlx(a.dtype()); }
 rust::Vec<float> to_f32_vec(const array& a) { return copy_out<float>(a, mx::float32); }
 rust::Vec<int32_t> to_i32_vec(const array& a) { return copy_out<int32_t>(a, mx::int32); }
 void eval(const array& a) { mx::eval(a); }
+void async_eval(const array& a) { mx::async_eval(a); }
 
 ArrayPtr astype(const array& a, Dtype dtype) { return own(mx::astype(a, to_mlx(dtype))); }
 ArrayPtr reshape(const array& a, rust::Slice<const int32_t> shape) {

@@ -29,6 +29,7 @@ Dtype dtype(const array& a);
 rust::Vec<float> to_f32_vec(const array& a);
 rust::Vec<int32_t> to_i32_vec(const array& a);
 void eval(const array& a);
+void async_eval(const array& a);
 
 ArrayPtr astype(const array& a, Dtype dtype);
 ArrayPtr reshape(const array& a, rust::Slice<const int32_t> shape);

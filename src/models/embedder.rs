@@ -243,8 +243,14 @@ impl EmbeddingModel {
     /// Embeds token sequences as one right-padded batch. Returns the head's output per sequence
     /// (full size, not normalized; see [`finish`]).
     pub fn embed_ids(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
+        self.launch(batch)?.collect()
+    }
+
+    /// Builds the batch's graph and starts computing it without waiting ([`Launched::collect`]
+    /// waits and copies the vectors out).
+    pub fn launch(&self, batch: &[&[u32]]) -> Result<Launched> {
         if batch.is_empty() {
-            return Ok(vec![]);
+            return Ok(Launched { out: None, rows: 0 });
         }
         if let Some(i) = batch.iter().position(|s| s.is_empty()) {
             return Err(Error::invalid(format!("items[{i}]"), "no tokens"));
@@ -260,9 +266,8 @@ impl EmbeddingModel {
         let ids = Array::from_i32(&ids, &[batch.len() as i32, len as i32])?;
         let hidden = self.encoder.forward(&ids, &lengths)?;
         let out = self.head.forward(&hidden, &lengths)?;
-        let flat = out.to_f32_vec()?;
-        let dim = flat.len() / batch.len();
-        Ok(flat.chunks(dim).map(<[f32]>::to_vec).collect())
+        out.async_eval()?;
+        Ok(Launched { out: Some(out), rows: batch.len() })
     }
 
     /// Tokenizes and embeds `texts` as one padded batch, with the model's normalization.
@@ -273,6 +278,22 @@ impl EmbeddingModel {
         let refs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
         let normalize = self.pre.info.normalize;
         Ok(self.embed_ids(&refs)?.into_iter().map(|v| finish(v, dims as usize, normalize)).collect())
+    }
+}
+
+/// A batch whose computation has started.
+pub struct Launched {
+    out: Option<Array>,
+    rows: usize,
+}
+
+impl Launched {
+    /// Waits for the batch and copies its vectors out (one copy per batch).
+    pub fn collect(self) -> Result<Vec<Vec<f32>>> {
+        let Some(out) = self.out else { return Ok(vec![]) };
+        let flat = out.to_f32_vec()?;
+        let dim = flat.len() / self.rows;
+        Ok(flat.chunks(dim).map(<[f32]>::to_vec).collect())
     }
 }
 

@@ -15,7 +15,7 @@ pub mod weights;
 
 use std::path::Path;
 
-pub use embedder::{finish, Architecture, EmbeddingModel, LoadOptions, ModelInfo, Preprocessor, PromptChoice};
+pub use embedder::{finish, Architecture, EmbeddingModel, Launched, LoadOptions, ModelInfo, Preprocessor, PromptChoice};
 
 use crate::error::{Error, Result};
 use crate::mlx::Array;

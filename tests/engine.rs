@@ -26,6 +26,23 @@ async fn ready(engine: &EngineHandle, model: usize) -> ModelStatus {
     status
 }
 
+/// Stops and joins the engine thread when the test ends (before the MLX lock is released, so two
+/// tests' engines never run MLX at once).
+struct Running(EngineHandle);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.shutdown();
+    }
+}
+
+impl std::ops::Deref for Running {
+    type Target = EngineHandle;
+    fn deref(&self) -> &EngineHandle {
+        &self.0
+    }
+}
+
 fn limits() -> Limits {
     Limits { max_tokens: 4096, max_size: 32, max_wait: Duration::from_millis(20) }
 }
@@ -34,7 +51,7 @@ fn limits() -> Limits {
 async fn concurrent_requests_for_two_models_are_batched_and_exact() {
     // Each test starts its own engine thread; MLX must not run on two at once.
     let _g = mlx_lock();
-    let engine = EngineHandle::start(vec![spec("q", "qwen3-tiny"), spec("g", "gemma-tiny")], limits(), 10_000);
+    let engine = Running(EngineHandle::start(vec![spec("q", "qwen3-tiny"), spec("g", "gemma-tiny")], limits(), 10_000));
     let mut inputs = Vec::new();
     for (m, fixture) in [(0usize, "qwen3-tiny"), (1, "gemma-tiny")] {
         let ModelStatus::Ready(pre) = ready(&engine, m).await else { panic!("{fixture} failed to load") };
@@ -50,7 +67,7 @@ async fn concurrent_requests_for_two_models_are_batched_and_exact() {
     let batches_before = engine.stats().batches.load(std::sync::atomic::Ordering::Relaxed);
     let tasks: Vec<_> = (0..64)
         .map(|i| {
-            let (engine, (m, ids)) = (engine.clone(), inputs[i % inputs.len()].clone());
+            let (engine, (m, ids)) = (engine.0.clone(), inputs[i % inputs.len()].clone());
             tokio::spawn(async move { (i, engine.embed(m, vec![ids]).await.unwrap().remove(0)) })
         })
         .collect();
@@ -69,7 +86,7 @@ async fn concurrent_requests_for_two_models_are_batched_and_exact() {
 async fn a_model_that_fails_to_load_is_reported_and_the_others_serve() {
     let _g = mlx_lock();
     let missing = LoadSpec { name: "gone".into(), dir: Ok("/nonexistent".into()), options: LoadOptions { dtype: None, gpu: false } };
-    let engine = EngineHandle::start(vec![missing, spec("q", "qwen3-tiny")], limits(), 100);
+    let engine = Running(EngineHandle::start(vec![missing, spec("q", "qwen3-tiny")], limits(), 100));
     let ModelStatus::Failed(why) = ready(&engine, 0).await else { panic!("should fail") };
     assert!(why.contains("/nonexistent"), "{why}");
     assert!(matches!(engine.embed(0, vec![vec![1, 2]]).await, Err(EngineError::NotReady(_))));
@@ -80,7 +97,7 @@ async fn a_model_that_fails_to_load_is_reported_and_the_others_serve() {
 #[tokio::test]
 async fn a_full_queue_refuses_more_work() {
     let _g = mlx_lock();
-    let engine = EngineHandle::start(vec![spec("q", "qwen3-tiny")], limits(), 3);
+    let engine = Running(EngineHandle::start(vec![spec("q", "qwen3-tiny")], limits(), 3));
     ready(&engine, 0).await;
     let err = engine.embed(0, vec![vec![1, 560]; 4]).await.unwrap_err();
     assert!(matches!(err, EngineError::Overloaded { limit: 3, .. }), "{err:?}");
@@ -90,7 +107,7 @@ async fn a_full_queue_refuses_more_work() {
 #[tokio::test]
 async fn a_failing_batch_fails_its_requests_and_the_engine_goes_on() {
     let _g = mlx_lock();
-    let engine = EngineHandle::start(vec![spec("q", "qwen3-tiny")], limits(), 100);
+    let engine = Running(EngineHandle::start(vec![spec("q", "qwen3-tiny")], limits(), 100));
     ready(&engine, 0).await;
     // An empty sequence is refused by the model: that batch fails, the engine goes on.
     let err = engine.embed(0, vec![vec![]]).await.unwrap_err();
@@ -102,7 +119,7 @@ async fn a_failing_batch_fails_its_requests_and_the_engine_goes_on() {
 async fn work_whose_caller_gave_up_is_dropped_before_inference_and_counted() {
     let _g = mlx_lock();
     let slow = Limits { max_tokens: 4096, max_size: 32, max_wait: Duration::from_millis(300) };
-    let engine = EngineHandle::start(vec![spec("q", "qwen3-tiny")], slow, 100);
+    let engine = Running(EngineHandle::start(vec![spec("q", "qwen3-tiny")], slow, 100));
     ready(&engine, 0).await;
     let stats = engine.stats();
     // The caller waits 20 ms for a batch that would only form after 300 ms, then leaves.

@@ -6,8 +6,8 @@
 #   scripts/gpu-check.sh PARTS_DIR BIN_DIR
 #     PARTS_DIR: lib.part.* and include.tar.xz from shared/tools/pack-mlx-cuda (the headers are
 #                needed at run time: MLX's CUDA backend compiles kernels with NVRTC)
-#     BIN_DIR:   parity, mlx_bridge, bad_folders, quantized, mlx-embed, matmul_gflops, qmm_check
-#                (release builds)
+#     BIN_DIR:   parity, mlx_bridge, bad_folders, quantized, mlx-embed, matmul_gflops, qmm_check,
+#                and optionally server, bad_requests (release builds)
 set -euo pipefail
 parts=$1 bins=$2
 prefix=/tmp/mlx-cuda
@@ -34,6 +34,11 @@ echo "== mlx-embed embed --device gpu, 8-bit model (kernel check in the log)"
 echo "== bridge"; "$bins/mlx_bridge" --test-threads 1 2>&1 | grep "test result" || true
 echo "== bad folders"; "$bins/bad_folders" --test-threads 1 2>&1 | grep "test result" || true
 echo "== quantized"; MLX_EMBED_TEST_DEVICE=gpu "$bins/quantized" --test-threads 1 2>&1 | grep "test result" || true
+if [ -x "$bins/server" ]; then
+  echo "== the gRPC service with its models on the GPU (grpcurl is not carried)"
+  MLX_ENABLE_TF32=0 MLX_EMBED_TEST_DEVICE=gpu "$bins/server" --skip grpcurl 2>&1 | grep -E "^test |panicked|test result" || true
+  MLX_ENABLE_TF32=0 MLX_EMBED_TEST_DEVICE=gpu "$bins/bad_requests" 2>&1 | grep -E "panicked|test result" || true
+fi
 for tf32 in 0 1; do
   echo "== parity on the GPU, MLX_ENABLE_TF32=$tf32"
   MLX_ENABLE_TF32=$tf32 MLX_EMBED_TEST_DEVICE=gpu "$bins/parity" --test-threads 1 --nocapture 2>&1 \

@@ -125,7 +125,7 @@ async fn malformed_utf8_is_an_invalid_argument() {
 async fn an_expired_deadline_is_deadline_exceeded_and_the_next_request_succeeds() {
     use mlx_embed::grpc::pb::embedding_service_server::EmbeddingService;
     // Called in-process: a tonic client enforces the same deadline itself and would cancel first.
-    let config = mlx_embed::config::Config::parse(std::path::Path::new("test.yaml"), CONFIG).unwrap();
+    let config = config();
     let sources = vec![String::new(); config.models.len()];
     let service = mlx_embed::grpc::service::Service::new(server().engine.clone(), &config, sources);
     let mut req = tonic::Request::new(request("gemma", (0..16).map(|i| text(&format!("text number {i} "))).collect()));

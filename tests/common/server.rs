@@ -11,7 +11,10 @@ use tonic::transport::Channel;
 
 use super::fixtures_dir;
 
-pub const CONFIG: &str = "
+/// The test server's config; the models run on the GPU when `MLX_EMBED_TEST_DEVICE=gpu`.
+pub fn config_text() -> String {
+    let device = if super::gpu() { "gpu" } else { "cpu" };
+    "
 limits:
   max_items_per_request: 16
   max_message_bytes: 65536
@@ -21,11 +24,16 @@ batching:
   max_batch_size: 32
   max_wait: 5ms
 models:
-  - {name: qwen, source: qwen3-tiny, dtype: f32, device: cpu}
-  - {name: gemma, source: gemma-tiny, dtype: f32, device: cpu, allowed_dimensions: [48, 32]}
-  - {name: short, source: qwen3-tiny, dtype: f32, device: cpu, max_tokens: 16, truncation: none}
+  - {name: qwen, source: qwen3-tiny, dtype: f32, device: DEVICE}
+  - {name: gemma, source: gemma-tiny, dtype: f32, device: DEVICE, allowed_dimensions: [48, 32]}
+  - {name: short, source: qwen3-tiny, dtype: f32, device: DEVICE, max_tokens: 16, truncation: none}
   - {name: absent, source: does-not-exist}
-";
+".replace("DEVICE", device)
+}
+
+pub fn config() -> Config {
+    Config::parse(std::path::Path::new("test.yaml"), &config_text()).unwrap()
+}
 
 pub struct TestServer {
     pub addr: SocketAddr,
@@ -40,7 +48,7 @@ pub fn server() -> &'static TestServer {
         std::thread::spawn(move || {
             let rt = tokio::runtime::Runtime::new().unwrap();
             rt.block_on(async move {
-                let config = Config::parse(std::path::Path::new("test.yaml"), CONFIG).unwrap();
+                let config = config();
                 let (engine, sources) = mlx_embed::grpc::server::start_engine(&config, &fixtures_dir());
                 // Tests start once the fixture models are loaded.
                 for i in 0..3 {

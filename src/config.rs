@@ -41,7 +41,7 @@ pub struct Limits {
     pub max_items_per_request: usize,
     /// Largest gRPC message accepted or sent, in bytes.
     pub max_message_bytes: usize,
-    /// Requests served at the same time; more wait for a slot.
+    /// Requests served at the same time; more are refused (RESOURCE_EXHAUSTED).
     pub max_concurrent_requests: usize,
     /// Longest a request may take when the client sets no deadline.
     #[serde(with = "duration")]
@@ -198,6 +198,11 @@ impl Config {
         if let Some((f, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err((f.to_string(), "must be greater than 0".into()));
         }
+        if self.limits.max_items_per_request > self.batching.max_queue {
+            return Err(("limits.max_items_per_request".into(), format!(
+                "{} exceeds batching.max_queue ({}): such a request could never be queued",
+                self.limits.max_items_per_request, self.batching.max_queue)));
+        }
         if self.limits.request_timeout.is_zero() {
             return Err(("limits.request_timeout".into(), "must be greater than 0".into()));
         }
@@ -273,7 +278,7 @@ mod duration {
             "m" => v * 60.0,
             _ => return None,
         };
-        (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
+        Duration::try_from_secs_f64(secs).ok()
     }
 }
 
@@ -320,6 +325,12 @@ mod tests {
     }
 
     #[test]
+    fn a_request_limit_larger_than_the_queue_is_refused() {
+        let err = parse(&format!("limits:\n  max_items_per_request: 100\nbatching:\n  max_queue: 10\n{MINIMAL}")).unwrap_err().to_string();
+        assert!(err.contains("limits.max_items_per_request") && err.contains("max_queue"), "{err}");
+    }
+
+    #[test]
     fn zero_limits_and_bad_addresses_are_refused() {
         let err = parse(&format!("limits:\n  max_items_per_request: 0\n{MINIMAL}")).unwrap_err().to_string();
         assert!(err.contains("limits.max_items_per_request") && err.starts_with("cfg.yaml:2:"), "{err}");
@@ -341,5 +352,6 @@ mod tests {
         assert_eq!(duration::parse("1.5s"), Some(Duration::from_millis(1500)));
         assert_eq!(duration::parse("1m"), Some(Duration::from_secs(60)));
         assert_eq!(duration::parse("5 parsecs"), None);
+        assert_eq!(duration::parse("999999999999999999999m"), None);
     }
 }

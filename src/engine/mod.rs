@@ -63,7 +63,7 @@ pub struct Stats {
 struct Slot {
     name: String,
     status: watch::Sender<ModelStatus>,
-    /// Texts queued or running for this model.
+    /// Texts queued for this model (not yet started).
     queued: AtomicUsize,
 }
 
@@ -209,8 +209,12 @@ impl Engine {
     }
 
     fn run(mut self, specs: Vec<LoadSpec>, rx: mpsc::Receiver<Msg>) {
-        for (i, spec) in specs.into_iter().enumerate() {
-            self.load(i, spec);
+        // Models become Ready together, once the loop that serves them can start: a model marked
+        // Ready while another still loads would accept requests that cannot run yet.
+        let ready: Vec<(usize, ModelStatus)> =
+            specs.into_iter().enumerate().filter_map(|(i, spec)| self.load(i, spec).map(|s| (i, s))).collect();
+        for (i, status) in ready {
+            self.slots[i].status.send_replace(status);
         }
         let mut wait: Option<Duration> = None;
         let mut open = true;
@@ -248,7 +252,8 @@ impl Engine {
         }
     }
 
-    fn load(&mut self, i: usize, spec: LoadSpec) {
+    /// Loads one model; a failure is published at once, success is returned to publish later.
+    fn load(&mut self, i: usize, spec: LoadSpec) -> Option<ModelStatus> {
         let started = Instant::now();
         let loaded = match spec.dir {
             Err(why) => Err(why),
@@ -257,19 +262,19 @@ impl Engine {
                 Err(_) => Err("loading panicked".to_string()),
             },
         };
-        let status = match loaded {
+        match loaded {
             Ok(model) => {
-                tracing::info!(model = %spec.name, secs = started.elapsed().as_secs_f64(), "model ready");
+                tracing::info!(model = %spec.name, secs = started.elapsed().as_secs_f64(), "model loaded");
                 let pre = model.preprocessor();
                 self.models[i] = Some(model);
-                ModelStatus::Ready(pre)
+                Some(ModelStatus::Ready(pre))
             }
             Err(why) => {
                 tracing::error!(model = %spec.name, error = %why, "model failed to load");
-                ModelStatus::Failed(why)
+                self.slots[i].status.send_replace(ModelStatus::Failed(why));
+                None
             }
-        };
-        self.slots[i].status.send_replace(status);
+        }
     }
 
     fn accept(&mut self, job: Job) {
@@ -347,6 +352,9 @@ impl Engine {
             Err(_) => Err("inference panicked".to_string()),
         };
         match result {
+            Ok(vectors) if vectors.len() != batch.len() => {
+                self.fail(m, &batch, format!("{} vectors for {} texts", vectors.len(), batch.len()))
+            }
             Ok(vectors) => {
                 self.count(&batch);
                 for (s, v) in batch.into_iter().zip(vectors) {

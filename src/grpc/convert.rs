@@ -51,7 +51,7 @@ pub fn truncation(value: i32, cfg: &ModelConfig) -> Result<Truncation> {
 /// Sizes a model's vectors may be cut to: the config's list, else the model's own.
 pub fn allowed_dimensions(info: &ModelInfo, cfg: &ModelConfig) -> Vec<u32> {
     match &cfg.allowed_dimensions {
-        Some(list) => list.iter().copied().filter(|&d| d as i32 <= info.dimensions).collect(),
+        Some(list) => list.iter().copied().filter(|&d| i64::from(d) <= i64::from(info.dimensions)).collect(),
         None => info.allowed_dimensions.iter().map(|&d| d as u32).collect(),
     }
 }

@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures_util::{Stream, StreamExt};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::{Config, ModelConfig};
@@ -31,8 +31,10 @@ struct Inner {
     max_items: usize,
     /// Longest a request may take when the client sets no (or a longer) deadline.
     request_timeout: std::time::Duration,
-    /// Requests in progress; beyond `max_concurrent_requests` requests are refused.
-    permits: Semaphore,
+    /// Requests in progress; beyond `max_concurrent_requests` requests are refused. A permit
+    /// moves into the tokenization task, which cannot be cancelled, so abandoned requests still
+    /// count until their CPU work ends.
+    permits: Arc<Semaphore>,
 }
 
 impl Service {
@@ -44,7 +46,7 @@ impl Service {
                 sources,
                 max_items: config.limits.max_items_per_request,
                 request_timeout: config.limits.request_timeout,
-                permits: Semaphore::new(config.limits.max_concurrent_requests),
+                permits: Arc::new(Semaphore::new(config.limits.max_concurrent_requests)),
             }),
         }
     }
@@ -67,9 +69,20 @@ impl Inner {
         }
     }
 
+    fn permit(&self) -> Result<OwnedSemaphorePermit> {
+        Arc::clone(&self.permits).try_acquire_owned().map_err(|_| Error::Overloaded("too many requests in progress".into()))
+    }
+
+    /// Runs `work` within the client's deadline (`grpc-timeout`), capped by `request_timeout`.
+    async fn within_deadline<T>(&self, grpc_timeout: Option<&str>, work: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        let deadline = grpc_timeout.and_then(convert::grpc_timeout).map_or(self.request_timeout, |d| d.min(self.request_timeout));
+        tokio::time::timeout(deadline, work).await.unwrap_or_else(|_| {
+            Err(Error::DeadlineExceeded(format!("the deadline ({deadline:?}) passed before the answer was ready")))
+        })
+    }
+
     async fn embed(&self, req: pb::EmbedRequest) -> Result<pb::EmbedResponse> {
-        let _permit = self.permits.try_acquire()
-            .map_err(|_| Error::Overloaded("too many requests in progress".into()))?;
+        let permit = self.permit()?;
         let (idx, pre) = self.ready(&req.model)?;
         let cfg = &self.models[idx];
         let info = &pre.info;
@@ -106,14 +119,14 @@ impl Inner {
         // Tokenize on the blocking pool: it is CPU work and must not stall the async threads.
         let max_tokens = cfg.max_tokens;
         let pre2 = Arc::clone(&pre);
-        let (texts, encoded) = tokio::task::spawn_blocking(move || {
+        let (texts, encoded, _permit) = tokio::task::spawn_blocking(move || {
             let enc = texts.iter().map(|(i, t)| {
                 pre2.tokenize(&prompt, t, max_tokens, truncation).map_err(|e| match e {
                     Error::InvalidArgument { message, .. } => Error::invalid(format!("items[{i}].text"), message),
                     other => other,
                 })
             }).collect::<Result<Vec<_>>>();
-            (texts, enc)
+            (texts, enc, permit)
         }).await.map_err(|e| Error::Internal(format!("tokenization task failed: {e}")))?;
         let encoded = encoded?;
 
@@ -167,17 +180,10 @@ type ResponseStream = Pin<Box<dyn Stream<Item = std::result::Result<pb::EmbedRes
 #[tonic::async_trait]
 impl EmbeddingService for Service {
     async fn embed(&self, req: Request<pb::EmbedRequest>) -> std::result::Result<Response<pb::EmbedResponse>, Status> {
-        // The client's deadline (or the configured limit): when it passes, the work is dropped —
-        // the engine skips texts whose caller has gone.
-        let limit = self.inner.request_timeout;
-        let deadline = req.metadata().get("grpc-timeout")
-            .and_then(|v| v.to_str().ok())
-            .and_then(convert::grpc_timeout)
-            .map_or(limit, |d| d.min(limit));
-        match tokio::time::timeout(deadline, self.inner.embed(req.into_inner())).await {
-            Ok(r) => Ok(Response::new(r?)),
-            Err(_) => Err(Error::DeadlineExceeded(format!("the deadline ({deadline:?}) passed before the vectors were ready")).into()),
-        }
+        // When the deadline passes the work is dropped: the engine skips texts whose caller has gone.
+        let timeout = grpc_timeout(&req);
+        let work = self.inner.embed(req.into_inner());
+        Ok(Response::new(self.inner.within_deadline(timeout.as_deref(), work).await?))
     }
 
     type EmbedStreamStream = ResponseStream;
@@ -187,7 +193,7 @@ impl EmbeddingService for Service {
         let answers = req.into_inner()
             .map(move |r| {
                 let inner = Arc::clone(&inner);
-                async move { inner.embed(r?).await.map_err(Status::from) }
+                async move { inner.within_deadline(None, inner.embed(r?)).await.map_err(Status::from) }
             })
             .buffered(STREAM_PIPELINE);
         Ok(Response::new(Box::pin(answers)))
@@ -206,17 +212,33 @@ impl EmbeddingService for Service {
     }
 
     async fn tokenize(&self, req: Request<pb::TokenizeRequest>) -> std::result::Result<Response<pb::TokenizeResponse>, Status> {
-        let req = req.into_inner();
-        let (idx, pre) = self.inner.ready(&req.model)?;
-        let cfg = &self.inner.models[idx];
+        let timeout = grpc_timeout(&req);
+        let work = self.inner.tokenize(req.into_inner());
+        Ok(Response::new(self.inner.within_deadline(timeout.as_deref(), work).await?))
+    }
+}
+
+fn grpc_timeout<T>(req: &Request<T>) -> Option<String> {
+    req.metadata().get("grpc-timeout").and_then(|v| v.to_str().ok()).map(str::to_string)
+}
+
+impl Inner {
+    async fn tokenize(&self, req: pb::TokenizeRequest) -> Result<pb::TokenizeResponse> {
+        let permit = self.permit()?;
+        let (idx, pre) = self.ready(&req.model)?;
+        let cfg = &self.models[idx];
         let choice = convert::prompt_choice(req.input_type, &req.prompt_name, &req.instruction, &pre.info, cfg)?;
         let prompt = pre.prompt(&choice)?;
         let truncation = convert::truncation(req.truncation, cfg)?;
         let max_tokens = cfg.max_tokens;
-        let enc = tokio::task::spawn_blocking(move || pre.tokenize(&prompt, &req.text, max_tokens, truncation).map(|e| (e, prompt)))
-            .await
-            .map_err(|e| Status::internal(format!("tokenization task failed: {e}")))?;
+        let enc = tokio::task::spawn_blocking(move || {
+            let enc = pre.tokenize(&prompt, &req.text, max_tokens, truncation).map(|e| (e, prompt));
+            drop(permit);
+            enc
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("tokenization task failed: {e}")))?;
         let (enc, prompt) = enc?;
-        Ok(Response::new(pb::TokenizeResponse { count: enc.ids.len() as u32, ids: enc.ids, truncated: enc.truncated, prompt }))
+        Ok(pb::TokenizeResponse { count: enc.ids.len() as u32, ids: enc.ids, truncated: enc.truncated, prompt })
     }
 }

@@ -21,6 +21,18 @@ pub enum Truncation {
     Left,
 }
 
+/// Bytes per token no real token exceeds; texts longer than `max_tokens` times this are cut by
+/// bytes before tokenizing.
+const MAX_BYTES_PER_TOKEN: usize = 256;
+
+/// The largest char boundary at or before `i`.
+fn char_floor(s: &str, mut i: usize) -> usize {
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
 /// Token ids of one text, and whether it was cut to the limit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Encoded {
@@ -73,24 +85,53 @@ impl TextTokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
-    /// Token ids of `text` with special tokens, at most `max_tokens` long.
-    pub fn encode(&self, text: &str, max_tokens: usize, truncation: Truncation) -> Result<Encoded> {
-        let mut enc = self.inner.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+    /// Token ids of `prompt + text` with special tokens, at most `max_tokens` long. Truncation
+    /// cuts the text, never the prompt or the special tokens.
+    pub fn encode(&self, prompt: &str, text: &str, max_tokens: usize, truncation: Truncation) -> Result<Encoded> {
+        // A text far beyond the limit is cut by bytes first (no token is that long), so a huge
+        // input costs no more to tokenize than one near the limit.
+        let budget = max_tokens.saturating_mul(MAX_BYTES_PER_TOKEN);
+        let (text, cut_by_bytes) = if text.len() <= budget {
+            (text, false)
+        } else {
+            match truncation {
+                Truncation::Off => return Err(Error::invalid("text", format!(
+                    "{} bytes are far more than the limit of {max_tokens} tokens and truncation is off", text.len()))),
+                Truncation::Right => (&text[..char_floor(text, budget)], true),
+                Truncation::Left => (&text[char_floor(text, text.len() - budget)..], true),
+            }
+        };
+        let encode = |s: &str| self.inner.encode(s, false).map_err(|e| Error::Tokenizer(e.to_string()));
+        let mut enc = encode(&format!("{prompt}{text}"))?;
         let total = enc.len() + self.added;
-        let truncated = total > max_tokens;
-        if truncated {
-            let direction = match truncation {
+        let truncated = cut_by_bytes || total > max_tokens;
+        if total > max_tokens {
+            if max_tokens <= self.added {
+                return Err(Error::invalid("max_tokens", format!("{max_tokens} leaves no room for text")));
+            }
+            let keep = max_tokens - self.added;
+            match truncation {
                 Truncation::Off => {
                     return Err(Error::invalid("text", format!(
                         "{total} tokens exceed the limit of {max_tokens} and truncation is off")))
                 }
-                Truncation::Right => TruncationDirection::Right,
-                Truncation::Left => TruncationDirection::Left,
-            };
-            if max_tokens <= self.added {
-                return Err(Error::invalid("max_tokens", format!("{max_tokens} leaves no room for text")));
+                Truncation::Right => enc.truncate(keep, 0, TruncationDirection::Right),
+                Truncation::Left => {
+                    // Keep the prompt's tokens at the front and the end of the text after them.
+                    let p = if prompt.is_empty() { 0 } else { encode(prompt)?.len() };
+                    if p >= keep {
+                        return Err(Error::invalid("prompt", format!(
+                            "the prompt alone has {p} tokens, leaving no room for text within {max_tokens}")));
+                    }
+                    let mut tail = enc.clone();
+                    tail.truncate(keep - p, 0, TruncationDirection::Left);
+                    tail.take_overflowing();
+                    enc.truncate(p, 0, TruncationDirection::Right);
+                    enc.take_overflowing();
+                    enc.merge_with(tail, false);
+                }
             }
-            enc.truncate(max_tokens - self.added, 0, direction);
+            enc.take_overflowing();
         }
         let enc = self.inner.post_process(enc, None, true).map_err(|e| Error::Tokenizer(e.to_string()))?;
         let mut ids = enc.get_ids().to_vec();

@@ -182,3 +182,38 @@ fn truncation_keeps_special_tokens_and_says_so() {
         assert!(err.contains(&full.ids.len().to_string()) && err.contains("10"), "{err}");
     }
 }
+
+#[test]
+fn truncating_from_the_start_keeps_the_prompt() {
+    let _g = mlx_lock();
+    let model = load(&fixtures_dir().join("qwen3-tiny"), Dtype::Float32);
+    let pre = model.preprocessor();
+    let prompt = pre.prompt(&mlx_embed::models::PromptChoice::Name("query".into())).unwrap();
+    let text = "words that go on and on ".repeat(20);
+    let full = pre.tokenize(&prompt, &text, None, Truncation::Off).unwrap().ids;
+    let prompt_len = full.iter().zip(pre.tokenize(&prompt, "", None, Truncation::Off).unwrap().ids.iter()).take_while(|(a, b)| a == b).count();
+    assert!(prompt_len > 5);
+    let cut = pre.tokenize(&prompt, &text, Some(prompt_len + 10), Truncation::Left).unwrap();
+    assert!(cut.truncated);
+    assert_eq!(cut.ids.len(), prompt_len + 10);
+    assert_eq!(&cut.ids[..prompt_len], &full[..prompt_len], "the prompt survives");
+    assert_eq!(&cut.ids[prompt_len..], &full[full.len() - 10..], "then the end of the text (and the end token)");
+    // A limit the prompt alone fills is an error, not a silent loss of the prompt.
+    let err = pre.tokenize(&prompt, &text, Some(prompt_len), Truncation::Left).unwrap_err().to_string();
+    assert!(err.contains("prompt"), "{err}");
+}
+
+#[test]
+fn a_huge_text_is_cut_before_tokenizing() {
+    let _g = mlx_lock();
+    let model = load(&fixtures_dir().join("gemma-tiny"), Dtype::Float32);
+    let pre = model.preprocessor();
+    let huge = "vector ".repeat(2_000_000); // 14 MB
+    let t = std::time::Instant::now();
+    let enc = pre.tokenize("", &huge, Some(16), Truncation::Right).unwrap();
+    assert!(enc.truncated && enc.ids.len() == 16);
+    assert_eq!(enc.ids, pre.tokenize("", &huge[..4096], Some(16), Truncation::Right).unwrap().ids);
+    let err = pre.tokenize("", &huge, Some(16), Truncation::Off).unwrap_err().to_string();
+    assert!(err.contains("bytes") && err.contains("16 tokens"), "{err}");
+    eprintln!("14 MB text cut to 16 tokens in {:?}", t.elapsed());
+}

@@ -115,7 +115,7 @@ impl Preprocessor {
     /// Token ids of `prompt + text`, limited to `max_tokens` (the model's limit when `None`).
     pub fn tokenize(&self, prompt: &str, text: &str, max_tokens: Option<usize>, truncation: Truncation) -> Result<Encoded> {
         let limit = max_tokens.unwrap_or(self.info.max_tokens).min(self.info.max_tokens);
-        self.tokenizer.encode(&format!("{prompt}{text}"), limit, truncation)
+        self.tokenizer.encode(prompt, text, limit, truncation)
     }
 
     /// Checks a requested output size against the model's Matryoshka sizes.

@@ -115,7 +115,13 @@ impl Preprocessor {
     /// Token ids of `prompt + text`, limited to `max_tokens` (the model's limit when `None`).
     pub fn tokenize(&self, prompt: &str, text: &str, max_tokens: Option<usize>, truncation: Truncation) -> Result<Encoded> {
         let limit = max_tokens.unwrap_or(self.info.max_tokens).min(self.info.max_tokens);
-        self.tokenizer.encode(prompt, text, limit, truncation)
+        let enc = self.tokenizer.encode(prompt, text, limit, truncation)?;
+        // A tokenizer without special tokens can turn a text into nothing; the model cannot embed
+        // an empty sequence, and one such text must not fail the batch it would join.
+        if enc.ids.is_empty() {
+            return Err(Error::invalid("text", "the text has no tokens"));
+        }
+        Ok(enc)
     }
 
     /// Checks a requested output size against the model's Matryoshka sizes.

@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::grpc::convert;
 use crate::grpc::pb::{self, embedding_service_server::EmbeddingService};
 use crate::models::Preprocessor;
+use crate::tokenize::Truncation;
 
 /// Requests of one `EmbedStream` processed at the same time (answers stay in order).
 const STREAM_PIPELINE: usize = 8;
@@ -69,6 +70,12 @@ impl Inner {
         }
     }
 
+    /// The prompt text and truncation a request selects (Embed and Tokenize share the options).
+    fn text_options(&self, pre: &Preprocessor, cfg: &ModelConfig, input_type: i32, prompt_name: &str, instruction: &str, truncation: i32) -> Result<(String, Truncation)> {
+        let choice = convert::prompt_choice(input_type, prompt_name, instruction, &pre.info, cfg)?;
+        Ok((pre.prompt(&choice)?, convert::truncation(truncation, cfg)?))
+    }
+
     fn permit(&self) -> Result<OwnedSemaphorePermit> {
         Arc::clone(&self.permits).try_acquire_owned().map_err(|_| Error::Overloaded("too many requests in progress".into()))
     }
@@ -92,9 +99,7 @@ impl Inner {
         if req.items.len() > self.max_items {
             return Err(Error::invalid("items", format!("{} items exceed the limit of {}", req.items.len(), self.max_items)));
         }
-        let choice = convert::prompt_choice(req.input_type, &req.prompt_name, &req.instruction, info, cfg)?;
-        let prompt = pre.prompt(&choice)?;
-        let truncation = convert::truncation(req.truncation, cfg)?;
+        let (prompt, truncation) = self.text_options(&pre, cfg, req.input_type, &req.prompt_name, &req.instruction, req.truncation)?;
         let encoding = pb::Encoding::try_from(req.encoding)
             .map_err(|_| Error::invalid("encoding", format!("unknown value {}", req.encoding)))?;
         let dims = convert::dimensions(req.dimensions, info, cfg)?;
@@ -143,6 +148,23 @@ impl Inner {
             usage: Some(pb::Usage { total_tokens }),
             request_id: req.request_id,
         })
+    }
+
+    async fn tokenize(&self, req: pb::TokenizeRequest) -> Result<pb::TokenizeResponse> {
+        let permit = self.permit()?;
+        let (idx, pre) = self.ready(&req.model)?;
+        let cfg = &self.models[idx];
+        let (prompt, truncation) = self.text_options(&pre, cfg, req.input_type, &req.prompt_name, &req.instruction, req.truncation)?;
+        let max_tokens = cfg.max_tokens;
+        let enc = tokio::task::spawn_blocking(move || {
+            let enc = pre.tokenize(&prompt, &req.text, max_tokens, truncation).map(|e| (e, prompt));
+            drop(permit);
+            enc
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("tokenization task failed: {e}")))?;
+        let (enc, prompt) = enc?;
+        Ok(pb::TokenizeResponse { count: enc.ids.len() as u32, ids: enc.ids, truncated: enc.truncated, prompt })
     }
 
     fn describe(&self, idx: usize) -> pb::Model {
@@ -220,25 +242,4 @@ impl EmbeddingService for Service {
 
 fn grpc_timeout<T>(req: &Request<T>) -> Option<String> {
     req.metadata().get("grpc-timeout").and_then(|v| v.to_str().ok()).map(str::to_string)
-}
-
-impl Inner {
-    async fn tokenize(&self, req: pb::TokenizeRequest) -> Result<pb::TokenizeResponse> {
-        let permit = self.permit()?;
-        let (idx, pre) = self.ready(&req.model)?;
-        let cfg = &self.models[idx];
-        let choice = convert::prompt_choice(req.input_type, &req.prompt_name, &req.instruction, &pre.info, cfg)?;
-        let prompt = pre.prompt(&choice)?;
-        let truncation = convert::truncation(req.truncation, cfg)?;
-        let max_tokens = cfg.max_tokens;
-        let enc = tokio::task::spawn_blocking(move || {
-            let enc = pre.tokenize(&prompt, &req.text, max_tokens, truncation).map(|e| (e, prompt));
-            drop(permit);
-            enc
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("tokenization task failed: {e}")))?;
-        let (enc, prompt) = enc?;
-        Ok(pb::TokenizeResponse { count: enc.ids.len() as u32, ids: enc.ids, truncated: enc.truncated, prompt })
-    }
 }

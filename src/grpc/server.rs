@@ -24,11 +24,8 @@ pub fn load_specs(config: &Config, base: &Path) -> (Vec<LoadSpec>, Vec<String>) 
     let gpu_available = mlx::gpu_is_available();
     config.models.iter().map(|m| {
         let (dir, shown) = match m.resolved_source(base) {
-            Source::Local(p) => {
-                let shown = p.display().to_string();
-                let dir = if p.is_dir() { Ok(p) } else { Err(format!("model folder {shown} does not exist")) };
-                (dir, shown)
-            }
+            // A missing folder is reported by the load itself, naming the path.
+            Source::Local(p) => (Ok(p.clone()), p.display().to_string()),
             Source::Hub { repo, revision } => {
                 let shown = format!("hf://{repo}{}", revision.map(|r| format!("@{r}")).unwrap_or_default());
                 (Err(format!("{shown}: pulling from the Hugging Face hub is not available in this build; use a local folder")), shown)

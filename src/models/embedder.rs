@@ -153,7 +153,7 @@ impl EmbeddingModel {
     /// Loads a model folder in Hugging Face layout. Must run on the thread that will use it.
     pub fn load(dir: &Path, opts: LoadOptions) -> Result<EmbeddingModel> {
         if !dir.is_dir() {
-            return Err(Error::file(dir, "not a folder"));
+            return Err(Error::file(dir, "no such model folder"));
         }
         let config_path = dir.join("config.json");
         let raw: Value = read_json(&config_path, "the model's architecture")?;

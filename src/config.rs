@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::registry::HubRef;
+
 /// A configuration error: `file:line:column: field: message`.
 #[derive(Debug, thiserror::Error)]
 #[error("{}{}: {message}", file.display(), location.map(|(l, c)| format!(":{l}:{c}")).unwrap_or_default())]
@@ -114,7 +116,8 @@ pub enum TruncationChoice {
 pub struct ModelConfig {
     /// The name clients use.
     pub name: String,
-    /// A local folder in Hugging Face layout (`hf://org/name[@revision]` is reserved for hub pulls).
+    /// A local folder in Hugging Face layout, or `hf://org/name[@revision]` for a hub repository
+    /// (revision: a branch, tag or commit; `main` by default).
     pub source: String,
     #[serde(default)]
     pub dtype: DtypeChoice,
@@ -135,20 +138,15 @@ pub struct ModelConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
     Local(PathBuf),
-    Hub { repo: String, revision: Option<String> },
+    Hub(HubRef),
 }
 
 impl ModelConfig {
     /// The source, with a relative folder resolved against `base` (the config file's folder).
+    /// `hf://` references are checked by [`Config::parse`].
     pub fn resolved_source(&self, base: &Path) -> Source {
-        match self.source.strip_prefix("hf://") {
-            Some(rest) => {
-                let (repo, revision) = match rest.split_once('@') {
-                    Some((r, rev)) => (r.to_string(), Some(rev.to_string())),
-                    None => (rest.to_string(), None),
-                };
-                Source::Hub { repo, revision }
-            }
+        match self.source.strip_prefix(HUB_SCHEME) {
+            Some(rest) => Source::Hub(HubRef::parse(rest).unwrap_or_else(|_| HubRef { repo: rest.into(), revision: HubRef::DEFAULT_REVISION.into() })),
             None => {
                 let p = PathBuf::from(&self.source);
                 Source::Local(if p.is_absolute() { p } else { base.join(p) })
@@ -156,6 +154,8 @@ impl ModelConfig {
         }
     }
 }
+
+const HUB_SCHEME: &str = "hf://";
 
 impl Config {
     /// Reads and validates `path`.
@@ -221,6 +221,9 @@ impl Config {
             }
             if m.source.trim().is_empty() {
                 return Err((format!("models[{i}].source"), "must not be empty".into()));
+            }
+            if let Some(reference) = m.source.strip_prefix(HUB_SCHEME) {
+                HubRef::parse(reference).map_err(|e| (format!("models[{i}].source"), e))?;
             }
             if let Some(dims) = &m.allowed_dimensions {
                 if dims.is_empty() || dims.contains(&0) {
@@ -342,8 +345,14 @@ mod tests {
     fn sources_resolve_relative_to_the_config_and_hub_references_parse() {
         let mut m = parse(MINIMAL).unwrap().models.remove(0);
         assert_eq!(m.resolved_source(Path::new("/etc/x")), Source::Local(PathBuf::from("/etc/x/./m")));
-        m.source = "hf://Qwen/Qwen3-Embedding-0.6B@main".into();
-        assert_eq!(m.resolved_source(Path::new("/")), Source::Hub { repo: "Qwen/Qwen3-Embedding-0.6B".into(), revision: Some("main".into()) });
+        m.source = "hf://Qwen/Qwen3-Embedding-0.6B@v2".into();
+        assert_eq!(m.resolved_source(Path::new("/")), Source::Hub(HubRef { repo: "Qwen/Qwen3-Embedding-0.6B".into(), revision: "v2".into() }));
+    }
+
+    #[test]
+    fn a_malformed_hub_reference_is_refused_with_its_line() {
+        let err = parse("models:\n  - name: m\n    source: hf://a/b/c\n").unwrap_err().to_string();
+        assert!(err.starts_with("cfg.yaml:3:") && err.contains("models[0].source") && err.contains("a/b/c"), "{err}");
     }
 
     #[test]

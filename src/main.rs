@@ -2,14 +2,22 @@
 //!
 //! - `embed`: one-shot embedding of texts with a local model folder; prints one JSON object.
 //! - `serve`: the gRPC service for the models of a YAML config.
+//! - `pull`: download the config's hub models ahead of time.
+//! - `models`: list the config's models with their source, revision, files and size on disk.
+//!
+//! Hub access follows the variables of Python's `huggingface_hub`: `HF_HOME`, `HF_HUB_CACHE`,
+//! `HF_ENDPOINT`, `HF_TOKEN`, `HF_HUB_OFFLINE` (see `registry::HubSettings::from_vars`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use mlx_embed::mlx::{self, Dtype};
+use indicatif::HumanBytes;
+use mlx_embed::config::{Config, Source};
 use mlx_embed::models::{EmbeddingModel, LoadOptions, PromptChoice};
+use mlx_embed::registry::{self, Display, HubSettings, Resolved};
 
 #[derive(Parser)]
 #[command(name = "mlx-embed", version, about = "Text embeddings on MLX")]
@@ -23,8 +31,33 @@ enum Command {
     /// Embed texts once with a local model folder and print {"model", "dimensions", "dtype",
     /// "device", "embeddings"} as JSON; all texts run as one padded batch.
     Embed(EmbedArgs),
-    /// Serve the gRPC API for the models of a YAML config.
+    /// Serve the gRPC API for the models of a YAML config (hub models are fetched in the
+    /// background: the server answers at once, each model once its files are there).
     Serve(ServeArgs),
+    /// Download the config's hub models (all, or those named) into the hub cache.
+    Pull(PullArgs),
+    /// List the config's models: source, resolved revision, local path, size, loadable.
+    Models(ModelsArgs),
+}
+
+#[derive(clap::Args)]
+struct PullArgs {
+    #[arg(long, default_value = "config.example.yaml")]
+    config: PathBuf,
+    /// Model names from the config (default: every model).
+    models: Vec<String>,
+}
+
+#[derive(clap::Args)]
+struct ModelsArgs {
+    #[arg(long, default_value = "config.example.yaml")]
+    config: PathBuf,
+    /// Also check every cached file against its hash (reads all the weights).
+    #[arg(long)]
+    verify: bool,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -91,6 +124,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Embed(args) => embed(args),
         Command::Serve(args) => serve(args),
+        Command::Pull(args) => pull(args),
+        Command::Models(args) => models(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -146,12 +181,23 @@ fn embed(args: EmbedArgs) -> Result<()> {
     Ok(())
 }
 
+fn hub_settings() -> HubSettings {
+    HubSettings::from_vars(|name| std::env::var(name).ok())
+}
+
+/// The config at `path` and the folder its relative paths start from.
+fn load_config(path: &Path) -> Result<(Config, PathBuf)> {
+    let config = Config::load(path)?;
+    let base = path.canonicalize()?.parent().map(PathBuf::from).unwrap_or_default();
+    Ok((config, base))
+}
+
 fn serve(args: ServeArgs) -> Result<()> {
-    let mut config = mlx_embed::config::Config::load(&args.config)?;
+    let (mut config, base) = load_config(&args.config)?;
     if let Some(listen) = args.listen {
         config.listen = listen;
     }
-    let base = args.config.canonicalize()?.parent().map(PathBuf::from).unwrap_or_default();
+    let hub = hub_settings();
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&config.listen)
@@ -159,9 +205,87 @@ fn serve(args: ServeArgs) -> Result<()> {
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         // Printed for scripts and tests that ask for port 0.
         eprintln!("listening on {}", listener.local_addr()?);
-        mlx_embed::grpc::server::serve(config, &base, listener, shutdown_signal()).await?;
+        mlx_embed::grpc::server::serve(config, &base, &hub, listener, shutdown_signal()).await?;
         Ok(())
     })
+}
+
+fn pull(args: PullArgs) -> Result<()> {
+    let (config, base) = load_config(&args.config)?;
+    if let Some(unknown) = args.models.iter().find(|n| !config.models.iter().any(|m| &&m.name == n)) {
+        bail!("no model named `{unknown}` in {}", args.config.display());
+    }
+    let hub = hub_settings();
+    let mut failed = 0;
+    for m in config.models.iter().filter(|m| args.models.is_empty() || args.models.contains(&m.name)) {
+        let result = match m.resolved_source(&base) {
+            Source::Local(dir) => registry::plan::walk(&mut registry::plan::Folder(&dir))
+                .map(|files| format!("local folder {}, {} files, nothing to pull", dir.display(), files.len())),
+            Source::Hub(r) => registry::pull(&hub, &r, Display::for_stderr()).map(|found| {
+                format!("{r} at commit {}, {} in {}", found.commit.as_deref().unwrap_or("?"),
+                    HumanBytes(found.size_on_disk()), found.dir.display())
+            }),
+        };
+        match result {
+            Ok(line) => println!("{}: {line}", m.name),
+            Err(e) => {
+                failed += 1;
+                println!("{}: error: {e}", m.name);
+            }
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} model(s) could not be pulled");
+    }
+    Ok(())
+}
+
+fn models(args: ModelsArgs) -> Result<()> {
+    let (config, base) = load_config(&args.config)?;
+    let hub = hub_settings();
+    let rows: Vec<serde_json::Value> = config.models.iter().map(|m| {
+        let (found, revision) = match m.resolved_source(&base) {
+            Source::Local(dir) => {
+                let found = registry::plan::walk(&mut registry::plan::Folder(&dir))
+                    .map(|files| Resolved { dir: dir.clone(), commit: None, files });
+                (found.map_err(|e| e.to_string()), None)
+            }
+            Source::Hub(r) => (registry::cached(&hub, &r, args.verify).map_err(|e| e.to_string()), Some(r.revision)),
+        };
+        let (path, size, loadable) = match &found {
+            Ok(f) => (Some(f.dir.display().to_string()), Some(f.size_on_disk()), "yes".to_string()),
+            Err(e) => (None, None, format!("no: {e}")),
+        };
+        serde_json::json!({
+            "name": m.name,
+            "source": m.source,
+            "revision": revision,
+            "commit": found.as_ref().ok().and_then(|f| f.commit.clone()),
+            "path": path,
+            "size_bytes": size,
+            "loadable": loadable,
+        })
+    }).collect();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    let cell = |v: &serde_json::Value| v.as_str().map(String::from).unwrap_or_else(|| "-".into());
+    let table: Vec<[String; 6]> = rows.iter().map(|r| [
+        cell(&r["name"]),
+        cell(&r["source"]),
+        cell(&r["commit"]).chars().take(12).collect(),
+        r["size_bytes"].as_u64().map_or("-".into(), |b| HumanBytes(b).to_string()),
+        cell(&r["path"]),
+        cell(&r["loadable"]),
+    ]).collect();
+    let header = ["NAME", "SOURCE", "COMMIT", "SIZE", "PATH", "LOADABLE"].map(String::from);
+    let widths: Vec<usize> = (0..5).map(|c| table.iter().chain([&header]).map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
+    for row in [&header].into_iter().chain(&table) {
+        let line: Vec<String> = (0..5).map(|c| format!("{:<w$}", row[c], w = widths[c])).collect();
+        println!("{}  {}", line.join("  "), row[5]);
+    }
+    Ok(())
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -1,13 +1,14 @@
 //! The engine thread: concurrent requests for two models are batched together (batches > 1 form)
 //! and each gets exactly the vectors it gets alone; a model that fails to load is reported and
-//! the others serve; a caller that gives up costs no inference.
+//! the others serve; a model whose files arrive later loads then; a caller that gives up costs no
+//! inference.
 
 mod common;
 
 use std::time::Duration;
 
 use common::*;
-use mlx_embed::engine::{batcher::Limits, EngineHandle, EngineError, LoadSpec, ModelStatus};
+use mlx_embed::engine::{batcher::Limits, EngineHandle, EngineError, LoadSpec, ModelFiles, ModelStatus};
 use mlx_embed::mlx::Dtype;
 use mlx_embed::models::LoadOptions;
 use mlx_embed::tokenize::Truncation;
@@ -15,7 +16,7 @@ use mlx_embed::tokenize::Truncation;
 fn spec(name: &str, fixture: &str) -> LoadSpec {
     LoadSpec {
         name: name.into(),
-        dir: Ok(fixtures_dir().join(fixture)),
+        files: ModelFiles::Folder(fixtures_dir().join(fixture)),
         options: LoadOptions { dtype: Some(Dtype::Float32), gpu: false },
     }
 }
@@ -85,13 +86,36 @@ async fn concurrent_requests_for_two_models_are_batched_and_exact() {
 #[tokio::test]
 async fn a_model_that_fails_to_load_is_reported_and_the_others_serve() {
     let _g = mlx_lock();
-    let missing = LoadSpec { name: "gone".into(), dir: Ok("/nonexistent".into()), options: LoadOptions { dtype: None, gpu: false } };
+    let missing = LoadSpec { name: "gone".into(), files: ModelFiles::Folder("/nonexistent".into()), options: LoadOptions { dtype: None, gpu: false } };
     let engine = Running(EngineHandle::start(vec![missing, spec("q", "qwen3-tiny")], limits(), 100));
     let ModelStatus::Failed(why) = ready(&engine, 0).await else { panic!("should fail") };
     assert!(why.contains("/nonexistent"), "{why}");
     assert!(matches!(engine.embed(0, vec![vec![1, 2]]).await, Err(EngineError::NotReady(_))));
     assert!(matches!(ready(&engine, 1).await, ModelStatus::Ready(_)));
     assert_eq!(engine.embed(1, vec![vec![5, 6, 560]]).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_model_whose_files_come_later_serves_once_provided_while_the_others_already_serve() {
+    let _g = mlx_lock();
+    let later = LoadSpec { name: "later".into(), files: ModelFiles::Later, options: LoadOptions { dtype: Some(Dtype::Float32), gpu: false } };
+    let engine = Running(EngineHandle::start(vec![later, spec("q", "qwen3-tiny")], limits(), 100));
+    assert!(matches!(ready(&engine, 1).await, ModelStatus::Ready(_)));
+    assert!(matches!(engine.status(0), ModelStatus::Downloading(None)));
+    assert!(matches!(engine.embed(0, vec![vec![1, 560]]).await, Err(EngineError::NotReady(_))));
+    engine.note_download(0, Some("network down".into()));
+    assert!(matches!(engine.status(0), ModelStatus::Downloading(Some(ref n)) if n == "network down"));
+    assert_eq!(engine.embed(1, vec![vec![5, 6, 560]]).await.unwrap().len(), 1);
+
+    engine.provide(0, fixtures_dir().join("qwen3-tiny")).unwrap();
+    let mut rx = engine.subscribe(0);
+    rx.wait_for(|s| matches!(s, ModelStatus::Ready(_))).await.unwrap();
+    let a = engine.embed(0, vec![vec![5, 6, 560]]).await.unwrap();
+    let b = engine.embed(1, vec![vec![5, 6, 560]]).await.unwrap();
+    assert_eq!(a, b, "the same checkpoint under two names gives the same vector");
+    // A note after loading changes nothing.
+    engine.note_download(0, Some("late".into()));
+    assert!(matches!(engine.status(0), ModelStatus::Ready(_)));
 }
 
 #[tokio::test]

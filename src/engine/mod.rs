@@ -1,11 +1,12 @@
 //! The engine: one thread owns every model and all MLX state (MLX is not thread-safe).
 //!
 //! [`EngineHandle`] is the cloneable, `Send` side: it submits tokenized texts for a model and
-//! awaits their vectors. The thread loads the models, then loops: take new work, drop work whose
+//! awaits their vectors. The thread loads the models whose folders it has, then loops: take new
+//! work (and the folders of models downloaded meanwhile, loaded between batches), drop work whose
 //! caller has gone, pick the next model in turn that has a batch ready (`batcher`), start it, and
 //! only then collect the batch started before — so the next batch is built while the device
-//! computes the current one — and answer each request once all its texts are done. A failing batch (an MLX error or a panic)
-//! fails only the requests in it; the engine goes on.
+//! computes the current one — and answer each request once all its texts are done. A failing
+//! batch (an MLX error or a panic) fails only the requests in it; the engine goes on.
 
 pub mod batcher;
 
@@ -24,16 +25,26 @@ use batcher::{Limits, Next, Queue, Seq};
 /// A model's state, as clients and health checks see it.
 #[derive(Clone)]
 pub enum ModelStatus {
+    /// Its files are being fetched; the note says why the last attempt failed, if one did.
+    Downloading(Option<String>),
     Loading,
     Ready(Arc<Preprocessor>),
     Failed(String),
 }
 
+/// Where a model's files are.
+pub enum ModelFiles {
+    Folder(PathBuf),
+    /// Given later through [`EngineHandle::provide`] (e.g. once downloaded).
+    Later,
+    /// The model cannot be loaded, and why.
+    Refused(String),
+}
+
 /// What the engine should load under a name.
 pub struct LoadSpec {
     pub name: String,
-    /// The model folder, or why there is none.
-    pub dir: Result<PathBuf, String>,
+    pub files: ModelFiles,
     pub options: LoadOptions,
 }
 
@@ -70,6 +81,8 @@ struct Slot {
 /// What the handle sends to the engine thread.
 enum Msg {
     Job(Job),
+    /// The files of a model that was waiting for them.
+    Load { model: usize, dir: PathBuf },
     /// Finish the queued work, then stop.
     Stop,
 }
@@ -96,7 +109,10 @@ impl EngineHandle {
         let slots: Arc<Vec<Slot>> = Arc::new(
             specs.iter().map(|s| Slot {
                 name: s.name.clone(),
-                status: watch::channel(ModelStatus::Loading).0,
+                status: watch::channel(match s.files {
+                    ModelFiles::Later => ModelStatus::Downloading(None),
+                    _ => ModelStatus::Loading,
+                }).0,
                 queued: AtomicUsize::new(0),
             }).collect(),
         );
@@ -105,7 +121,10 @@ impl EngineHandle {
         let (s, st) = (Arc::clone(&slots), Arc::clone(&stats));
         let thread = std::thread::Builder::new()
             .name("mlx-engine".into())
-            .spawn(move || Engine::new(s, st, limits).run(specs, rx))
+            .spawn(move || {
+                let options = specs.iter().map(|s| s.options).collect();
+                Engine::new(s, st, limits, options).run(specs, rx)
+            })
             .expect("spawning the engine thread");
         EngineHandle { tx, slots, stats, max_queue, thread: Arc::new(std::sync::Mutex::new(Some(thread))) }
     }
@@ -119,6 +138,28 @@ impl EngineHandle {
         if let Some(t) = thread {
             let _ = t.join();
         }
+    }
+
+    /// Hands the engine the folder of a model created with [`ModelFiles::Later`]; it loads it
+    /// between batches. Fails once the engine has stopped.
+    pub fn provide(&self, model: usize, dir: PathBuf) -> Result<(), EngineError> {
+        self.tx.send(Msg::Load { model, dir }).map_err(|_| EngineError::Stopped)
+    }
+
+    /// Notes why fetching a waiting model's files failed (it stays [`ModelStatus::Downloading`]).
+    pub fn note_download(&self, model: usize, note: Option<String>) {
+        self.slots[model].status.send_if_modified(|s| match s {
+            ModelStatus::Downloading(n) => {
+                *n = note;
+                true
+            }
+            _ => false,
+        });
+    }
+
+    /// Whether the engine thread has ended (after [`EngineHandle::shutdown`]).
+    pub fn is_stopped(&self) -> bool {
+        self.thread.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_none_or(|t| t.is_finished())
     }
 
     pub fn model_names(&self) -> impl Iterator<Item = &str> {
@@ -177,6 +218,8 @@ struct Engine {
     stats: Arc<Stats>,
     limits: Limits,
     models: Vec<Option<EmbeddingModel>>,
+    /// How each model is to be loaded (for models whose files come later).
+    options: Vec<LoadOptions>,
     queues: Vec<Queue>,
     jobs: HashMap<u64, Pending>,
     next_job: u64,
@@ -193,13 +236,14 @@ struct InFlight {
 }
 
 impl Engine {
-    fn new(slots: Arc<Vec<Slot>>, stats: Arc<Stats>, limits: Limits) -> Engine {
+    fn new(slots: Arc<Vec<Slot>>, stats: Arc<Stats>, limits: Limits, options: Vec<LoadOptions>) -> Engine {
         let n = slots.len();
         Engine {
             slots,
             stats,
             limits,
             models: (0..n).map(|_| None).collect(),
+            options,
             queues: (0..n).map(|_| Queue::default()).collect(),
             jobs: HashMap::new(),
             next_job: 0,
@@ -211,8 +255,17 @@ impl Engine {
     fn run(mut self, specs: Vec<LoadSpec>, rx: mpsc::Receiver<Msg>) {
         // Models become Ready together, once the loop that serves them can start: a model marked
         // Ready while another still loads would accept requests that cannot run yet.
-        let ready: Vec<(usize, ModelStatus)> =
-            specs.into_iter().enumerate().filter_map(|(i, spec)| self.load(i, spec).map(|s| (i, s))).collect();
+        let mut ready = Vec::new();
+        for (i, spec) in specs.into_iter().enumerate() {
+            let dir = match spec.files {
+                ModelFiles::Folder(dir) => Ok(dir),
+                ModelFiles::Later => continue,
+                ModelFiles::Refused(why) => Err(why),
+            };
+            if let Some(status) = self.load(i, &spec.name, dir, spec.options) {
+                ready.push((i, status));
+            }
+        }
         for (i, status) in ready {
             self.slots[i].status.send_replace(status);
         }
@@ -238,6 +291,7 @@ impl Engine {
             for msg in first.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
                 match msg {
                     Msg::Job(job) => self.accept(job),
+                    Msg::Load { model, dir } => self.load_later(model, dir),
                     Msg::Stop => open = false,
                 }
             }
@@ -252,25 +306,37 @@ impl Engine {
         }
     }
 
+    /// Loads a model whose files came after the start, if it still waits for them.
+    fn load_later(&mut self, i: usize, dir: PathBuf) {
+        if self.models[i].is_some() || !matches!(*self.slots[i].status.borrow(), ModelStatus::Downloading(_)) {
+            return;
+        }
+        self.slots[i].status.send_replace(ModelStatus::Loading);
+        let (name, options) = (self.slots[i].name.clone(), self.options[i]);
+        if let Some(status) = self.load(i, &name, Ok(dir), options) {
+            self.slots[i].status.send_replace(status);
+        }
+    }
+
     /// Loads one model; a failure is published at once, success is returned to publish later.
-    fn load(&mut self, i: usize, spec: LoadSpec) -> Option<ModelStatus> {
+    fn load(&mut self, i: usize, name: &str, dir: Result<PathBuf, String>, options: LoadOptions) -> Option<ModelStatus> {
         let started = Instant::now();
-        let loaded = match spec.dir {
+        let loaded = match dir {
             Err(why) => Err(why),
-            Ok(dir) => match catch_unwind(AssertUnwindSafe(|| EmbeddingModel::load(&dir, spec.options))) {
+            Ok(dir) => match catch_unwind(AssertUnwindSafe(|| EmbeddingModel::load(&dir, options))) {
                 Ok(r) => r.map_err(|e| e.to_string()),
                 Err(_) => Err("loading panicked".to_string()),
             },
         };
         match loaded {
             Ok(model) => {
-                tracing::info!(model = %spec.name, secs = started.elapsed().as_secs_f64(), "model loaded");
+                tracing::info!(model = %name, secs = started.elapsed().as_secs_f64(), "model loaded");
                 let pre = model.preprocessor();
                 self.models[i] = Some(model);
                 Some(ModelStatus::Ready(pre))
             }
             Err(why) => {
-                tracing::error!(model = %spec.name, error = %why, "model failed to load");
+                tracing::error!(model = %name, error = %why, "model failed to load");
                 self.slots[i].status.send_replace(ModelStatus::Failed(why));
                 None
             }

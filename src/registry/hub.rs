@@ -196,3 +196,25 @@ pub fn pull(settings: &HubSettings, r: &HubRef, display: Display) -> Result<Reso
     tracing::info!(source = %r, commit = %info.sha, files = files.len(), "model files are in the cache");
     Ok(Resolved { dir: remote.cache.snapshot(&info.sha), commit: Some(info.sha), files })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transport_errors_become_reasons_an_operator_can_act_on() {
+        let settings = HubSettings { endpoint: "http://hub".into(), cache_dir: "/cache".into(), token: None, offline: false };
+        let r = HubRef::parse("org/m").unwrap();
+        let ctx = Ctx { settings: &settings, r: &r };
+        let full = ctx.api_error(ApiError::IoError(std::io::ErrorKind::StorageFull.into()), "org/m");
+        assert!(matches!(full, PullError::DiskFull { .. }) && full.to_string() == "/cache: disk full", "{full}");
+        let retried = ctx.api_error(ApiError::TooManyRetries(Box::new(ApiError::RequestError(Box::new(ureq::Error::StatusCode(500))))), "f");
+        assert!(matches!(retried, PullError::Http { status: 500, .. }), "{retried}");
+        assert!(matches!(ctx.http_error(ureq::Error::StatusCode(401), "x"), PullError::NoToken { status: 401, .. }));
+        assert!(matches!(ctx.http_error(ureq::Error::StatusCode(404), "x"), PullError::NotFound { .. }));
+        assert!(matches!(ctx.http_error(ureq::Error::ConnectionFailed, "x"), PullError::Network { .. }));
+        let with_token = HubSettings { token: Some("t".into()), ..settings.clone() };
+        let ctx = Ctx { settings: &with_token, r: &r };
+        assert!(matches!(ctx.http_error(ureq::Error::StatusCode(403), "x"), PullError::Refused { status: 403, .. }));
+    }
+}

@@ -188,7 +188,7 @@ pub enum PullError {
     NotCached { repo: String, revision: String, cache: PathBuf, offline: bool },
     #[error("{repo}@{revision}: the cached copy is incomplete: {file} is missing{}", offline_hint(*.offline))]
     Incomplete { repo: String, revision: String, file: String, offline: bool },
-    #[error("{repo}: the revision has no `{file}`, which the model needs")]
+    #[error("{repo} has no `{file}`, which the model needs")]
     Missing { repo: String, file: String },
     #[error("{file}: {message}")]
     Invalid { file: String, message: String },

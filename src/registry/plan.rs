@@ -41,7 +41,8 @@ struct Index {
     weight_map: std::collections::HashMap<String, String>,
 }
 
-/// Fetches every file the model needs through `store`; returns their names in fetch order.
+/// Fetches every file the model needs through `store`; returns their names in fetch order. The
+/// model's weights come last, so once they are on disk every other file has been settled.
 pub fn walk(store: &mut dyn Store) -> Result<Vec<String>, PullError> {
     let mut files = Vec::new();
     for f in REQUIRED {
@@ -57,7 +58,6 @@ pub fn walk(store: &mut dyn Store) -> Result<Vec<String>, PullError> {
             files.push(f.to_string());
         }
     }
-    weights(store, "", &mut files)?;
     if store.has("modules.json")? {
         let path = store.fetch("modules.json")?;
         files.push("modules.json".into());
@@ -80,6 +80,7 @@ pub fn walk(store: &mut dyn Store) -> Result<Vec<String>, PullError> {
             }
         }
     }
+    weights(store, "", &mut files)?;
     Ok(files)
 }
 
@@ -134,6 +135,9 @@ pub struct Folder<'a>(pub &'a Path);
 
 impl Store for Folder<'_> {
     fn has(&mut self, file: &str) -> Result<bool, PullError> {
+        if !self.0.is_dir() {
+            return Err(PullError::Other(format!("{}: no such folder", self.0.display())));
+        }
         Ok(self.0.join(file).is_file())
     }
 
@@ -173,8 +177,8 @@ mod tests {
             ("1_Pooling/config.json", "{}"), ("2_Dense/config.json", "{}"), ("2_Dense/model.safetensors", ""),
         ]);
         let files = walk(&mut Folder(dir.path())).unwrap();
-        assert_eq!(files, ["config.json", "tokenizer.json", "config_sentence_transformers.json", "model.safetensors",
-            "modules.json", "1_Pooling/config.json", "2_Dense/config.json", "2_Dense/model.safetensors"]);
+        assert_eq!(files, ["config.json", "tokenizer.json", "config_sentence_transformers.json",
+            "modules.json", "1_Pooling/config.json", "2_Dense/config.json", "2_Dense/model.safetensors", "model.safetensors"]);
     }
 
     #[test]

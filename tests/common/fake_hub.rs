@@ -2,7 +2,7 @@
 //! uses the way the hub does:
 //!
 //! - `GET /api/models/{repo}/revision/{rev}?blobs=true`: the commit and each file's size, git
-//!   blob id and (for LFS files) sha256;
+//!   blob id and (for LFS files) sha256; `GET /api/models/{repo}/tree/{rev}`: the file listing;
 //! - `GET /{repo}/resolve/{rev}/{file}`: `X-Repo-Commit` and an `ETag` (the git blob id) with the
 //!   content for small files; for LFS files (`*.safetensors`) a 302 to a CDN address with
 //!   `X-Linked-Etag` (the sha256) and `X-Linked-Size`, like the hub's redirect to its storage;
@@ -71,17 +71,23 @@ fn is_lfs(file: &str) -> bool {
 }
 
 impl FakeHub {
+    /// Starts the hub and its "CDN" (another port, so clients see another host, as with the hub's
+    /// storage).
     pub fn start() -> FakeHub {
+        let state = Arc::new(Mutex::new(State::default()));
+        let cdn = TcpListener::bind("127.0.0.1:0").unwrap();
+        let cdn_endpoint = format!("http://{}", cdn.local_addr().unwrap());
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
-        let state = Arc::new(Mutex::new(State::default()));
-        let (st, ep) = (Arc::clone(&state), endpoint.clone());
-        std::thread::spawn(move || {
-            for conn in listener.incoming().flatten() {
-                let (st, ep) = (Arc::clone(&st), ep.clone());
-                std::thread::spawn(move || serve(conn, &st, &ep));
-            }
-        });
+        for l in [cdn, listener] {
+            let (st, cdn_endpoint) = (Arc::clone(&state), cdn_endpoint.clone());
+            std::thread::spawn(move || {
+                for conn in l.incoming().flatten() {
+                    let (st, cdn_endpoint) = (Arc::clone(&st), cdn_endpoint.clone());
+                    std::thread::spawn(move || serve(conn, &st, &cdn_endpoint));
+                }
+            });
+        }
         FakeHub { endpoint, state }
     }
 
@@ -210,7 +216,7 @@ fn respond(mut conn: &TcpStream, status: &str, headers: &[(String, String)], bod
     }
 }
 
-fn serve(conn: TcpStream, state: &Mutex<State>, endpoint: &str) {
+fn serve(conn: TcpStream, state: &Mutex<State>, cdn_endpoint: &str) {
     let Some(req) = read_request(&conn) else { return };
     let head = req.method == "HEAD";
     {
@@ -230,15 +236,20 @@ fn serve(conn: TcpStream, state: &Mutex<State>, endpoint: &str) {
         return cdn(&conn, state, sha, file, req.range, head);
     }
     if let Some(rest) = path.strip_prefix("/api/models/") {
-        let Some((repo, rev)) = rest.split_once("/revision/") else { return respond(&conn, "404 Not Found", &[], b"", head) };
-        return api(&conn, state, repo, &rev.replace("%2F", "/"), &req, head);
+        if let Some((repo, rev)) = rest.split_once("/revision/") {
+            return api(&conn, state, repo, &rev.replace("%2F", "/"), &req, head, false);
+        }
+        if let Some((repo, rev)) = rest.split_once("/tree/") {
+            return api(&conn, state, repo, &rev.replace("%2F", "/"), &req, head, true);
+        }
+        return respond(&conn, "404 Not Found", &[], b"", head);
     }
     // /{repo}/resolve/{rev}/{file}; the repo id has one slash at most.
     let Some((repo, rest)) = path.trim_start_matches('/').split_once("/resolve/") else {
         return respond(&conn, "404 Not Found", &[], b"", head);
     };
     let Some((rev, file)) = rest.split_once('/') else { return respond(&conn, "404 Not Found", &[], b"", head) };
-    resolve(&conn, state, repo, &rev.replace("%2F", "/"), file, &req, endpoint, head);
+    resolve(&conn, state, repo, &rev.replace("%2F", "/"), file, &req, cdn_endpoint, head);
 }
 
 /// The commit and tree of `repo` at `rev`, or the status to answer.
@@ -258,13 +269,27 @@ fn lookup(st: &State, repo: &str, rev: &str, token: &Option<String>, gate: bool)
     Ok((commit.clone(), r.commits[&commit].clone()))
 }
 
-fn api(conn: &TcpStream, state: &Mutex<State>, repo: &str, rev: &str, req: &Req, head: bool) {
+/// The model info (`/revision/`) or, with `tree`, the file listing (`/tree/`) Python's
+/// `snapshot_download` reads.
+#[allow(clippy::too_many_arguments)]
+fn api(conn: &TcpStream, state: &Mutex<State>, repo: &str, rev: &str, req: &Req, head: bool, tree_listing: bool) {
     // Like the hub, a gated repository's listing is public; only its files need the token.
     let found = lookup(&state.lock().unwrap(), repo, rev, &req.token, false);
     let (commit, tree) = match found {
         Ok(x) => x,
         Err(status) => return respond(conn, status, &[], b"{\"error\":\"not found\"}", head),
     };
+    if tree_listing {
+        let entries: Vec<serde_json::Value> = tree.iter().map(|(name, content)| {
+            let mut e = serde_json::json!({"type": "file", "path": name, "size": content.len(), "oid": git_blob_id(content)});
+            if is_lfs(name) {
+                e["lfs"] = serde_json::json!({"oid": sha256_hex(content), "size": content.len(), "pointerSize": 134});
+            }
+            e
+        }).collect();
+        let body = serde_json::Value::Array(entries).to_string();
+        return respond(conn, "200 OK", &[("Content-Type".into(), "application/json".into())], body.as_bytes(), head);
+    }
     let siblings: Vec<serde_json::Value> = tree.iter().map(|(name, content)| {
         let mut s = serde_json::json!({"rfilename": name, "size": content.len(), "blobId": git_blob_id(content)});
         if is_lfs(name) {
@@ -277,7 +302,7 @@ fn api(conn: &TcpStream, state: &Mutex<State>, repo: &str, rev: &str, req: &Req,
 }
 
 #[allow(clippy::too_many_arguments)]
-fn resolve(conn: &TcpStream, state: &Mutex<State>, repo: &str, rev: &str, file: &str, req: &Req, endpoint: &str, head: bool) {
+fn resolve(conn: &TcpStream, state: &Mutex<State>, repo: &str, rev: &str, file: &str, req: &Req, cdn_endpoint: &str, head: bool) {
     let found = lookup(&state.lock().unwrap(), repo, rev, &req.token, true);
     let (commit, tree) = match found {
         Ok(x) => x,
@@ -291,7 +316,7 @@ fn resolve(conn: &TcpStream, state: &Mutex<State>, repo: &str, rev: &str, file: 
         let sha = sha256_hex(content);
         headers.push(("X-Linked-Etag".into(), format!("\"{sha}\"")));
         headers.push(("X-Linked-Size".into(), content.len().to_string()));
-        headers.push(("Location".into(), format!("{endpoint}/cdn/{sha}?file={file}")));
+        headers.push(("Location".into(), format!("{cdn_endpoint}/cdn/{sha}?file={file}")));
         return respond(conn, "302 Found", &headers, b"", head);
     }
     let mut content = content.to_vec();

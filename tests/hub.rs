@@ -16,6 +16,7 @@ use common::server::{request, text};
 use common::*;
 use mlx_embed::grpc::pb;
 use mlx_embed::registry::{self, Display, HubRef, HubSettings, PullError};
+use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
 
 fn settings(hub: &FakeHub, cache: &Path) -> HubSettings {
     HubSettings { endpoint: hub.endpoint.clone(), cache_dir: cache.to_path_buf(), token: None, offline: false }
@@ -314,6 +315,14 @@ async fn serve_fetches_hub_models_in_the_background_and_serves_the_reference_vec
     let (child, addr) = serve(&config, home.path(), &hub, Some("hf_good"));
     let _child = Killed(child);
     let mut c = pb::embedding_service_client::EmbeddingServiceClient::connect(format!("http://{addr}")).await.unwrap();
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let mut health = HealthClient::new(channel);
+    let check = |h: &mut HealthClient<tonic::transport::Channel>, service: &str| {
+        let mut h = h.clone();
+        let service = service.to_string();
+        async move { h.check(HealthCheckRequest { service }).await.unwrap().into_inner().status }
+    };
+    assert_eq!(check(&mut health, "").await, ServingStatus::Serving as i32, "the server answers at once");
 
     // Every hub model becomes ready without a manual step, the locked one excepted.
     let t0 = Instant::now();
@@ -349,6 +358,8 @@ async fn serve_fetches_hub_models_in_the_background_and_serves_the_reference_vec
             }
         }
     }
+    assert_eq!(check(&mut health, "g").await, ServingStatus::Serving as i32);
+    assert_eq!(check(&mut health, "locked").await, ServingStatus::NotServing as i32);
     // Two models of one repository: fetched once.
     let shard_gets = hub.log().iter().filter(|l| l.starts_with("GET /cdn/") && l.contains("model-00001") && !l.ends_with("bytes=0-0")).count();
     assert_eq!(shard_gets, 1, "{:?}", hub.log());

@@ -157,12 +157,15 @@ fn revision_pins_are_honoured() {
     assert_ne!(v1, v2);
     let cache = tempfile::tempdir().unwrap();
     let s = settings(&hub, cache.path());
+    let by_commit = registry::pull(&s, &hub_ref(&format!("org/m@{v1}")), Display::Log).unwrap();
     let tagged = registry::pull(&s, &hub_ref("org/m@v1"), Display::Log).unwrap();
     assert_eq!(tagged.commit.as_deref(), Some(v1.as_str()));
+    assert_eq!(by_commit.dir, tagged.dir);
     let config = |dir: &Path| std::fs::read(dir.join("config.json")).unwrap();
     assert_eq!(config(&tagged.dir), config(&fixtures_dir().join("qwen3-tiny")));
-    let by_commit = registry::pull(&s, &hub_ref(&format!("org/m@{v1}")), Display::Log).unwrap();
-    assert_eq!(by_commit.dir, tagged.dir);
+    let refs: Vec<String> = std::fs::read_dir(cache.path().join("models--org--m/refs")).unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(refs, ["v1"], "branches and tags get refs, commits none");
     let main = registry::pull(&s, &hub_ref("org/m"), Display::Log).unwrap();
     assert_eq!(main.commit.as_deref(), Some(v2.as_str()));
     assert_eq!(config(&main.dir), config(&fixtures_dir().join("qwen3-tiny-q8")));

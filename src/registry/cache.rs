@@ -39,9 +39,12 @@ impl RepoCache {
         Some(text.trim().to_string()).filter(|c| super::is_commit(c))
     }
 
-    /// Records that `revision` (a branch or tag) points at `commit`.
+    /// Records that `revision` (a branch or tag) points at `commit`. A commit needs no ref (a
+    /// download by commit id may have left one named by the id: it is removed, as Python's tools
+    /// never write such refs).
     pub fn set_ref(&self, revision: &str, commit: &str) -> Result<(), PullError> {
         if super::is_commit(revision) {
+            let _ = std::fs::remove_file(self.root.join("refs").join(revision));
             return Ok(());
         }
         let path = self.root.join("refs").join(revision);

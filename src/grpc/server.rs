@@ -17,7 +17,8 @@ use crate::grpc::pb::{self, embedding_service_server::EmbeddingServiceServer};
 use crate::grpc::service::Service;
 use crate::mlx::{self, Dtype};
 use crate::models::LoadOptions;
-use crate::registry::{background, HubRef, HubSettings, Origin, Resolved};
+use crate::registry::background::{self, Wanted};
+use crate::registry::{HubRef, HubSettings, Origin, Resolved};
 
 /// The engine's load list for `config` (relative folders resolved against `base`), each model's
 /// origin, and the hub references still to fetch (by model index).
@@ -75,19 +76,23 @@ pub fn start_engine(config: &Config, base: &Path, hub: &HubSettings) -> (EngineH
         max_wait: config.batching.max_wait,
     };
     let engine = EngineHandle::start(specs, limits, config.batching.max_queue);
-    let mut by_ref: Vec<(HubRef, Vec<(usize, Origin)>)> = Vec::new();
+    // One fetch thread per repository, one fetch per revision.
+    let mut by_repo: Vec<(String, Vec<Wanted>)> = Vec::new();
     for (i, r) in fetches {
-        let users = match by_ref.iter_mut().find(|(seen, _)| *seen == r) {
-            Some((_, users)) => users,
+        let repo = match by_repo.iter().position(|(name, _)| *name == r.repo) {
+            Some(k) => &mut by_repo[k].1,
             None => {
-                by_ref.push((r, Vec::new()));
-                &mut by_ref.last_mut().expect("just pushed").1
+                by_repo.push((r.repo.clone(), Vec::new()));
+                &mut by_repo.last_mut().expect("just pushed").1
             }
         };
-        users.push((i, origins[i].clone()));
+        match repo.iter_mut().find(|w| w.r == r) {
+            Some(w) => w.models.push((i, origins[i].clone())),
+            None => repo.push(Wanted { r, models: vec![(i, origins[i].clone())] }),
+        }
     }
-    for (r, users) in by_ref {
-        background::spawn(engine.clone(), users, r, hub.clone());
+    for (repo, wanted) in by_repo {
+        background::spawn(engine.clone(), repo, wanted, hub.clone());
     }
     (engine, origins)
 }

@@ -44,11 +44,16 @@ impl RepoCache {
     /// never write such refs).
     pub fn set_ref(&self, revision: &str, commit: &str) -> Result<(), PullError> {
         if super::is_commit(revision) {
-            let _ = std::fs::remove_file(self.root.join("refs").join(revision));
+            self.drop_ref(revision);
             return Ok(());
         }
         let path = self.root.join("refs").join(revision);
         write_atomic(&path, commit.as_bytes())
+    }
+
+    /// Removes a ref named by a commit id (hf-hub writes one when asked for a commit).
+    pub fn drop_ref(&self, commit: &str) {
+        let _ = std::fs::remove_file(self.root.join("refs").join(commit));
     }
 
     pub fn snapshot(&self, commit: &str) -> PathBuf {
@@ -76,7 +81,9 @@ impl RepoCache {
 fn write_atomic(path: &Path, content: &[u8]) -> Result<(), PullError> {
     let parent = path.parent().expect("cache paths have a parent");
     std::fs::create_dir_all(parent).map_err(|e| PullError::io(parent, e))?;
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_file_name(format!(".{}.{}-{n}.tmp", path.file_name().and_then(|f| f.to_str()).unwrap_or("f"), std::process::id()));
     std::fs::write(&tmp, content).map_err(|e| PullError::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| PullError::io(path, e))
 }
@@ -173,22 +180,27 @@ pub fn remove_snapshot_file(path: &Path) {
     let _ = std::fs::remove_file(path);
 }
 
-/// The cached copy of one commit, seen through [`Store`]. A file neither in the snapshot nor
-/// recorded as absent is taken as absent (a copy made by other tools may not record absent
-/// files), and noted: when the walk then misses a file the model needs, the copy is incomplete.
+/// The cached copy of one commit, seen through [`Store`]. A link to a missing blob makes the copy
+/// incomplete. A file neither in the snapshot nor recorded as absent is incomplete when `strict`;
+/// otherwise it is taken as absent (a copy made by other tools may not record absent files), and
+/// noted: when the walk then misses a file the model needs, the copy is incomplete.
 struct Snapshot<'a> {
     cache: &'a RepoCache,
     r: &'a HubRef,
     commit: String,
     verify: bool,
     offline: bool,
+    strict: bool,
     unknown: Vec<String>,
 }
 
 impl Store for Snapshot<'_> {
     fn has(&mut self, file: &str) -> Result<bool, PullError> {
-        if self.cache.snapshot(&self.commit).join(file).exists() {
+        let path = self.cache.snapshot(&self.commit).join(file);
+        if path.exists() {
             Ok(true)
+        } else if std::fs::symlink_metadata(&path).is_ok() || self.strict && !self.cache.is_marked_absent(&self.commit, file) {
+            Err(self.incomplete(file))
         } else {
             if !self.cache.is_marked_absent(&self.commit, file) {
                 self.unknown.push(file.to_string());
@@ -219,8 +231,9 @@ impl Snapshot<'_> {
     }
 }
 
-/// The complete cached copy of `r`, checked file by file when `verify`.
-pub fn resolve(settings: &HubSettings, r: &HubRef, verify: bool) -> Result<Resolved, PullError> {
+/// The complete cached copy of `r`, checked file by file when `verify`; with `strict`, every
+/// file the model may need must be cached or recorded as absent.
+pub fn resolve(settings: &HubSettings, r: &HubRef, verify: bool, strict: bool) -> Result<Resolved, PullError> {
     let cache = RepoCache::new(&settings.cache_dir, &r.repo);
     let commit = cache.commit(&r.revision).filter(|c| cache.snapshot(c).is_dir()).ok_or_else(|| PullError::NotCached {
         repo: r.repo.clone(),
@@ -228,13 +241,13 @@ pub fn resolve(settings: &HubSettings, r: &HubRef, verify: bool) -> Result<Resol
         cache: settings.cache_dir.clone(),
         offline: settings.offline,
     })?;
-    let mut store = Snapshot { cache: &cache, r, commit: commit.clone(), verify, offline: settings.offline, unknown: vec![] };
+    let mut store = Snapshot { cache: &cache, r, commit: commit.clone(), verify, offline: settings.offline, strict, unknown: vec![] };
     let files = match plan::walk(&mut store) {
         Err(PullError::Missing { file, .. }) if store.unknown.contains(&file) => return Err(store.incomplete(&file)),
         other => other?,
     };
     if !store.unknown.is_empty() {
-        tracing::debug!(source = %r, files = ?store.unknown, "optional files neither cached nor known to be absent: taken as absent");
+        tracing::warn!(source = %r, files = ?store.unknown, "optional files neither cached nor known to be absent: taken as absent");
     }
     Ok(Resolved { dir: cache.snapshot(&commit), commit: Some(commit), files })
 }

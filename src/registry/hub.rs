@@ -2,11 +2,11 @@
 //!
 //! One call to the hub's model API (`/api/models/{repo}/revision/{rev}?blobs=true`) gives the
 //! revision's commit and every file's size and hash (sha256 for LFS files, the git blob id for
-//! others). Each needed file is downloaded by `hf-hub` (redirects to the CDN, the token only sent
-//! to the hub's own host, a `blobs/<etag>.part` file resumed after an interruption and renamed
-//! only when complete) and then checked here against that size and hash; a file that fails the
-//! check is removed and downloaded once more before the pull fails. A file already in the
-//! snapshot is checked instead of downloaded.
+//! others). Each needed file of that commit is downloaded by `hf-hub` (redirects to the CDN, a
+//! `blobs/<etag>.part` file resumed after an interruption and renamed only when complete) and
+//! then checked here against that size and hash; a file that fails the check is removed and
+//! downloaded once more before the pull fails. A file already in the snapshot is checked instead
+//! of downloaded.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -64,7 +64,14 @@ impl Ctx<'_> {
         match e {
             ApiError::RequestError(e) => self.http_error(*e, what),
             ApiError::TooManyRetries(e) => self.api_error(*e, what),
+            // A transfer cut off mid-body surfaces as an I/O error of the copy.
+            ApiError::IoError(e) if is_transport(&e) => {
+                PullError::Network { endpoint: self.settings.endpoint.clone(), message: format!("{what}: {e}") }
+            }
             ApiError::IoError(e) => PullError::io(&self.settings.cache_dir, e),
+            ApiError::LockAcquisition(path) => {
+                PullError::Other(format!("{what}: another download of this file is under way ({} is locked)", path.display()))
+            }
             other => PullError::Other(format!("{what}: {other}")),
         }
     }
@@ -80,6 +87,12 @@ impl Ctx<'_> {
             other => PullError::Network { endpoint: self.settings.endpoint.clone(), message: other.to_string() },
         }
     }
+}
+
+fn is_transport(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind as K;
+    e.get_ref().is_some_and(|inner| inner.is::<ureq::Error>())
+        || matches!(e.kind(), K::ConnectionReset | K::ConnectionAborted | K::UnexpectedEof | K::TimedOut | K::BrokenPipe)
 }
 
 fn api(settings: &HubSettings) -> Result<Api, PullError> {
@@ -128,18 +141,24 @@ impl Store for Remote<'_> {
             let _ = std::fs::remove_file(&target); // a link to a removed blob
         }
         if let Some((digest, Some(size))) = &expected {
-            // hf-hub resumes a `.part` file; one longer than the file can only be wrong.
+            // hf-hub resumes a `.part` file from its length: one as long as the file (killed before
+            // the rename) would ask for an empty range, a longer one can only be wrong.
             let part = self.cache.blobs().join(format!("{}.part", digest.hex()));
-            if std::fs::metadata(&part).is_ok_and(|m| m.len() > *size) {
+            if std::fs::metadata(&part).is_ok_and(|m| m.len() >= *size) {
                 let _ = std::fs::remove_file(&part);
             }
         }
         let what = format!("{}/{file} at {}", self.ctx.r.repo, self.ctx.r.revision);
         for attempt in 0..2 {
             let progress = FileProgress::new(self.display, &self.ctx.r.repo, file);
-            let got = self.repo.download_with_progress(file, progress).map_err(|e| self.ctx.api_error(e, &what))?;
+            let got = self.repo.download_with_progress(file, progress).map_err(|e| self.ctx.api_error(e, &what));
+            if self.commit != self.ctx.r.revision {
+                self.cache.drop_ref(&self.commit);
+            }
+            let got = got?;
             if got != target {
-                return Err(PullError::Moved { repo: self.ctx.r.repo.clone(), revision: self.ctx.r.revision.clone() });
+                // Fetched by commit id, the file can only land in that commit's snapshot.
+                return Err(PullError::Other(format!("{what}: the hub answered for another commit ({})", got.display())));
             }
             match self.check(&target, file, &expected) {
                 Ok(()) => return Ok(target),
@@ -180,9 +199,10 @@ pub fn pull(settings: &HubSettings, r: &HubRef, display: Display) -> Result<Reso
         return super::cached(settings, r, true);
     }
     let ctx = Ctx { settings, r };
-    let repo = api(settings)?.repo(Repo::with_revision(r.repo.clone(), RepoType::Model, r.revision.clone()));
+    let api = api(settings)?;
     let what = format!("{}@{}", r.repo, r.revision);
-    let mut response = repo.info_request().query("blobs", "true").call().map_err(|e| ctx.http_error(e, &what))?;
+    let listing = api.repo(Repo::with_revision(r.repo.clone(), RepoType::Model, r.revision.clone()));
+    let mut response = listing.info_request().query("blobs", "true").call().map_err(|e| ctx.http_error(e, &what))?;
     let info: Info = response.body_mut().read_json()
         .map_err(|e| PullError::Other(format!("{what}: unexpected answer from the hub's model API: {e}")))?;
     if !super::is_commit(&info.sha) {
@@ -190,8 +210,17 @@ pub fn pull(settings: &HubSettings, r: &HubRef, display: Display) -> Result<Reso
     }
     let cache = RepoCache::new(&settings.cache_dir, &r.repo);
     let files = info.siblings.into_iter().map(|s| (s.rfilename.clone(), s)).collect();
+    // Files are fetched by commit id, so they all come from the commit listed even if the branch
+    // moves meanwhile. hf-hub then writes `refs/<commit id>` after each file: it is removed (after
+    // each file, and at the end), and `refs/<revision>` moves only once the copy is complete (a
+    // failed pull of a newer commit leaves the branch on the last complete one).
+    let repo = api.repo(Repo::with_revision(r.repo.clone(), RepoType::Model, info.sha.clone()));
     let mut remote = Remote { ctx, repo, cache, commit: info.sha.clone(), files, display };
-    let files = plan::walk(&mut remote)?;
+    let walked = plan::walk(&mut remote);
+    if info.sha != r.revision {
+        remote.cache.drop_ref(&info.sha);
+    }
+    let files = walked?;
     remote.cache.set_ref(&r.revision, &info.sha)?;
     tracing::info!(source = %r, commit = %info.sha, files = files.len(), "model files are in the cache");
     Ok(Resolved { dir: remote.cache.snapshot(&info.sha), commit: Some(info.sha), files })
@@ -208,6 +237,8 @@ mod tests {
         let ctx = Ctx { settings: &settings, r: &r };
         let full = ctx.api_error(ApiError::IoError(std::io::ErrorKind::StorageFull.into()), "org/m");
         assert!(matches!(full, PullError::DiskFull { .. }) && full.to_string() == "/cache: disk full", "{full}");
+        let cut = ctx.api_error(ApiError::IoError(std::io::ErrorKind::UnexpectedEof.into()), "org/m/model.safetensors");
+        assert!(matches!(cut, PullError::Network { .. }) && cut.to_string().contains("model.safetensors"), "{cut}");
         let retried = ctx.api_error(ApiError::TooManyRetries(Box::new(ApiError::RequestError(Box::new(ureq::Error::StatusCode(500))))), "f");
         assert!(matches!(retried, PullError::Http { status: 500, .. }), "{retried}");
         assert!(matches!(ctx.http_error(ureq::Error::StatusCode(401), "x"), PullError::NoToken { status: 401, .. }));

@@ -99,10 +99,14 @@ impl HubRef {
         if parts.len() > 2 || !parts.iter().all(|p| part_ok(p)) {
             return Err(format!("`{repo}` is not a hub repository id (org/name, letters, digits, `.`, `_`, `-`)"));
         }
-        if revision.is_empty() || revision.contains("..") || revision.starts_with('/') || revision.chars().any(char::is_whitespace) {
+        if revision.is_empty() || revision.contains("..") || revision.starts_with('/')
+            || revision.chars().any(|c| c.is_whitespace() || matches!(c, '#' | '?' | '%' | '\\'))
+        {
             return Err(format!("`{revision}` is not a usable revision"));
         }
-        Ok(HubRef { repo: repo.to_string(), revision: revision.to_string() })
+        // Commit ids are lowercase on the hub and in the cache.
+        let revision = if is_commit(revision) { revision.to_ascii_lowercase() } else { revision.to_string() };
+        Ok(HubRef { repo: repo.to_string(), revision })
     }
 
     /// Whether the revision is a full commit id (it then needs no ref to resolve).
@@ -192,8 +196,6 @@ pub enum PullError {
     Missing { repo: String, file: String },
     #[error("{file}: {message}")]
     Invalid { file: String, message: String },
-    #[error("{repo}@{revision} moved to another commit during the download")]
-    Moved { repo: String, revision: String },
     #[error("{0}")]
     Other(String),
 }
@@ -217,8 +219,10 @@ impl PullError {
 }
 
 /// A complete copy of `r` from the cache, with every file's content checked when `verify`.
+/// Optional files neither cached nor recorded as absent (copies made by other tools record no
+/// absent files) are taken as absent.
 pub fn cached(settings: &HubSettings, r: &HubRef, verify: bool) -> Result<Resolved, PullError> {
-    cache::resolve(settings, r, verify)
+    cache::resolve(settings, r, verify, false)
 }
 
 /// Asks the hub for the commit `r` names now and downloads the files the cache lacks.
@@ -228,8 +232,12 @@ pub fn pull(settings: &HubSettings, r: &HubRef, display: Display) -> Result<Reso
 
 /// What a server start needs: the cached copy when it is complete and intact, else a download
 /// (unless offline). A damaged cached file is downloaded again.
+///
+/// Online, a cached copy must be provably complete (an optional file neither cached nor recorded
+/// as absent sends the start to the hub, which settles it); offline, such files are taken as
+/// absent.
 pub fn resolve(settings: &HubSettings, r: &HubRef, display: Display) -> Result<Resolved, PullError> {
-    match cached(settings, r, true) {
+    match cache::resolve(settings, r, true, !settings.offline) {
         Ok(found) => Ok(found),
         Err(e) if settings.offline => Err(e),
         Err(e) => {
@@ -287,5 +295,9 @@ mod tests {
             assert!(HubRef::parse(bad).is_err(), "{bad}");
         }
         assert!(HubRef::parse(&format!("a/b@{}", "0123456789abcdef0123456789abcdef01234567")).unwrap().is_commit());
+        assert_eq!(HubRef::parse("a/b@0123456789ABCDEF0123456789abcdef01234567").unwrap().revision, "0123456789abcdef0123456789abcdef01234567");
+        for bad in ["a/b@x#y", "a/b@x?y", "a/b@100%"] {
+            assert!(HubRef::parse(bad).is_err(), "{bad}");
+        }
     }
 }

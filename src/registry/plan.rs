@@ -119,7 +119,8 @@ fn join(dir: &str, file: &str) -> String {
 /// A relative path that stays inside the repository.
 fn checked_path(p: &str) -> Result<String, String> {
     let path = Path::new(p);
-    if p.is_empty() || p.contains('\\') || !path.components().all(|c| matches!(c, Component::Normal(_))) {
+    let odd = |c: char| c.is_control() || matches!(c, '\\' | '?' | '#' | '%');
+    if p.is_empty() || p.contains(odd) || !path.components().all(|c| matches!(c, Component::Normal(_))) {
         return Err(format!("`{p}` is not a path inside the repository"));
     }
     Ok(p.trim_end_matches('/').to_string())

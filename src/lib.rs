@@ -11,6 +11,7 @@
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod metrics;
 pub mod grpc;
 pub mod mlx;
 pub mod models;

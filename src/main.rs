@@ -22,8 +22,17 @@ use mlx_embed::registry::{self, Display, HubSettings, Resolved};
 #[derive(Parser)]
 #[command(name = "mlx-embed", version, about = "Text embeddings on MLX")]
 struct Cli {
+    /// Log lines as text or as JSON objects (one per line); the level comes from RUST_LOG.
+    #[arg(long, global = true, value_enum, default_value = "text", env = "MLX_EMBED_LOG_FORMAT")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -68,6 +77,9 @@ struct ServeArgs {
     /// Listen here instead of the config's `listen` (e.g. 127.0.0.1:0 for any free port).
     #[arg(long)]
     listen: Option<String>,
+    /// Serve `GET /metrics` here instead of at the config's `metrics.listen`.
+    #[arg(long)]
+    metrics_listen: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -116,11 +128,14 @@ fn main() -> ExitCode {
     if std::env::var_os("MLX_ENABLE_TF32").is_none() {
         std::env::set_var("MLX_ENABLE_TF32", "0");
     }
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .init();
     let cli = Cli::parse();
+    let logs = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()));
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
     let result = match cli.command {
         Command::Embed(args) => embed(args),
         Command::Serve(args) => serve(args),
@@ -197,15 +212,25 @@ fn serve(args: ServeArgs) -> Result<()> {
     if let Some(listen) = args.listen {
         config.listen = listen;
     }
+    if let Some(listen) = args.metrics_listen {
+        config.metrics.listen = Some(listen);
+    }
     let hub = hub_settings();
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let metrics = match &config.metrics.listen {
+            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (metrics)"))?),
+            None => None,
+        };
         // Printed for scripts and tests that ask for port 0.
+        if let Some(m) = &metrics {
+            eprintln!("metrics on {}", m.local_addr()?);
+        }
         eprintln!("listening on {}", listener.local_addr()?);
-        mlx_embed::grpc::server::serve(config, &base, &hub, listener, shutdown_signal()).await?;
+        mlx_embed::grpc::server::serve(config, &base, &hub, listener, metrics, shutdown_signal()).await?;
         Ok(())
     })
 }

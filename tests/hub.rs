@@ -346,7 +346,7 @@ fn a_pull_killed_half_way_resumes_and_never_leaves_a_file_taken_for_complete() {
 /// `mlx-embed serve` on `config` with the hub at `hub`; returns the child and its address.
 fn serve(config: &Path, home: &Path, hub: &FakeHub, token: Option<&str>) -> (std::process::Child, String) {
     let mut c = mlx_embed();
-    c.args(["serve", "--listen", "127.0.0.1:0", "--config"]).arg(config)
+    c.args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--config"]).arg(config)
         .env("HF_HOME", home).env("HF_ENDPOINT", &hub.endpoint).stderr(Stdio::piped());
     if let Some(t) = token {
         c.env("HF_TOKEN", t);

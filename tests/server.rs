@@ -79,13 +79,16 @@ async fn models_are_listed_with_their_state() {
     let mut c = client().await;
     let models = c.list_models(pb::ListModelsRequest {}).await.unwrap().into_inner().models;
     let names: Vec<&str> = models.iter().map(|m| m.name.as_str()).collect();
-    assert_eq!(names, ["qwen", "gemma", "short", "absent"]);
+    assert_eq!(names, ["qwen", "gemma", "short", "absent", "hubbed"]);
     let gemma = c.get_model(pb::GetModelRequest { model: "gemma".into() }).await.unwrap().into_inner();
     assert_eq!((gemma.state, gemma.dimensions, gemma.pooling.as_str(), gemma.loaded), (pb::ModelState::Ready as i32, 48, "mean", true));
     assert!(gemma.prompts.contains_key("query"));
     let absent = &models[3];
     assert_eq!(absent.state, pb::ModelState::Failed as i32);
     assert!(absent.error.contains("does-not-exist"), "{}", absent.error);
+    // A hub model the (offline, empty) cache lacks waits, saying why.
+    let hubbed = &models[4];
+    assert_eq!(hubbed.state, pb::ModelState::Downloading as i32);
 }
 
 #[tokio::test]

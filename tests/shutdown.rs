@@ -18,7 +18,7 @@ async fn sigterm_finishes_requests_in_flight_then_exits() {
     let model = fixtures_dir().join("gemma-tiny");
     std::fs::write(&config, format!("models:\n  - {{name: g, source: {}, device: cpu}}\n", model.display())).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_mlx-embed"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"]).arg(&config)
+        .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--config"]).arg(&config)
         .stderr(Stdio::piped())
         .spawn().unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();

@@ -76,6 +76,31 @@ struct Slot {
     status: watch::Sender<ModelStatus>,
     /// Texts queued for this model (not yet started).
     queued: AtomicUsize,
+    /// `queued`, exported.
+    queue_depth: metrics::Gauge,
+}
+
+impl Slot {
+    /// Changes `queued` by `delta` texts; returns the count before.
+    fn add_queued(&self, delta: isize) -> usize {
+        let before = if delta >= 0 {
+            self.queued.fetch_add(delta as usize, Ordering::SeqCst)
+        } else {
+            self.queued.fetch_sub(delta.unsigned_abs(), Ordering::SeqCst)
+        };
+        self.queue_depth.set(before.wrapping_add_signed(delta) as f64);
+        before
+    }
+}
+
+/// A request's vectors, with where its time went.
+#[derive(Debug)]
+pub struct Embedded {
+    pub vectors: Vec<Vec<f32>>,
+    /// From arrival at the engine to its first text's forward pass.
+    pub queue: Duration,
+    /// From that forward pass to its last text's vector.
+    pub inference: Duration,
 }
 
 /// What the handle sends to the engine thread.
@@ -90,7 +115,7 @@ enum Msg {
 struct Job {
     model: usize,
     seqs: Vec<Vec<u32>>,
-    reply: oneshot::Sender<Result<Vec<Vec<f32>>, EngineError>>,
+    reply: oneshot::Sender<Result<Embedded, EngineError>>,
 }
 
 #[derive(Clone)]
@@ -114,6 +139,7 @@ impl EngineHandle {
                     _ => ModelStatus::Loading,
                 }).0,
                 queued: AtomicUsize::new(0),
+                queue_depth: metrics::gauge!(crate::metrics::QUEUE_DEPTH, "model" => s.name.clone()),
             }).collect(),
         );
         let stats = Arc::new(Stats::default());
@@ -184,22 +210,27 @@ impl EngineHandle {
 
     /// Embeds token sequences with `model`; returns the head's output per sequence, in order.
     pub async fn embed(&self, model: usize, seqs: Vec<Vec<u32>>) -> Result<Vec<Vec<f32>>, EngineError> {
+        Ok(self.embed_timed(model, seqs).await?.vectors)
+    }
+
+    /// [`EngineHandle::embed`], with the time spent queued and in inference.
+    pub async fn embed_timed(&self, model: usize, seqs: Vec<Vec<u32>>) -> Result<Embedded, EngineError> {
         if seqs.is_empty() {
-            return Ok(vec![]);
+            return Ok(Embedded { vectors: vec![], queue: Duration::ZERO, inference: Duration::ZERO });
         }
         let slot = &self.slots[model];
         if !matches!(*slot.status.borrow(), ModelStatus::Ready(_)) {
             return Err(EngineError::NotReady(slot.name.clone()));
         }
         let n = seqs.len();
-        let before = slot.queued.fetch_add(n, Ordering::SeqCst);
+        let before = slot.add_queued(n as isize);
         if before + n > self.max_queue {
-            slot.queued.fetch_sub(n, Ordering::SeqCst);
+            slot.add_queued(-(n as isize));
             return Err(EngineError::Overloaded { model: slot.name.clone(), queued: before, limit: self.max_queue });
         }
         let (reply, rx) = oneshot::channel();
         if self.tx.send(Msg::Job(Job { model, seqs, reply })).is_err() {
-            slot.queued.fetch_sub(n, Ordering::SeqCst);
+            slot.add_queued(-(n as isize));
             return Err(EngineError::Stopped);
         }
         rx.await.unwrap_or(Err(EngineError::Stopped))
@@ -209,7 +240,10 @@ impl EngineHandle {
 struct Pending {
     out: Vec<Option<Vec<f32>>>,
     remaining: usize,
-    reply: oneshot::Sender<Result<Vec<Vec<f32>>, EngineError>>,
+    reply: oneshot::Sender<Result<Embedded, EngineError>>,
+    accepted: Instant,
+    /// When its first text's forward pass started.
+    started: Option<Instant>,
 }
 
 /// State owned by the engine thread.
@@ -227,6 +261,8 @@ struct Engine {
     turn: usize,
     /// The batch started last, not yet collected.
     in_flight: Option<InFlight>,
+    /// The `device` label of MLX's memory counters.
+    device: &'static str,
 }
 
 struct InFlight {
@@ -249,6 +285,7 @@ impl Engine {
             next_job: 0,
             turn: 0,
             in_flight: None,
+            device: if crate::mlx::gpu_is_available() { "gpu" } else { "cpu" },
         }
     }
 
@@ -330,7 +367,10 @@ impl Engine {
         };
         match loaded {
             Ok(model) => {
-                tracing::info!(model = %name, secs = started.elapsed().as_secs_f64(), "model loaded");
+                let secs = started.elapsed().as_secs_f64();
+                tracing::info!(model = %name, secs, "model loaded");
+                metrics::gauge!(crate::metrics::MODEL_LOAD, "model" => name.to_string()).set(secs);
+                self.record_memory();
                 let pre = model.preprocessor();
                 self.models[i] = Some(model);
                 Some(ModelStatus::Ready(pre))
@@ -351,7 +391,7 @@ impl Engine {
         for (index, ids) in job.seqs.into_iter().enumerate() {
             self.queues[job.model].push(Seq { job: id, index, ids, enqueued: now });
         }
-        self.jobs.insert(id, Pending { out: vec![None; n], remaining: n, reply: job.reply });
+        self.jobs.insert(id, Pending { out: vec![None; n], remaining: n, reply: job.reply, accepted: now, started: None });
     }
 
     fn drop_abandoned(&mut self) {
@@ -360,8 +400,9 @@ impl Engine {
             let jobs = &self.jobs;
             let dropped = q.retain(|s| jobs.contains_key(&s.job));
             if dropped > 0 {
-                self.slots[m].queued.fetch_sub(dropped, Ordering::SeqCst);
+                self.slots[m].add_queued(-(dropped as isize));
                 self.stats.abandoned.fetch_add(dropped as u64, Ordering::Relaxed);
+                metrics::counter!(crate::metrics::ABANDONED, "model" => self.slots[m].name.clone()).increment(dropped as u64);
             }
         }
     }
@@ -396,7 +437,14 @@ impl Engine {
     }
 
     fn launch(&mut self, m: usize, batch: Vec<Seq>) {
-        self.slots[m].queued.fetch_sub(batch.len(), Ordering::SeqCst);
+        self.slots[m].add_queued(-(batch.len() as isize));
+        let now = Instant::now();
+        for s in &batch {
+            if let Some(p) = self.jobs.get_mut(&s.job) {
+                p.started.get_or_insert(now);
+            }
+        }
+        record_batch(&self.slots[m].name, &batch);
         let refs: Vec<&[u32]> = batch.iter().map(|s| s.ids.as_slice()).collect();
         let launched = match &self.models[m] {
             Some(model) => match catch_unwind(AssertUnwindSafe(|| model.launch(&refs))) {
@@ -423,6 +471,7 @@ impl Engine {
             }
             Ok(vectors) => {
                 self.count(&batch);
+                self.record_memory();
                 for (s, v) in batch.into_iter().zip(vectors) {
                     self.deliver(s, v);
                 }
@@ -442,6 +491,7 @@ impl Engine {
     fn fail(&mut self, m: usize, batch: &[Seq], why: String) {
         self.count(batch);
         self.stats.failed_batches.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(crate::metrics::FAILED_BATCHES, "model" => self.slots[m].name.clone()).increment(1);
         tracing::error!(model = %self.slots[m].name, error = %why, size = batch.len(), "batch failed");
         for s in batch {
             if let Some(p) = self.jobs.remove(&s.job) {
@@ -450,14 +500,33 @@ impl Engine {
         }
     }
 
+    fn record_memory(&self) {
+        crate::metrics::record_mlx_memory(self.device, crate::mlx::memory_stats());
+    }
+
     fn deliver(&mut self, s: Seq, v: Vec<f32>) {
         let Some(p) = self.jobs.get_mut(&s.job) else { return };
         p.out[s.index] = Some(v);
         p.remaining -= 1;
         if p.remaining == 0 {
             let p = self.jobs.remove(&s.job).expect("present: just looked up");
-            let out = p.out.into_iter().map(|v| v.expect("every index delivered once")).collect();
-            let _ = p.reply.send(Ok(out));
+            let vectors = p.out.into_iter().map(|v| v.expect("every index delivered once")).collect();
+            let now = Instant::now();
+            let started = p.started.unwrap_or(now);
+            let _ = p.reply.send(Ok(Embedded { vectors, queue: started - p.accepted, inference: now - started }));
         }
     }
+}
+
+/// Size, padded tokens, padding share and real tokens of a forward pass.
+fn record_batch(model: &str, batch: &[Seq]) {
+    let real: usize = batch.iter().map(|s| s.ids.len()).sum();
+    let padded = batch.iter().map(|s| s.ids.len()).max().unwrap_or(0) * batch.len();
+    let model = model.to_string();
+    metrics::histogram!(crate::metrics::BATCH_SIZE, "model" => model.clone()).record(batch.len() as f64);
+    metrics::histogram!(crate::metrics::BATCH_TOKENS, "model" => model.clone()).record(padded as f64);
+    if padded > 0 {
+        metrics::histogram!(crate::metrics::BATCH_PADDING, "model" => model.clone()).record(1.0 - real as f64 / padded as f64);
+    }
+    metrics::counter!(crate::metrics::TOKENS, "model" => model).increment(real as u64);
 }

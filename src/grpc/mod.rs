@@ -10,5 +10,6 @@ pub mod pb {
 }
 pub mod codec;
 pub mod convert;
+pub mod observe;
 pub mod service;
 pub mod server;

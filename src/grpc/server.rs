@@ -69,6 +69,8 @@ pub enum ServeError {
 /// Starts the engine thread for `config`'s models, and the fetches of hub models in the
 /// background; returns the engine with each model's origin.
 pub fn start_engine(config: &Config, base: &Path, hub: &HubSettings) -> (EngineHandle, Vec<Origin>) {
+    // The recorder comes first: the engine's metric handles bind to it when created.
+    crate::metrics::install();
     let (specs, origins, fetches) = load_specs(config, base);
     let limits = batcher::Limits {
         max_tokens: config.batching.max_batch_tokens,
@@ -98,15 +100,17 @@ pub fn start_engine(config: &Config, base: &Path, hub: &HubSettings) -> (EngineH
 }
 
 /// Serves `config` on `listener` until `shutdown` completes, then finishes in-flight requests.
+/// `metrics` serves `GET /metrics` (Prometheus) when given.
 pub async fn serve(
     config: Config,
     base: &Path,
     hub: &HubSettings,
     listener: TcpListener,
+    metrics: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let (engine, origins) = start_engine(&config, base, hub);
-    serve_engine(config, engine, origins, listener, shutdown).await
+    serve_engine(config, engine, origins, listener, metrics, shutdown).await
 }
 
 /// [`serve`] with an engine already started (tests keep a handle to read its counters).
@@ -115,16 +119,41 @@ pub async fn serve_engine(
     engine: EngineHandle,
     origins: Vec<Origin>,
     listener: TcpListener,
+    metrics: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let handle = crate::metrics::install();
+    let names: Vec<String> = engine.model_names().map(String::from).collect();
+    let hub_sources: Vec<String> = config.models.iter().filter_map(|m| match m.resolved_source(Path::new("/")) {
+        Source::Hub(r) => Some(r.to_string()),
+        Source::Local(_) => None,
+    }).collect();
+    crate::metrics::register(&crate::metrics::Startup {
+        models: &names,
+        hub_sources: &hub_sources,
+        max_queue: config.batching.max_queue,
+        max_in_flight: config.limits.max_concurrent_requests,
+        target: config.metrics.latency_target,
+        mlx_version: mlx::version(),
+        device: if mlx::gpu_is_available() { "gpu" } else { "cpu" },
+    });
+    let exporter = match metrics {
+        Some(l) => {
+            tracing::info!(addr = %l.local_addr()?, "metrics at GET /metrics");
+            Some(tokio::spawn(crate::metrics::serve(l, handle)))
+        }
+        None => None,
+    };
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_service_status("", ServingStatus::Serving).await;
     for (i, name) in engine.model_names().enumerate() {
         reporter.set_service_status(name, ServingStatus::NotServing).await;
         let (mut rx, reporter, name) = (engine.subscribe(i), reporter.clone(), name.to_string());
         tokio::spawn(async move {
+            let ready = ::metrics::gauge!(crate::metrics::MODEL_READY, "model" => name.clone());
             loop {
                 let serving = matches!(*rx.borrow_and_update(), ModelStatus::Ready(_));
+                ready.set(if serving { 1.0 } else { 0.0 });
                 let status = if serving { ServingStatus::Serving } else { ServingStatus::NotServing };
                 reporter.set_service_status(&name, status).await;
                 if rx.changed().await.is_err() {
@@ -167,6 +196,9 @@ pub async fn serve_engine(
         .await;
     // Also after a server error: the process must not exit while MLX is busy.
     tokio::task::spawn_blocking(move || stopper.shutdown()).await.ok();
+    if let Some(e) = exporter {
+        e.abort();
+    }
     tracing::info!("stopped");
     Ok(served?)
 }

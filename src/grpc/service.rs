@@ -3,6 +3,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Instant;
 
 use futures_util::{Stream, StreamExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -12,6 +13,7 @@ use crate::config::{Config, ModelConfig};
 use crate::engine::{EngineHandle, ModelStatus};
 use crate::error::{Error, Result};
 use crate::grpc::convert;
+use crate::grpc::observe::{self, Timings};
 use crate::grpc::pb::{self, embedding_service_server::EmbeddingService};
 use crate::models::Preprocessor;
 use crate::registry::Origin;
@@ -79,8 +81,16 @@ impl Inner {
         Ok((pre.prompt(&choice)?, convert::truncation(truncation, cfg)?))
     }
 
-    fn permit(&self) -> Result<OwnedSemaphorePermit> {
-        Arc::clone(&self.permits).try_acquire_owned().map_err(|_| Error::Overloaded("too many requests in progress".into()))
+    fn permit(&self) -> Result<Admitted> {
+        let permit = Arc::clone(&self.permits).try_acquire_owned().map_err(|_| Error::Overloaded("too many requests in progress".into()))?;
+        ::metrics::gauge!(crate::metrics::IN_FLIGHT).increment(1.0);
+        Ok(Admitted(permit))
+    }
+
+    /// The `model` label for a request: the name when the config has it (labels stay bounded
+    /// whatever clients send).
+    fn model_label(&self, name: &str) -> String {
+        if self.engine.model_index(name).is_some() { name.to_string() } else { "unknown".to_string() }
     }
 
     /// Runs `work` within the client's deadline (`grpc-timeout`), capped by `request_timeout`.
@@ -91,7 +101,7 @@ impl Inner {
         })
     }
 
-    async fn embed(&self, req: pb::EmbedRequest) -> Result<pb::EmbedResponse> {
+    async fn embed(&self, req: pb::EmbedRequest) -> Result<(pb::EmbedResponse, Timings)> {
         let permit = self.permit()?;
         let (idx, pre) = self.ready(&req.model)?;
         let cfg = &self.models[idx];
@@ -124,7 +134,13 @@ impl Inner {
             }
         }
 
+        let n_vectors = out.iter().filter(|o| o.is_some()).count();
+        ::metrics::counter!(crate::metrics::ITEMS, "model" => cfg.name.clone(), "kind" => "vector").increment(n_vectors as u64);
+        ::metrics::counter!(crate::metrics::ITEMS, "model" => cfg.name.clone(), "kind" => "text").increment(texts.len() as u64);
+
         // Tokenize on the blocking pool: it is CPU work and must not stall the async threads.
+        let mut timings = Timings::default();
+        let tokenizing = Instant::now();
         let max_tokens = cfg.max_tokens;
         let pre2 = Arc::clone(&pre);
         let (texts, encoded, _permit) = tokio::task::spawn_blocking(move || {
@@ -137,20 +153,25 @@ impl Inner {
             (texts, enc, permit)
         }).await.map_err(|e| Error::Internal(format!("tokenization task failed: {e}")))?;
         let encoded = encoded?;
+        timings.tokenize = tokenizing.elapsed();
 
         let total_tokens: u64 = encoded.iter().map(|e| e.ids.len() as u64).sum();
         let meta: Vec<(u32, bool)> = encoded.iter().map(|e| (e.ids.len() as u32, e.truncated)).collect();
-        let vectors = self.engine.embed(idx, encoded.into_iter().map(|e| e.ids).collect()).await?;
-        for (((i, _), v), (count, truncated)) in texts.iter().zip(vectors).zip(meta) {
+        let embedded = self.engine.embed_timed(idx, encoded.into_iter().map(|e| e.ids).collect()).await?;
+        (timings.queue, timings.inference) = (embedded.queue, embedded.inference);
+        let serializing = Instant::now();
+        for (((i, _), v), (count, truncated)) in texts.iter().zip(embedded.vectors).zip(meta) {
             out[*i] = Some(convert::encode(crate::models::finish(v, dims, normalize), encoding, count, truncated));
         }
-        Ok(pb::EmbedResponse {
+        let response = pb::EmbedResponse {
             model: cfg.name.clone(),
             dimensions: dims as u32,
             embeddings: out.into_iter().map(|e| e.expect("every item answered")).collect(),
             usage: Some(pb::Usage { total_tokens }),
             request_id: req.request_id,
-        })
+        };
+        timings.serialize = serializing.elapsed();
+        Ok((response, timings))
     }
 
     async fn tokenize(&self, req: pb::TokenizeRequest) -> Result<pb::TokenizeResponse> {
@@ -209,15 +230,28 @@ impl Inner {
     }
 }
 
+/// An admitted request; counted in the in-flight gauge until dropped.
+struct Admitted(#[allow(dead_code)] OwnedSemaphorePermit);
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        ::metrics::gauge!(crate::metrics::IN_FLIGHT).decrement(1.0);
+    }
+}
+
 type ResponseStream = Pin<Box<dyn Stream<Item = std::result::Result<pb::EmbedResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl EmbeddingService for Service {
     async fn embed(&self, req: Request<pb::EmbedRequest>) -> std::result::Result<Response<pb::EmbedResponse>, Status> {
+        let started = Instant::now();
         // When the deadline passes the work is dropped: the engine skips texts whose caller has gone.
         let timeout = grpc_timeout(&req);
+        let id = observe::request_id(&req, &req.get_ref().request_id);
+        let model = self.inner.model_label(&req.get_ref().model);
         let work = self.inner.embed(req.into_inner());
-        Ok(Response::new(self.inner.within_deadline(timeout.as_deref(), work).await?))
+        let result = self.inner.within_deadline(timeout.as_deref(), work).await;
+        observe::finish("Embed", &model, &id, started, result.map(|(r, t)| (r, Some(t))).map_err(Status::from))
     }
 
     type EmbedStreamStream = ResponseStream;
@@ -227,7 +261,15 @@ impl EmbeddingService for Service {
         let answers = req.into_inner()
             .map(move |r| {
                 let inner = Arc::clone(&inner);
-                async move { inner.within_deadline(None, inner.embed(r?)).await.map_err(Status::from) }
+                async move {
+                    let started = Instant::now();
+                    let r = r?;
+                    let model = inner.model_label(&r.model);
+                    let id = if r.request_id.is_empty() { observe::request_id(&Request::new(()), "") } else { r.request_id.clone() };
+                    let result = inner.within_deadline(None, inner.embed(r)).await;
+                    let answer = observe::finish("EmbedStream", &model, &id, started, result.map(|(r, t)| (r, Some(t))).map_err(Status::from));
+                    answer.map(Response::into_inner)
+                }
             })
             .buffered(STREAM_PIPELINE);
         Ok(Response::new(Box::pin(answers)))
@@ -246,9 +288,13 @@ impl EmbeddingService for Service {
     }
 
     async fn tokenize(&self, req: Request<pb::TokenizeRequest>) -> std::result::Result<Response<pb::TokenizeResponse>, Status> {
+        let started = Instant::now();
         let timeout = grpc_timeout(&req);
+        let id = observe::request_id(&req, "");
+        let model = self.inner.model_label(&req.get_ref().model);
         let work = self.inner.tokenize(req.into_inner());
-        Ok(Response::new(self.inner.within_deadline(timeout.as_deref(), work).await?))
+        let result = self.inner.within_deadline(timeout.as_deref(), work).await;
+        observe::finish("Tokenize", &model, &id, started, result.map(|r| (r, None)).map_err(Status::from))
     }
 }
 

@@ -49,6 +49,8 @@ fn try_once(engine: &EngineHandle, w: &Wanted, settings: &HubSettings, delay: Du
     let names = names.join(", ");
     let result = catch_unwind(AssertUnwindSafe(|| super::resolve(settings, &w.r, Display::Log)))
         .unwrap_or_else(|_| Err(PullError::Other(format!("{}: the download panicked", w.r))));
+    let outcome = if result.is_ok() { "ok" } else { "error" };
+    metrics::counter!(crate::metrics::PULLS, "source" => w.r.to_string(), "result" => outcome).increment(1);
     match result {
         Ok(found) => {
             tracing::info!(models = %names, source = %w.r, commit = found.commit.as_deref().unwrap_or(""),

@@ -28,6 +28,7 @@ models:
   - {name: gemma, source: gemma-tiny, dtype: f32, device: DEVICE, allowed_dimensions: [48, 32]}
   - {name: short, source: qwen3-tiny, dtype: f32, device: DEVICE, max_tokens: 16, truncation: none}
   - {name: absent, source: does-not-exist}
+  - {name: hubbed, source: 'hf://org/not-cached'}
 ".replace("DEVICE", device)
 }
 
@@ -37,6 +38,8 @@ pub fn config() -> Config {
 
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// Where `GET /metrics` answers.
+    pub metrics_addr: SocketAddr,
     pub engine: EngineHandle,
 }
 
@@ -63,8 +66,10 @@ pub fn server() -> &'static TestServer {
                     st.wait_for(|s| !matches!(s, mlx_embed::engine::ModelStatus::Loading)).await.unwrap();
                 }
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                tx.send(TestServer { addr: listener.local_addr().unwrap(), engine: engine.clone() }).unwrap();
-                mlx_embed::grpc::server::serve_engine(config, engine, origins, listener, std::future::pending()).await.unwrap();
+                let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let (addr, metrics_addr) = (listener.local_addr().unwrap(), metrics.local_addr().unwrap());
+                tx.send(TestServer { addr, metrics_addr, engine: engine.clone() }).unwrap();
+                mlx_embed::grpc::server::serve_engine(config, engine, origins, listener, Some(metrics), std::future::pending()).await.unwrap();
             });
         });
         rx.recv().unwrap()

@@ -1,0 +1,121 @@
+//! What each RPC leaves behind: its request id, its metrics (latency, status code, stage times)
+//! and its log line, and the stage times in the response metadata, in milliseconds, under the
+//! names text-embeddings-inference uses (`x-tokenization-time`, `x-queue-time`,
+//! `x-inference-time`, plus `x-serialization-time` and `x-total-time`).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::{Request, Response, Status};
+
+use crate::metrics;
+
+/// Where an Embed request's time went.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timings {
+    pub tokenize: Duration,
+    pub queue: Duration,
+    pub inference: Duration,
+    pub serialize: Duration,
+}
+
+impl Timings {
+    /// Records the stage histograms of `model`.
+    pub fn record(&self, model: &str) {
+        for (stage, d) in [("tokenize", self.tokenize), ("queue", self.queue), ("inference", self.inference), ("serialize", self.serialize)] {
+            ::metrics::histogram!(metrics::STAGE_DURATION, "model" => model.to_string(), "stage" => stage).record(d.as_secs_f64());
+        }
+    }
+}
+
+/// The request's id: the `x-request-id` metadata, else the id in the message, else a new one.
+pub fn request_id<T>(req: &Request<T>, in_message: &str) -> String {
+    let given = req.metadata().get("x-request-id").and_then(|v| v.to_str().ok()).map(str::trim).unwrap_or("");
+    let given = if given.is_empty() { in_message.trim() } else { given };
+    if !given.is_empty() && given.len() <= 128 && given.bytes().all(|b| b.is_ascii_graphic()) {
+        return given.to_string();
+    }
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    static EPOCH: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    });
+    format!("{epoch:x}-{:x}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// One finished RPC: records its metrics, logs it (failures at `warn`, successes at `debug`)
+/// and answers with the request id and stage times in the metadata.
+pub fn finish<T>(
+    rpc: &'static str,
+    model: &str,
+    id: &str,
+    started: Instant,
+    result: Result<(T, Option<Timings>), Status>,
+) -> Result<Response<T>, Status> {
+    let total = started.elapsed();
+    let code = result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok);
+    metrics::record_request(rpc, model, code, total);
+    let ms = |d: Duration| format!("{:.3}", d.as_secs_f64() * 1e3);
+    match result {
+        Ok((message, timings)) => {
+            let mut response = Response::new(message);
+            let md = response.metadata_mut();
+            put(md, "x-request-id", id);
+            put(md, "x-total-time", &ms(total));
+            if let Some(t) = timings {
+                t.record(model);
+                put(md, "x-tokenization-time", &ms(t.tokenize));
+                put(md, "x-queue-time", &ms(t.queue));
+                put(md, "x-inference-time", &ms(t.inference));
+                put(md, "x-serialization-time", &ms(t.serialize));
+                tracing::debug!(rpc, model, request_id = id, total_ms = %ms(total), tokenize_ms = %ms(t.tokenize),
+                    queue_ms = %ms(t.queue), inference_ms = %ms(t.inference), "ok");
+            } else {
+                tracing::debug!(rpc, model, request_id = id, total_ms = %ms(total), "ok");
+            }
+            Ok(response)
+        }
+        Err(mut status) => {
+            tracing::warn!(rpc, model, request_id = id, code = metrics::code_name(status.code()), total_ms = %ms(total),
+                message = status.message(), "failed");
+            put(status.metadata_mut(), "x-request-id", id);
+            Err(status)
+        }
+    }
+}
+
+fn put(md: &mut MetadataMap, key: &'static str, value: &str) {
+    if let Ok(v) = MetadataValue::try_from(value) {
+        md.insert(key, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_come_from_the_metadata_then_the_message_else_are_made_up() {
+        let mut req = Request::new(());
+        assert_eq!(request_id(&req, "from-message"), "from-message");
+        req.metadata_mut().insert("x-request-id", "abc-123".parse().unwrap());
+        assert_eq!(request_id(&req, "from-message"), "abc-123");
+        let plain = Request::new(());
+        let (a, b) = (request_id(&plain, ""), request_id(&plain, " "));
+        assert!(!a.is_empty() && a != b, "{a} {b}");
+        assert_ne!(request_id(&plain, &"x".repeat(200)), "x".repeat(200));
+    }
+
+    #[test]
+    fn a_failure_keeps_its_status_and_carries_the_request_id() {
+        let r: Result<Response<()>, Status> = finish("Embed", "m", "id-1", Instant::now(), Err(Status::invalid_argument("bad")));
+        let status = r.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert_eq!(status.metadata().get("x-request-id").unwrap(), "id-1");
+        let t = Timings { tokenize: Duration::from_micros(1500), ..Default::default() };
+        let ok = finish("Embed", "m", "id-2", Instant::now(), Ok(((), Some(t)))).unwrap();
+        assert_eq!(ok.metadata().get("x-tokenization-time").unwrap(), "1.500");
+        assert_eq!(ok.metadata().get("x-request-id").unwrap(), "id-2");
+    }
+}

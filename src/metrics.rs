@@ -134,9 +134,8 @@ pub fn register(s: &Startup<'_>) {
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "mlx_version" => s.mlx_version.clone(), "device" => s.device).set(1.0);
     gauge!(IN_FLIGHT).set(0.0);
     gauge!(IN_FLIGHT_LIMIT).set(s.max_in_flight as f64);
-    for kind in ["active", "peak", "cache"] {
-        gauge!(MLX_MEMORY, "device" => s.device, "kind" => kind).set(0.0);
-    }
+    // MLX_MEMORY: the engine records it from its start (it runs MLX; it may have loaded models
+    // before this runs).
     for source in s.hub_sources {
         for result in ["ok", "error"] {
             counter!(PULLS, "source" => source.clone(), "result" => result).absolute(0);

@@ -99,6 +99,8 @@ async fn requests_and_items_are_counted_exactly_and_timings_come_back_as_metadat
     assert!(value(&after, r#"mlx_embed_tokens_total{model="short"}"#).unwrap() > value(&before, r#"mlx_embed_tokens_total{model="short"}"#).unwrap());
     assert!(value(&after, r#"mlx_embed_batch_size_count{model="short"}"#).unwrap() >= 1.0);
     assert!(value(&after, r#"mlx_embed_stage_duration_seconds_count{model="short",stage="inference"}"#).unwrap() >= 5.0);
+    let peak = after.lines().find(|l| l.starts_with("mlx_embed_mlx_memory_bytes{") && l.contains(r#"kind="peak""#)).unwrap();
+    assert!(peak.rsplit(' ').next().unwrap().parse::<f64>().unwrap() > 0.0, "{peak}");
 }
 
 fn deploy(path: &str) -> std::path::PathBuf {

@@ -290,6 +290,7 @@ impl Engine {
     }
 
     fn run(mut self, specs: Vec<LoadSpec>, rx: mpsc::Receiver<Msg>) {
+        self.record_memory();
         // Models become Ready together, once the loop that serves them can start: a model marked
         // Ready while another still loads would accept requests that cannot run yet.
         let mut ready = Vec::new();

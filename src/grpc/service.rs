@@ -275,16 +275,19 @@ impl EmbeddingService for Service {
         Ok(Response::new(Box::pin(answers)))
     }
 
-    async fn list_models(&self, _req: Request<pb::ListModelsRequest>) -> std::result::Result<Response<pb::ListModelsResponse>, Status> {
+    async fn list_models(&self, req: Request<pb::ListModelsRequest>) -> std::result::Result<Response<pb::ListModelsResponse>, Status> {
+        let (started, id) = (Instant::now(), observe::request_id(&req, ""));
         let models = (0..self.inner.models.len()).map(|i| self.inner.describe(i)).collect();
-        Ok(Response::new(pb::ListModelsResponse { models }))
+        observe::finish("ListModels", "", &id, started, Ok((pb::ListModelsResponse { models }, None)))
     }
 
     async fn get_model(&self, req: Request<pb::GetModelRequest>) -> std::result::Result<Response<pb::Model>, Status> {
+        let (started, id) = (Instant::now(), observe::request_id(&req, ""));
         let name = req.into_inner().model;
-        let idx = self.inner.engine.model_index(&name)
-            .ok_or_else(|| Status::from(Error::NotFound(format!("no model named `{name}`"))))?;
-        Ok(Response::new(self.inner.describe(idx)))
+        let result = self.inner.engine.model_index(&name)
+            .map(|idx| (self.inner.describe(idx), None))
+            .ok_or_else(|| Status::from(Error::NotFound(format!("no model named `{name}`"))));
+        observe::finish("GetModel", &self.inner.model_label(&name), &id, started, result)
     }
 
     async fn tokenize(&self, req: Request<pb::TokenizeRequest>) -> std::result::Result<Response<pb::TokenizeResponse>, Status> {

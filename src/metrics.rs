@@ -14,7 +14,8 @@ use hyper::body::Bytes;
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-/// End-to-end latency of an RPC, by `rpc` and `model`.
+/// End-to-end latency of an RPC the service worked on, by `rpc` and `model` (see
+/// [`record_request`]).
 pub const REQUEST_DURATION: &str = "mlx_embed_request_duration_seconds";
 /// Time of one stage of an Embed request, by `model` and `stage` (see [`STAGES`]).
 pub const STAGE_DURATION: &str = "mlx_embed_stage_duration_seconds";
@@ -164,10 +165,16 @@ pub fn register(s: &Startup<'_>) {
     }
 }
 
-/// Records a finished RPC.
+/// Records a finished RPC. The latency histogram takes the requests the service worked on
+/// (answered, failed or timed out while running); refusals before any work (bad input, unknown
+/// or unready model, overload) only count in [`REQUESTS`], or floods of instant refusals would
+/// pull the P95 down exactly when the service is overloaded.
 pub fn record_request(rpc: &'static str, model: &str, code: tonic::Code, elapsed: Duration) {
+    use tonic::Code as C;
     let model = model.to_string();
-    histogram!(REQUEST_DURATION, "rpc" => rpc, "model" => model.clone()).record(elapsed.as_secs_f64());
+    if matches!(code, C::Ok | C::DeadlineExceeded | C::Cancelled | C::Internal | C::Unknown | C::DataLoss) {
+        histogram!(REQUEST_DURATION, "rpc" => rpc, "model" => model.clone()).record(elapsed.as_secs_f64());
+    }
     counter!(REQUESTS, "rpc" => rpc, "model" => model, "code" => code_name(code)).increment(1);
 }
 
@@ -222,7 +229,11 @@ pub async fn serve(listener: tokio::net::TcpListener, handle: PrometheusHandle) 
         }
     });
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            // Out of file descriptors, say: wait rather than spin.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
         let handle = handle.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {

@@ -123,7 +123,7 @@ async fn prometheus_sees_the_p95_the_client_measured_and_every_request() {
         let seen = wait_for(&prom, &count, |v| v >= N as f64);
         assert_eq!(seen, N as f64, "{model}: Prometheus counted {seen} requests, the client sent {N}");
 
-        let client_p95 = percentile(lat, 0.95);
+        let client_p95 = percentile(lat.clone(), 0.95);
         let raw = format!(r#"histogram_quantile(0.95, sum by (le) (mlx_embed_request_duration_seconds_bucket{{rpc="Embed",model="{model}"}}))"#);
         let server_p95 = query(&prom, &raw).unwrap();
         // The server measures a little less than the client (no network, no client work): the
@@ -132,6 +132,14 @@ async fn prometheus_sees_the_p95_the_client_measured_and_every_request() {
         let next_high = LATENCY_BUCKETS.iter().copied().find(|b| *b > high).unwrap_or(high);
         assert!(client_p95 >= low && client_p95 <= next_high,
             "{model}: client P95 {client_p95:.4}s, Prometheus P95 {server_p95:.4}s in bucket ({low}, {high}]");
+
+        // Means: the server's (sum/count) is below the client's, which adds the network and the
+        // client's own work, but not by much.
+        let mean = |what: &str| query(&prom, &format!(r#"sum(mlx_embed_request_duration_seconds_{what}{{rpc="Embed",model="{model}"}})"#)).unwrap();
+        let server_mean = mean("sum") / mean("count");
+        let client_mean = lat.iter().sum::<f64>() / lat.len() as f64;
+        assert!(server_mean <= client_mean && server_mean >= 0.6 * client_mean - 0.002,
+            "{model}: server mean {server_mean:.4}s, client mean {client_mean:.4}s");
 
         // The recording rule operators alert on gives the same bucket.
         let rule = format!(r#"mlx_embed:request_duration_seconds:p95_5m{{model="{model}"}}"#);

@@ -81,15 +81,15 @@ struct Slot {
 }
 
 impl Slot {
-    /// Changes `queued` by `delta` texts; returns the count before.
+    /// Changes `queued` by `delta` texts; returns the count before. (The gauge moves by the same
+    /// delta: increments commute, so concurrent changes cannot leave it at a stale value.)
     fn add_queued(&self, delta: isize) -> usize {
-        let before = if delta >= 0 {
+        self.queue_depth.increment(delta as f64);
+        if delta >= 0 {
             self.queued.fetch_add(delta as usize, Ordering::SeqCst)
         } else {
             self.queued.fetch_sub(delta.unsigned_abs(), Ordering::SeqCst)
-        };
-        self.queue_depth.set(before.wrapping_add_signed(delta) as f64);
-        before
+        }
     }
 }
 
@@ -97,9 +97,9 @@ impl Slot {
 #[derive(Debug)]
 pub struct Embedded {
     pub vectors: Vec<Vec<f32>>,
-    /// From arrival at the engine to its first text's forward pass.
+    /// From submission to the start of its first text's forward pass (the device free for it).
     pub queue: Duration,
-    /// From that forward pass to its last text's vector.
+    /// From then to its last text's vector.
     pub inference: Duration,
 }
 
@@ -115,6 +115,7 @@ enum Msg {
 struct Job {
     model: usize,
     seqs: Vec<Vec<u32>>,
+    submitted: Instant,
     reply: oneshot::Sender<Result<Embedded, EngineError>>,
 }
 
@@ -229,7 +230,7 @@ impl EngineHandle {
             return Err(EngineError::Overloaded { model: slot.name.clone(), queued: before, limit: self.max_queue });
         }
         let (reply, rx) = oneshot::channel();
-        if self.tx.send(Msg::Job(Job { model, seqs, reply })).is_err() {
+        if self.tx.send(Msg::Job(Job { model, seqs, submitted: Instant::now(), reply })).is_err() {
             slot.add_queued(-(n as isize));
             return Err(EngineError::Stopped);
         }
@@ -241,6 +242,7 @@ struct Pending {
     out: Vec<Option<Vec<f32>>>,
     remaining: usize,
     reply: oneshot::Sender<Result<Embedded, EngineError>>,
+    /// When the request was handed to the engine.
     accepted: Instant,
     /// When its first text's forward pass started.
     started: Option<Instant>,
@@ -291,6 +293,9 @@ impl Engine {
 
     fn run(mut self, specs: Vec<LoadSpec>, rx: mpsc::Receiver<Msg>) {
         self.record_memory();
+        for slot in self.slots.iter() {
+            metrics::gauge!(crate::metrics::MODEL_LOAD, "model" => slot.name.clone()).set(f64::NAN); // not loaded yet
+        }
         // Models become Ready together, once the loop that serves them can start: a model marked
         // Ready while another still loads would accept requests that cannot run yet.
         let mut ready = Vec::new();
@@ -392,7 +397,7 @@ impl Engine {
         for (index, ids) in job.seqs.into_iter().enumerate() {
             self.queues[job.model].push(Seq { job: id, index, ids, enqueued: now });
         }
-        self.jobs.insert(id, Pending { out: vec![None; n], remaining: n, reply: job.reply, accepted: now, started: None });
+        self.jobs.insert(id, Pending { out: vec![None; n], remaining: n, reply: job.reply, accepted: job.submitted, started: None });
     }
 
     fn drop_abandoned(&mut self) {
@@ -424,6 +429,8 @@ impl Engine {
                     if let Some(p) = previous {
                         self.collect(p);
                     }
+                    // The device turns to the new batch once the previous one is done.
+                    self.mark_started();
                     return Some(Duration::ZERO);
                 }
                 Next::WaitUntil(t) => earliest = Some(earliest.map_or(t, |e| e.min(t))),
@@ -439,12 +446,6 @@ impl Engine {
 
     fn launch(&mut self, m: usize, batch: Vec<Seq>) {
         self.slots[m].add_queued(-(batch.len() as isize));
-        let now = Instant::now();
-        for s in &batch {
-            if let Some(p) = self.jobs.get_mut(&s.job) {
-                p.started.get_or_insert(now);
-            }
-        }
         record_batch(&self.slots[m].name, &batch);
         let refs: Vec<&[u32]> = batch.iter().map(|s| s.ids.as_slice()).collect();
         let launched = match &self.models[m] {
@@ -497,6 +498,17 @@ impl Engine {
         for s in batch {
             if let Some(p) = self.jobs.remove(&s.job) {
                 let _ = p.reply.send(Err(EngineError::Failed(why.clone())));
+            }
+        }
+    }
+
+    /// Notes, for the requests of the batch in flight, when their first forward pass began.
+    fn mark_started(&mut self) {
+        let Some(f) = &self.in_flight else { return };
+        let now = Instant::now();
+        for s in &f.batch {
+            if let Some(p) = self.jobs.get_mut(&s.job) {
+                p.started.get_or_insert(now);
             }
         }
     }

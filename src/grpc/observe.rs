@@ -1,7 +1,8 @@
 //! What each RPC leaves behind: its request id, its metrics (latency, status code, stage times)
 //! and its log line, and the stage times in the response metadata, in milliseconds, under the
 //! names text-embeddings-inference uses (`x-tokenization-time`, `x-queue-time`,
-//! `x-inference-time`, plus `x-serialization-time` and `x-total-time`).
+//! `x-inference-time`, plus `x-serialization-time` and `x-total-time`). A call the client
+//! abandons is recorded as CANCELLED when its handler is dropped.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -14,6 +15,8 @@ use crate::metrics;
 /// Where an Embed request's time went.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Timings {
+    /// Texts in the request (the stages are empty without any).
+    pub texts: usize,
     pub tokenize: Duration,
     pub queue: Duration,
     pub inference: Duration,
@@ -21,8 +24,12 @@ pub struct Timings {
 }
 
 impl Timings {
-    /// Records the stage histograms of `model`.
+    /// Records the stage histograms of `model` (not for requests with only vectors: their
+    /// stages are empty and would drag the stage percentiles to 0).
     pub fn record(&self, model: &str) {
+        if self.texts == 0 {
+            return;
+        }
         for (stage, d) in [("tokenize", self.tokenize), ("queue", self.queue), ("inference", self.inference), ("serialize", self.serialize)] {
             ::metrics::histogram!(metrics::STAGE_DURATION, "model" => model.to_string(), "stage" => stage).record(d.as_secs_f64());
         }
@@ -44,45 +51,75 @@ pub fn request_id<T>(req: &Request<T>, in_message: &str) -> String {
     format!("{epoch:x}-{:x}", NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
-/// One finished RPC: records its metrics, logs it (failures at `warn`, successes at `debug`)
-/// and answers with the request id and stage times in the metadata.
-pub fn finish<T>(
+/// An RPC in progress. [`Call::finish`] records its metrics, logs it and answers with the request
+/// id and stage times in the metadata; a call dropped unfinished (the client cancelled or went
+/// away) is recorded as CANCELLED.
+pub struct Call {
     rpc: &'static str,
-    model: &str,
-    id: &str,
+    model: String,
+    id: String,
     started: Instant,
-    result: Result<(T, Option<Timings>), Status>,
-) -> Result<Response<T>, Status> {
-    let total = started.elapsed();
-    let code = result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok);
-    metrics::record_request(rpc, model, code, total);
-    let ms = |d: Duration| format!("{:.3}", d.as_secs_f64() * 1e3);
-    match result {
-        Ok((message, timings)) => {
-            let mut response = Response::new(message);
-            let md = response.metadata_mut();
-            put(md, "x-request-id", id);
-            put(md, "x-total-time", &ms(total));
-            if let Some(t) = timings {
-                t.record(model);
-                put(md, "x-tokenization-time", &ms(t.tokenize));
-                put(md, "x-queue-time", &ms(t.queue));
-                put(md, "x-inference-time", &ms(t.inference));
-                put(md, "x-serialization-time", &ms(t.serialize));
-                tracing::debug!(rpc, model, request_id = id, total_ms = %ms(total), tokenize_ms = %ms(t.tokenize),
-                    queue_ms = %ms(t.queue), inference_ms = %ms(t.inference), "ok");
-            } else {
-                tracing::debug!(rpc, model, request_id = id, total_ms = %ms(total), "ok");
+    done: bool,
+}
+
+impl Call {
+    pub fn start(rpc: &'static str, model: String, id: String) -> Call {
+        Call { rpc, model, id, started: Instant::now(), done: false }
+    }
+
+    pub fn finish<T>(mut self, result: Result<(T, Option<Timings>), Status>) -> Result<Response<T>, Status> {
+        self.done = true;
+        let total = self.started.elapsed();
+        let code = result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok);
+        metrics::record_request(self.rpc, &self.model, code, total);
+        let (rpc, model, id) = (self.rpc, self.model.as_str(), self.id.as_str());
+        match result {
+            Ok((message, timings)) => {
+                let mut response = Response::new(message);
+                let md = response.metadata_mut();
+                put(md, "x-request-id", id);
+                put(md, "x-total-time", &ms(total));
+                if let Some(t) = timings {
+                    t.record(model);
+                    put(md, "x-tokenization-time", &ms(t.tokenize));
+                    put(md, "x-queue-time", &ms(t.queue));
+                    put(md, "x-inference-time", &ms(t.inference));
+                    put(md, "x-serialization-time", &ms(t.serialize));
+                    tracing::debug!(rpc, model, request_id = id, total_ms = %ms(total), tokenize_ms = %ms(t.tokenize),
+                        queue_ms = %ms(t.queue), inference_ms = %ms(t.inference), "ok");
+                } else {
+                    tracing::debug!(rpc, model, request_id = id, total_ms = %ms(total), "ok");
+                }
+                Ok(response)
             }
-            Ok(response)
-        }
-        Err(mut status) => {
-            tracing::warn!(rpc, model, request_id = id, code = metrics::code_name(status.code()), total_ms = %ms(total),
-                message = status.message(), "failed");
-            put(status.metadata_mut(), "x-request-id", id);
-            Err(status)
+            Err(mut status) => {
+                // The service's own failures are worth a warning; refusals (bad input, overload,
+                // not ready) are the client's business and could flood the log under load.
+                let code_name = metrics::code_name(status.code());
+                if matches!(status.code(), tonic::Code::Internal | tonic::Code::Unknown | tonic::Code::DataLoss) {
+                    tracing::warn!(rpc, model, request_id = id, code = code_name, total_ms = %ms(total), message = status.message(), "failed");
+                } else {
+                    tracing::debug!(rpc, model, request_id = id, code = code_name, total_ms = %ms(total), message = status.message(), "refused");
+                }
+                put(status.metadata_mut(), "x-request-id", id);
+                Err(status)
+            }
         }
     }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        if !self.done {
+            let total = self.started.elapsed();
+            metrics::record_request(self.rpc, &self.model, tonic::Code::Cancelled, total);
+            tracing::debug!(rpc = self.rpc, model = %self.model, request_id = %self.id, total_ms = %ms(total), "cancelled by the client");
+        }
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3}", d.as_secs_f64() * 1e3)
 }
 
 fn put(md: &mut MetadataMap, key: &'static str, value: &str) {
@@ -107,14 +144,18 @@ mod tests {
         assert_ne!(request_id(&plain, &"x".repeat(200)), "x".repeat(200));
     }
 
+    fn call(id: &str) -> Call {
+        Call::start("Embed", "m".into(), id.into())
+    }
+
     #[test]
     fn a_failure_keeps_its_status_and_carries_the_request_id() {
-        let r: Result<Response<()>, Status> = finish("Embed", "m", "id-1", Instant::now(), Err(Status::invalid_argument("bad")));
+        let r: Result<Response<()>, Status> = call("id-1").finish(Err(Status::invalid_argument("bad")));
         let status = r.unwrap_err();
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
         assert_eq!(status.metadata().get("x-request-id").unwrap(), "id-1");
         let t = Timings { tokenize: Duration::from_micros(1500), ..Default::default() };
-        let ok = finish("Embed", "m", "id-2", Instant::now(), Ok(((), Some(t)))).unwrap();
+        let ok = call("id-2").finish(Ok(((), Some(t)))).unwrap();
         assert_eq!(ok.metadata().get("x-tokenization-time").unwrap(), "1.500");
         assert_eq!(ok.metadata().get("x-request-id").unwrap(), "id-2");
     }

@@ -87,10 +87,11 @@ impl Inner {
         Ok(Admitted(permit))
     }
 
-    /// The `model` label for a request: the name when the config has it (labels stay bounded
-    /// whatever clients send).
-    fn model_label(&self, name: &str) -> String {
-        if self.engine.model_index(name).is_some() { name.to_string() } else { "unknown".to_string() }
+    /// Starts observing an RPC for `model` (labelled `unknown` when the config has no such model,
+    /// so labels stay bounded whatever clients send).
+    fn call<T>(&self, rpc: &'static str, req: &Request<T>, model: &str, request_id: &str) -> observe::Call {
+        let label = if model.is_empty() || self.engine.model_index(model).is_some() { model.to_string() } else { "unknown".to_string() };
+        observe::Call::start(rpc, label, observe::request_id(req, request_id))
     }
 
     /// Runs `work` within the client's deadline (`grpc-timeout`), capped by `request_timeout`.
@@ -135,11 +136,9 @@ impl Inner {
         }
 
         let n_vectors = out.iter().filter(|o| o.is_some()).count();
-        ::metrics::counter!(crate::metrics::ITEMS, "model" => cfg.name.clone(), "kind" => "vector").increment(n_vectors as u64);
-        ::metrics::counter!(crate::metrics::ITEMS, "model" => cfg.name.clone(), "kind" => "text").increment(texts.len() as u64);
 
         // Tokenize on the blocking pool: it is CPU work and must not stall the async threads.
-        let mut timings = Timings::default();
+        let mut timings = Timings { texts: texts.len(), ..Timings::default() };
         let tokenizing = Instant::now();
         let max_tokens = cfg.max_tokens;
         let pre2 = Arc::clone(&pre);
@@ -171,6 +170,8 @@ impl Inner {
             request_id: req.request_id,
         };
         timings.serialize = serializing.elapsed();
+        ::metrics::counter!(crate::metrics::ITEMS, "model" => cfg.name.clone(), "kind" => "vector").increment(n_vectors as u64);
+        ::metrics::counter!(crate::metrics::ITEMS, "model" => cfg.name.clone(), "kind" => "text").increment(texts.len() as u64);
         Ok((response, timings))
     }
 
@@ -244,14 +245,12 @@ type ResponseStream = Pin<Box<dyn Stream<Item = std::result::Result<pb::EmbedRes
 #[tonic::async_trait]
 impl EmbeddingService for Service {
     async fn embed(&self, req: Request<pb::EmbedRequest>) -> std::result::Result<Response<pb::EmbedResponse>, Status> {
-        let started = Instant::now();
+        let call = self.inner.call("Embed", &req, &req.get_ref().model, &req.get_ref().request_id);
         // When the deadline passes the work is dropped: the engine skips texts whose caller has gone.
         let timeout = grpc_timeout(&req);
-        let id = observe::request_id(&req, &req.get_ref().request_id);
-        let model = self.inner.model_label(&req.get_ref().model);
         let work = self.inner.embed(req.into_inner());
         let result = self.inner.within_deadline(timeout.as_deref(), work).await;
-        observe::finish("Embed", &model, &id, started, result.map(|(r, t)| (r, Some(t))).map_err(Status::from))
+        call.finish(result.map(|(r, t)| (r, Some(t))).map_err(Status::from))
     }
 
     type EmbedStreamStream = ResponseStream;
@@ -262,13 +261,10 @@ impl EmbeddingService for Service {
             .map(move |r| {
                 let inner = Arc::clone(&inner);
                 async move {
-                    let started = Instant::now();
                     let r = r?;
-                    let model = inner.model_label(&r.model);
-                    let id = if r.request_id.is_empty() { observe::request_id(&Request::new(()), "") } else { r.request_id.clone() };
+                    let call = inner.call("EmbedStream", &Request::new(()), &r.model, &r.request_id);
                     let result = inner.within_deadline(None, inner.embed(r)).await;
-                    let answer = observe::finish("EmbedStream", &model, &id, started, result.map(|(r, t)| (r, Some(t))).map_err(Status::from));
-                    answer.map(Response::into_inner)
+                    call.finish(result.map(|(r, t)| (r, Some(t))).map_err(Status::from)).map(Response::into_inner)
                 }
             })
             .buffered(STREAM_PIPELINE);
@@ -276,28 +272,26 @@ impl EmbeddingService for Service {
     }
 
     async fn list_models(&self, req: Request<pb::ListModelsRequest>) -> std::result::Result<Response<pb::ListModelsResponse>, Status> {
-        let (started, id) = (Instant::now(), observe::request_id(&req, ""));
+        let call = self.inner.call("ListModels", &req, "", "");
         let models = (0..self.inner.models.len()).map(|i| self.inner.describe(i)).collect();
-        observe::finish("ListModels", "", &id, started, Ok((pb::ListModelsResponse { models }, None)))
+        call.finish(Ok((pb::ListModelsResponse { models }, None)))
     }
 
     async fn get_model(&self, req: Request<pb::GetModelRequest>) -> std::result::Result<Response<pb::Model>, Status> {
-        let (started, id) = (Instant::now(), observe::request_id(&req, ""));
+        let call = self.inner.call("GetModel", &req, &req.get_ref().model, "");
         let name = req.into_inner().model;
         let result = self.inner.engine.model_index(&name)
             .map(|idx| (self.inner.describe(idx), None))
             .ok_or_else(|| Status::from(Error::NotFound(format!("no model named `{name}`"))));
-        observe::finish("GetModel", &self.inner.model_label(&name), &id, started, result)
+        call.finish(result)
     }
 
     async fn tokenize(&self, req: Request<pb::TokenizeRequest>) -> std::result::Result<Response<pb::TokenizeResponse>, Status> {
-        let started = Instant::now();
+        let call = self.inner.call("Tokenize", &req, &req.get_ref().model, "");
         let timeout = grpc_timeout(&req);
-        let id = observe::request_id(&req, "");
-        let model = self.inner.model_label(&req.get_ref().model);
         let work = self.inner.tokenize(req.into_inner());
         let result = self.inner.within_deadline(timeout.as_deref(), work).await;
-        observe::finish("Tokenize", &model, &id, started, result.map(|r| (r, None)).map_err(Status::from))
+        call.finish(result.map(|r| (r, None)).map_err(Status::from))
     }
 }
 

@@ -134,7 +134,6 @@ impl Inner {
                 None => return Err(Error::invalid(format!("items[{i}]"), "set either text or vector")),
             }
         }
-
         let n_vectors = out.iter().filter(|o| o.is_some()).count();
 
         // Tokenize on the blocking pool: it is CPU work and must not stall the async threads.

@@ -132,7 +132,9 @@ async fn prometheus_sees_the_p95_the_client_measured_and_every_request() {
         assert!(server_mean <= client_mean && server_mean >= 0.6 * client_mean - 0.002,
             "{model}: server mean {server_mean:.4}s, client mean {client_mean:.4}s");
 
-        // The recording rule operators alert on gives the same bucket.
+        // The recording rule operators alert on gives the same bucket, once evaluated after the
+        // scrape that saw the last request (1 s scrapes, 1 s evaluations).
+        std::thread::sleep(Duration::from_millis(2500));
         let rule = format!(r#"mlx_embed:request_duration_seconds:p95_5m{{model="{model}"}}"#);
         let ruled = wait_for(&prom, &rule, |v| v.is_finite() && v > 0.0);
         assert_eq!(bucket_of(ruled), (low, high), "{model}: rule P95 {ruled}, raw P95 {server_p95}");

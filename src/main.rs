@@ -13,9 +13,9 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use mlx_embed::mlx::{self, Dtype};
 use indicatif::HumanBytes;
 use mlx_embed::config::{Config, Source};
+use mlx_embed::mlx::{self, Dtype};
 use mlx_embed::models::{EmbeddingModel, LoadOptions, PromptChoice};
 use mlx_embed::registry::{self, Display, HubSettings, Resolved};
 

@@ -31,7 +31,53 @@ pub struct Config {
     pub batching: Batching,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
     pub models: Vec<ModelConfig>,
+}
+
+/// API keys. With a key source set, every RPC needs `authorization: Bearer <key>` (health checks
+/// and reflection may stay open).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// A file with one key per line (`#` starts a comment); relative to the config file.
+    pub api_keys_file: Option<PathBuf>,
+    /// An environment variable holding keys separated by commas.
+    pub api_keys_env: Option<String>,
+    pub exempt_health: bool,
+    pub exempt_reflection: bool,
+    /// The keys read from those sources (filled in by the command line, never from YAML).
+    #[serde(skip)]
+    pub keys: ApiKeys,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig { api_keys_file: None, api_keys_env: None, exempt_health: true, exempt_reflection: true, keys: ApiKeys::default() }
+    }
+}
+
+impl AuthConfig {
+    /// Whether keys are required.
+    pub fn enabled(&self) -> bool {
+        self.api_keys_file.is_some() || self.api_keys_env.is_some()
+    }
+}
+
+/// API keys; `Debug` shows only how many there are.
+#[derive(Clone, Default)]
+pub struct ApiKeys(pub Vec<String>);
+
+impl std::fmt::Debug for ApiKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ApiKeys({} keys)", self.0.len())
+    }
+}
+
+/// Keys from a key file's text: one per line, blank lines and `#` comments skipped.
+pub fn parse_key_file(text: &str) -> Vec<String> {
+    text.lines().map(|l| l.split('#').next().unwrap_or("").trim()).filter(|l| !l.is_empty()).map(String::from).collect()
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -207,8 +207,27 @@ fn load_config(path: &Path) -> Result<(Config, PathBuf)> {
     Ok((config, base))
 }
 
+/// Reads the API keys the config's `auth` section points at (a file, an environment variable).
+fn load_api_keys(auth: &mlx_embed::config::AuthConfig, base: &Path) -> Result<Vec<String>> {
+    let mut keys = Vec::new();
+    if let Some(file) = &auth.api_keys_file {
+        let path = base.join(file);
+        let text = std::fs::read_to_string(&path).with_context(|| format!("auth.api_keys_file: cannot read {}", path.display()))?;
+        keys.extend(mlx_embed::config::parse_key_file(&text));
+    }
+    if let Some(var) = &auth.api_keys_env {
+        let value = std::env::var(var).with_context(|| format!("auth.api_keys_env: ${var} is not set"))?;
+        keys.extend(value.split(',').map(str::trim).filter(|k| !k.is_empty()).map(String::from));
+    }
+    if auth.enabled() && keys.is_empty() {
+        bail!("auth: the configured key sources hold no keys (nobody could call the service)");
+    }
+    Ok(keys)
+}
+
 fn serve(args: ServeArgs) -> Result<()> {
     let (mut config, base) = load_config(&args.config)?;
+    config.auth.keys.0 = load_api_keys(&config.auth, &base)?;
     if let Some(listen) = args.listen {
         config.listen = listen;
     }

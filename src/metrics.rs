@@ -55,6 +55,8 @@ pub const TARGET: &str = "mlx_embed_latency_target_seconds";
 pub const RSS: &str = "process_resident_memory_bytes";
 /// MLX allocator memory by `device` and `kind` (`active`, `peak`, `cache`).
 pub const MLX_MEMORY: &str = "mlx_embed_mlx_memory_bytes";
+/// Requests refused for a missing or wrong API key.
+pub const AUTH_FAILURES: &str = "mlx_embed_auth_failures_total";
 /// Always 1, with `version`, `mlx_version` and `device` labels.
 pub const BUILD_INFO: &str = "mlx_embed_build_info";
 
@@ -113,6 +115,7 @@ fn describe() {
     describe_gauge!(TARGET, Unit::Seconds, "The latency target the P95 is held against.");
     describe_gauge!(RSS, Unit::Bytes, "Resident memory of the process.");
     describe_gauge!(MLX_MEMORY, Unit::Bytes, "MLX allocator memory by device and kind (active, peak, cache).");
+    describe_counter!(AUTH_FAILURES, "Requests refused for a missing or wrong API key.");
     describe_gauge!(BUILD_INFO, "Always 1; the labels carry the version, the MLX version and the device.");
 }
 
@@ -134,6 +137,7 @@ pub fn register(s: &Startup<'_>) {
     gauge!(TARGET).set(s.target.as_secs_f64());
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "mlx_version" => s.mlx_version.clone(), "device" => s.device).set(1.0);
     gauge!(IN_FLIGHT).set(0.0);
+    counter!(AUTH_FAILURES).absolute(0);
     gauge!(IN_FLIGHT_LIMIT).set(s.max_in_flight as f64);
     // MLX_MEMORY: the engine records it from its start (it runs MLX; it may have loaded models
     // before this runs).

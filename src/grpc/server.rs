@@ -13,6 +13,7 @@ use tonic_health::ServingStatus;
 
 use crate::config::{Config, DeviceChoice, DtypeChoice, Source};
 use crate::engine::{batcher, EngineHandle, LoadSpec, ModelFiles, ModelStatus};
+use crate::grpc::auth::Auth;
 use crate::grpc::pb::{self, embedding_service_server::EmbeddingServiceServer};
 use crate::grpc::service::Service;
 use crate::mlx::{self, Dtype};
@@ -186,7 +187,13 @@ pub async fn serve_engine(
         tracing::info!("shutting down: finishing requests in flight");
         health_reporter.set_service_status("", ServingStatus::NotServing).await;
     };
+    let auth = config.auth.enabled().then(|| {
+        tracing::info!(keys = config.auth.keys.0.len(), exempt_health = config.auth.exempt_health,
+            exempt_reflection = config.auth.exempt_reflection, "API keys required");
+        Auth::new(&config.auth.keys.0, config.auth.exempt_health, config.auth.exempt_reflection)
+    });
     let served = Server::builder()
+        .layer(tower::util::option_layer(auth))
         .layer(tower::util::MapResponseLayer::new(oversized_is_resource_exhausted))
         .add_service(health)
         .add_service(reflection_v1)

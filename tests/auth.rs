@@ -5,12 +5,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::fixtures_dir;
+use common::{fixtures_dir, spawn_serve};
 use common::server::{request, text};
 use mlx_embed::grpc::pb::embedding_service_client::EmbeddingServiceClient;
 use tonic::Code;
@@ -38,20 +36,9 @@ async fn only_configured_keys_open_the_service_and_none_is_logged() {
          models:\n  - {{name: q, source: {}, device: cpu}}\n",
         fixtures_dir().join("qwen3-tiny").display()
     )).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mlx-embed"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--config"]).arg(&config)
-        .env("TEST_EMBED_KEYS", "key-from-env , other-env-key").env("RUST_LOG", "debug")
-        .stderr(Stdio::piped()).spawn().unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next().expect("server exited early").unwrap();
-        if let Some(a) = line.strip_prefix("listening on ") {
-            break a.to_string();
-        }
-    };
-    let log = Arc::new(Mutex::new(String::new()));
-    let sink = Arc::clone(&log);
-    std::thread::spawn(move || for l in lines.map_while(Result::ok) { sink.lock().unwrap().push_str(&(l + "\n")); });
+    let (mut child, addr, log) = spawn_serve(&config, |c| {
+        c.env("TEST_EMBED_KEYS", "key-from-env , other-env-key").env("RUST_LOG", "debug");
+    });
 
     let url = format!("http://{addr}");
     let mut c = EmbeddingServiceClient::connect(url.clone()).await.unwrap();

@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -345,21 +344,13 @@ fn a_pull_killed_half_way_resumes_and_never_leaves_a_file_taken_for_complete() {
 
 /// `mlx-embed serve` on `config` with the hub at `hub`; returns the child and its address.
 fn serve(config: &Path, home: &Path, hub: &FakeHub, token: Option<&str>) -> (std::process::Child, String) {
-    let mut c = mlx_embed();
-    c.args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--config"]).arg(config)
-        .env("HF_HOME", home).env("HF_ENDPOINT", &hub.endpoint).stderr(Stdio::piped());
-    if let Some(t) = token {
-        c.env("HF_TOKEN", t);
-    }
-    let mut child = c.spawn().unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next().expect("server exited early").unwrap();
-        if let Some(a) = line.strip_prefix("listening on ") {
-            break a.to_string();
+    let (child, addr, _log) = spawn_serve(config, |c| {
+        c.env_remove("HF_TOKEN").env_remove("HF_HUB_OFFLINE").env_remove("HF_HUB_CACHE")
+            .env("HF_HOME", home).env("HF_ENDPOINT", &hub.endpoint);
+        if let Some(t) = token {
+            c.env("HF_TOKEN", t);
         }
-    };
-    std::thread::spawn(move || for _ in lines {});
+    });
     (child, addr)
 }
 

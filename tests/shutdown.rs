@@ -3,8 +3,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::server::{request, text};
@@ -17,18 +16,7 @@ async fn sigterm_finishes_requests_in_flight_then_exits() {
     let config = dir.path().join("config.yaml");
     let model = fixtures_dir().join("gemma-tiny");
     std::fs::write(&config, format!("models:\n  - {{name: g, source: {}, device: cpu}}\n", model.display())).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mlx-embed"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--config"]).arg(&config)
-        .stderr(Stdio::piped())
-        .spawn().unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next().expect("server exited early").unwrap();
-        if let Some(a) = line.strip_prefix("listening on ") {
-            break a.to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {}); // keep draining the log
+    let (mut child, addr, _log) = spawn_serve(&config, |_| {});
 
     let url = format!("http://{addr}");
     let mut c = EmbeddingServiceClient::connect(url.clone()).await.unwrap();

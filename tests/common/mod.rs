@@ -147,3 +147,27 @@ pub fn write_safetensors(path: &Path, header: &impl serde::Serialize, data: &[u8
     out.extend_from_slice(data);
     std::fs::write(path, out).unwrap();
 }
+
+/// `mlx-embed serve` on ports chosen by the system, with `config`; `adjust` sets the environment
+/// (or more arguments). Returns the child, its gRPC address and its log so far (kept filling).
+pub fn spawn_serve(config: &Path, adjust: impl FnOnce(&mut std::process::Command))
+    -> (std::process::Child, String, std::sync::Arc<Mutex<String>>)
+{
+    use std::io::{BufRead, BufReader};
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_mlx-embed"));
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--config"]).arg(config)
+        .stderr(std::process::Stdio::piped());
+    adjust(&mut cmd);
+    let mut child = cmd.spawn().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("server exited early").unwrap();
+        if let Some(a) = line.strip_prefix("listening on ") {
+            break a.to_string();
+        }
+    };
+    let log = std::sync::Arc::new(Mutex::new(String::new()));
+    let sink = std::sync::Arc::clone(&log);
+    std::thread::spawn(move || for l in lines.map_while(Result::ok) { sink.lock().unwrap().push_str(&(l + "\n")); });
+    (child, addr, log)
+}

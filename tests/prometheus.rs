@@ -81,9 +81,10 @@ fn percentile(mut v: Vec<f64>, q: f64) -> f64 {
     v[((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1]
 }
 
-/// The histogram bucket (lower, upper] that holds `x`.
+/// The histogram bucket (lower, upper] that holds `x`. PromQL's interpolation can land a hair
+/// above a boundary (0.020000000000000035 for 0.02): within 1e-9 of it counts as on it.
 fn bucket_of(x: f64) -> (f64, f64) {
-    let i = LATENCY_BUCKETS.iter().position(|b| x <= *b).unwrap_or(LATENCY_BUCKETS.len() - 1);
+    let i = LATENCY_BUCKETS.iter().position(|b| x <= *b + 1e-9).unwrap_or(LATENCY_BUCKETS.len() - 1);
     (if i == 0 { 0.0 } else { LATENCY_BUCKETS[i - 1] }, LATENCY_BUCKETS[i])
 }
 

@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use mlx_embed::engine::{batcher::Limits, EngineHandle, EngineError, LoadSpec, ModelFiles, ModelStatus};
+use mlx_embed::engine::{batcher::Limits, EngineHandle, EngineError, Fault, LoadSpec, ModelFiles, ModelStatus, RETIRE_AFTER};
 use mlx_embed::mlx::Dtype;
 use mlx_embed::models::LoadOptions;
 use mlx_embed::tokenize::Truncation;
@@ -154,4 +154,59 @@ async fn work_whose_caller_gave_up_is_dropped_before_inference_and_counted() {
     engine.embed(0, vec![vec![7, 560]]).await.unwrap();
     assert_eq!(stats.abandoned.load(std::sync::atomic::Ordering::Relaxed), 2);
     assert_eq!(stats.sequences.load(std::sync::atomic::Ordering::Relaxed), 1, "only the later text ran");
+}
+
+#[tokio::test]
+async fn an_injected_fault_fails_one_batch_and_the_next_request_is_exact() {
+    let _g = mlx_lock();
+    let engine = Running(EngineHandle::start(vec![spec("q", "qwen3-tiny"), spec("g", "gemma-tiny")], limits(), 100));
+    ready(&engine, 0).await;
+    ready(&engine, 1).await;
+    let ids = vec![5, 6, 7, 560];
+    let expected = engine.embed(0, vec![ids.clone()]).await.unwrap();
+    for (fault, says) in [(Fault::Error, "injected fault"), (Fault::Panic, "panicked")] {
+        engine.inject_fault(0, fault);
+        match engine.embed(0, vec![ids.clone()]).await {
+            Err(EngineError::Failed(why)) => assert!(why.contains(says), "{fault:?}: {why}"),
+            other => panic!("{fault:?}: {other:?}"),
+        }
+        assert_eq!(engine.embed(1, vec![vec![2, 7]]).await.unwrap().len(), 1, "the other model is untouched");
+        assert_eq!(engine.embed(0, vec![ids.clone()]).await.unwrap(), expected, "after {fault:?}");
+        assert!(matches!(engine.status(0), ModelStatus::Ready(_)));
+    }
+}
+
+#[tokio::test]
+async fn a_model_whose_batches_keep_failing_is_taken_out_of_service_and_the_others_serve() {
+    let _g = mlx_lock();
+    let engine = Running(EngineHandle::start(vec![spec("q", "qwen3-tiny"), spec("g", "gemma-tiny")], limits(), 100));
+    ready(&engine, 0).await;
+    ready(&engine, 1).await;
+    for i in 0..RETIRE_AFTER {
+        assert!(matches!(engine.status(0), ModelStatus::Ready(_)), "still serving after {i} failures");
+        engine.inject_fault(0, if i % 2 == 0 { Fault::Panic } else { Fault::Error });
+        assert!(matches!(engine.embed(0, vec![vec![5, 560]]).await, Err(EngineError::Failed(_))));
+    }
+    let ModelStatus::Failed(why) = engine.status(0) else { panic!("still serving after {RETIRE_AFTER} failures in a row") };
+    assert!(why.contains("failed batches in a row"), "{why}");
+    assert!(matches!(engine.embed(0, vec![vec![5, 560]]).await, Err(EngineError::NotReady(_))));
+    assert_eq!(engine.embed(1, vec![vec![2, 7]]).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn abort_fails_queued_work_and_stops_the_engine() {
+    let _g = mlx_lock();
+    let slow = Limits { max_tokens: 4096, max_size: 32, max_wait: Duration::from_secs(30) };
+    let engine = Running(EngineHandle::start(vec![spec("q", "qwen3-tiny")], slow, 100));
+    ready(&engine, 0).await;
+    let queued = tokio::spawn({
+        let engine = engine.0.clone();
+        async move { engine.embed(0, vec![vec![5, 560]]).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let e = engine.0.clone();
+    tokio::task::spawn_blocking(move || e.abort()).await.unwrap();
+    assert!(engine.is_stopped());
+    assert_eq!(queued.await.unwrap().unwrap_err(), EngineError::Stopped);
+    assert_eq!(engine.stats().sequences.load(std::sync::atomic::Ordering::Relaxed), 0, "the queued text never ran");
 }

@@ -6,7 +6,9 @@
 //! caller has gone, pick the next model in turn that has a batch ready (`batcher`), start it, and
 //! only then collect the batch started before — so the next batch is built while the device
 //! computes the current one — and answer each request once all its texts are done. A failing
-//! batch (an MLX error or a panic) fails only the requests in it; the engine goes on.
+//! batch (an MLX error or a panic) fails only the requests in it; the engine goes on. A model whose
+//! batches fail [`RETIRE_AFTER`] times in a row is taken out of service ([`ModelStatus::Failed`],
+//! NOT_SERVING) while the others serve.
 
 pub mod batcher;
 
@@ -21,6 +23,18 @@ use tokio::sync::{oneshot, watch};
 
 use crate::models::{EmbeddingModel, Launched, LoadOptions, Preprocessor};
 use batcher::{Limits, Next, Queue, Seq};
+
+/// Failed batches in a row after which a model is taken out of service.
+pub const RETIRE_AFTER: u32 = 3;
+
+/// A fault to inject into a model's next batch ([`EngineHandle::inject_fault`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The forward pass returns an error.
+    Error,
+    /// The forward pass panics.
+    Panic,
+}
 
 /// A model's state, as clients and health checks see it.
 #[derive(Clone)]
@@ -110,6 +124,9 @@ enum Msg {
     Load { model: usize, dir: PathBuf },
     /// Finish the queued work, then stop.
     Stop,
+    /// Fail the queued work, finish the batch running, then stop.
+    Abort,
+    Fault { model: usize, fault: Fault },
 }
 
 struct Job {
@@ -160,7 +177,17 @@ impl EngineHandle {
     /// MLX must be idle before the process exits (its teardown aborts under a running thread).
     /// Later `embed` calls get [`EngineError::Stopped`].
     pub fn shutdown(&self) {
-        let _ = self.tx.send(Msg::Stop);
+        self.stop(Msg::Stop);
+    }
+
+    /// Like [`EngineHandle::shutdown`], but queued work fails ([`EngineError::Stopped`]); only the
+    /// batch already on the device is finished. For when the grace period of a shutdown is over.
+    pub fn abort(&self) {
+        self.stop(Msg::Abort);
+    }
+
+    fn stop(&self, msg: Msg) {
+        let _ = self.tx.send(msg);
         let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(t) = thread {
             let _ = t.join();
@@ -182,6 +209,13 @@ impl EngineHandle {
             }
             _ => false,
         });
+    }
+
+    /// Makes `model`'s next batch fail with `fault`, as an MLX error or a crash inside a forward
+    /// pass would. For testing fault isolation.
+    #[doc(hidden)]
+    pub fn inject_fault(&self, model: usize, fault: Fault) {
+        let _ = self.tx.send(Msg::Fault { model, fault });
     }
 
     /// Whether the engine thread has ended (after [`EngineHandle::shutdown`]).
@@ -265,6 +299,10 @@ struct Engine {
     in_flight: Option<InFlight>,
     /// The `device` label of MLX's memory counters.
     device: &'static str,
+    /// Per model: a fault to inject into its next batch.
+    faults: Vec<Option<Fault>>,
+    /// Per model: batches failed since its last success.
+    failures: Vec<u32>,
 }
 
 struct InFlight {
@@ -288,6 +326,8 @@ impl Engine {
             turn: 0,
             in_flight: None,
             device: if crate::mlx::gpu_is_available() { "gpu" } else { "cpu" },
+            faults: vec![None; n],
+            failures: vec![0; n],
         }
     }
 
@@ -336,6 +376,13 @@ impl Engine {
                     Msg::Job(job) => self.accept(job),
                     Msg::Load { model, dir } => self.load_later(model, dir),
                     Msg::Stop => open = false,
+                    Msg::Abort => {
+                        open = false;
+                        for m in 0..self.queues.len() {
+                            self.fail_queued_for(m, EngineError::Stopped);
+                        }
+                    }
+                    Msg::Fault { model, fault } => self.faults[model] = Some(fault),
                 }
             }
             // 2. Drop texts of callers that have gone.
@@ -448,8 +495,13 @@ impl Engine {
         self.slots[m].add_queued(-(batch.len() as isize));
         record_batch(&self.slots[m].name, &batch);
         let refs: Vec<&[u32]> = batch.iter().map(|s| s.ids.as_slice()).collect();
+        let fault = self.faults[m].take();
         let launched = match &self.models[m] {
-            Some(model) => match catch_unwind(AssertUnwindSafe(|| model.launch(&refs))) {
+            Some(model) => match catch_unwind(AssertUnwindSafe(|| match fault {
+                Some(Fault::Panic) => panic!("injected fault"),
+                Some(Fault::Error) => Err(crate::error::Error::Internal("injected fault".into())),
+                None => model.launch(&refs),
+            })) {
                 Ok(r) => r.map_err(|e| e.to_string()),
                 Err(_) => Err("inference panicked".to_string()),
             },
@@ -472,6 +524,7 @@ impl Engine {
                 self.fail(m, &batch, format!("{} vectors for {} texts", vectors.len(), batch.len()))
             }
             Ok(vectors) => {
+                self.failures[m] = 0;
                 self.count(&batch);
                 self.record_memory();
                 for (s, v) in batch.into_iter().zip(vectors) {
@@ -495,9 +548,34 @@ impl Engine {
         self.stats.failed_batches.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(crate::metrics::FAILED_BATCHES, "model" => self.slots[m].name.clone()).increment(1);
         tracing::error!(model = %self.slots[m].name, error = %why, size = batch.len(), "batch failed");
+        // Out of service first, so a caller that sees its failure also sees the model's status.
+        self.failures[m] += 1;
+        if self.failures[m] >= RETIRE_AFTER && self.models[m].is_some() {
+            let name = self.slots[m].name.clone();
+            let note = format!("taken out of service after {} failed batches in a row; the last: {why}", self.failures[m]);
+            tracing::error!(model = %name, "{note}");
+            self.models[m] = None;
+            self.slots[m].status.send_replace(ModelStatus::Failed(note));
+            self.fail_queued_for(m, EngineError::NotReady(name));
+        }
         for s in batch {
             if let Some(p) = self.jobs.remove(&s.job) {
                 let _ = p.reply.send(Err(EngineError::Failed(why.clone())));
+            }
+        }
+    }
+
+    /// Fails every request with a text queued for model `m` (texts already on the device finish).
+    fn fail_queued_for(&mut self, m: usize, error: EngineError) {
+        let mut failed = std::collections::HashSet::new();
+        let dropped = self.queues[m].retain(|s| {
+            failed.insert(s.job);
+            false
+        });
+        self.slots[m].add_queued(-(dropped as isize));
+        for id in failed {
+            if let Some(p) = self.jobs.remove(&id) {
+                let _ = p.reply.send(Err(error.clone()));
             }
         }
     }

@@ -33,7 +33,40 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub auth: AuthConfig,
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
     pub models: Vec<ModelConfig>,
+}
+
+/// TLS for the gRPC port (rustls). With `client_ca_file`, clients must present a certificate
+/// signed by that CA (mutual TLS). Paths are relative to the config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The server's certificate chain (PEM).
+    pub cert_file: PathBuf,
+    /// The server's private key (PEM).
+    pub key_file: PathBuf,
+    /// CA certificates (PEM) that client certificates must chain to.
+    pub client_ca_file: Option<PathBuf>,
+}
+
+/// What happens on SIGTERM or Ctrl-C: health turns NOT_SERVING, new calls get UNAVAILABLE, calls
+/// in progress and queued work finish; after `grace_period` the rest is cut off and the process
+/// exits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    #[serde(with = "duration")]
+    pub grace_period: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig { grace_period: Duration::from_secs(20) }
+    }
 }
 
 /// API keys. With a key source set, every RPC needs `authorization: Bearer <key>` (health checks
@@ -112,6 +145,11 @@ pub struct Limits {
     /// Longest a request may take when the client sets no deadline.
     #[serde(with = "duration")]
     pub request_timeout: Duration,
+    /// Longest text (or instruction) accepted, in bytes of UTF-8.
+    pub max_text_bytes: usize,
+    /// Texts per second one EmbedStream may send (beyond a one-second burst its messages are
+    /// read more slowly; nothing is refused). `null`: no limit.
+    pub max_stream_items_per_second: Option<u32>,
 }
 
 impl Default for Limits {
@@ -121,6 +159,8 @@ impl Default for Limits {
             max_message_bytes: 16 << 20,
             max_concurrent_requests: 512,
             request_timeout: Duration::from_secs(30),
+            max_text_bytes: 1 << 20,
+            max_stream_items_per_second: None,
         }
     }
 }
@@ -255,6 +295,8 @@ impl Config {
             ("limits.max_items_per_request", self.limits.max_items_per_request),
             ("limits.max_message_bytes", self.limits.max_message_bytes),
             ("limits.max_concurrent_requests", self.limits.max_concurrent_requests),
+            ("limits.max_text_bytes", self.limits.max_text_bytes),
+            ("limits.max_stream_items_per_second", self.limits.max_stream_items_per_second.map_or(1, |r| r as usize)),
             ("batching.max_batch_tokens", self.batching.max_batch_tokens),
             ("batching.max_batch_size", self.batching.max_batch_size),
             ("batching.max_queue", self.batching.max_queue),
@@ -269,6 +311,9 @@ impl Config {
         }
         if self.limits.request_timeout.is_zero() {
             return Err(("limits.request_timeout".into(), "must be greater than 0".into()));
+        }
+        if self.shutdown.grace_period.is_zero() {
+            return Err(("shutdown.grace_period".into(), "must be greater than 0".into()));
         }
         self.listen.parse::<std::net::SocketAddr>()
             .map_err(|e| ("listen".to_string(), format!("`{}` is not an address (host:port): {e}", self.listen)))?;

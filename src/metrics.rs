@@ -57,6 +57,8 @@ pub const RSS: &str = "process_resident_memory_bytes";
 pub const MLX_MEMORY: &str = "mlx_embed_mlx_memory_bytes";
 /// Requests refused for a missing or wrong API key.
 pub const AUTH_FAILURES: &str = "mlx_embed_auth_failures_total";
+/// Calls refused before any work, by `reason` (`overloaded`: no place free; `draining`: shutting down).
+pub const REFUSED: &str = "mlx_embed_requests_refused_total";
 /// Always 1, with `version`, `mlx_version` and `device` labels.
 pub const BUILD_INFO: &str = "mlx_embed_build_info";
 
@@ -116,6 +118,7 @@ fn describe() {
     describe_gauge!(RSS, Unit::Bytes, "Resident memory of the process.");
     describe_gauge!(MLX_MEMORY, Unit::Bytes, "MLX allocator memory by device and kind (active, peak, cache).");
     describe_counter!(AUTH_FAILURES, "Requests refused for a missing or wrong API key.");
+    describe_counter!(REFUSED, "Calls refused before any work, by reason (overloaded, draining).");
     describe_gauge!(BUILD_INFO, "Always 1; the labels carry the version, the MLX version and the device.");
 }
 
@@ -138,6 +141,9 @@ pub fn register(s: &Startup<'_>) {
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "mlx_version" => s.mlx_version.clone(), "device" => s.device).set(1.0);
     gauge!(IN_FLIGHT).set(0.0);
     counter!(AUTH_FAILURES).absolute(0);
+    for reason in ["overloaded", "draining"] {
+        counter!(REFUSED, "reason" => reason).absolute(0);
+    }
     gauge!(IN_FLIGHT_LIMIT).set(s.max_in_flight as f64);
     // MLX_MEMORY: the engine records it from its start (it runs MLX; it may have loaded models
     // before this runs).

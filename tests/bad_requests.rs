@@ -127,7 +127,7 @@ async fn an_expired_deadline_is_deadline_exceeded_and_the_next_request_succeeds(
     // Called in-process: a tonic client enforces the same deadline itself and would cancel first.
     let config = config();
     let origins = config.models.iter().map(|m| mlx_embed::registry::Origin::new(m.source.clone())).collect();
-    let service = mlx_embed::grpc::service::Service::new(server().engine.clone(), &config, origins);
+    let service = mlx_embed::grpc::service::Service::new(server().engine.clone(), &config, origins, Default::default());
     let mut req = tonic::Request::new(request("gemma", (0..16).map(|i| text(&format!("text number {i} "))).collect()));
     req.metadata_mut().insert("grpc-timeout", "1n".parse().unwrap());
     let status = service.embed(req).await.unwrap_err();

@@ -8,6 +8,7 @@ pub mod pb {
     /// Encoded descriptor set of the protocol, for server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("embedding_descriptor");
 }
+pub mod admission;
 pub mod auth;
 pub mod codec;
 pub mod convert;

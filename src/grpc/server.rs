@@ -8,11 +8,12 @@ use std::path::Path;
 
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::Server;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
 use crate::config::{Config, DeviceChoice, DtypeChoice, Source};
 use crate::engine::{batcher, EngineHandle, LoadSpec, ModelFiles, ModelStatus};
+use crate::grpc::admission::{Admission, Drain};
 use crate::grpc::auth::Auth;
 use crate::grpc::pb::{self, embedding_service_server::EmbeddingServiceServer};
 use crate::grpc::service::Service;
@@ -63,6 +64,8 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("tls: {0}")]
+    Tls(String),
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
@@ -100,8 +103,10 @@ pub fn start_engine(config: &Config, base: &Path, hub: &HubSettings) -> (EngineH
     (engine, origins)
 }
 
-/// Serves `config` on `listener` until `shutdown` completes, then finishes in-flight requests.
-/// `metrics` serves `GET /metrics` (Prometheus) when given.
+/// Serves `config` on `listener` until `shutdown` completes, then drains: health turns
+/// NOT_SERVING, new calls get UNAVAILABLE, calls in progress and queued work finish, within
+/// `shutdown.grace_period`. `metrics` serves `GET /metrics` (Prometheus) when given. TLS files
+/// are read relative to `base`.
 pub async fn serve(
     config: Config,
     base: &Path,
@@ -110,8 +115,23 @@ pub async fn serve(
     metrics: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let tls = config.tls.as_ref().map(|t| tls_config(t, base)).transpose()?;
     let (engine, origins) = start_engine(&config, base, hub);
-    serve_engine(config, engine, origins, listener, metrics, shutdown).await
+    serve_engine(config, engine, origins, listener, metrics, tls, shutdown).await
+}
+
+/// The rustls settings for `tls`: the server's identity and, for mutual TLS, the client CA.
+pub fn tls_config(tls: &crate::config::TlsConfig, base: &Path) -> Result<ServerTlsConfig, ServeError> {
+    let read = |field: &str, p: &Path| {
+        let path = base.join(p);
+        std::fs::read(&path).map_err(|e| ServeError::Tls(format!("tls.{field}: cannot read {}: {e}", path.display())))
+    };
+    let identity = Identity::from_pem(read("cert_file", &tls.cert_file)?, read("key_file", &tls.key_file)?);
+    let mut config = ServerTlsConfig::new().identity(identity).timeout(std::time::Duration::from_secs(10));
+    if let Some(ca) = &tls.client_ca_file {
+        config = config.client_ca_root(Certificate::from_pem(read("client_ca_file", ca)?));
+    }
+    Ok(config)
 }
 
 /// [`serve`] with an engine already started (tests keep a handle to read its counters).
@@ -121,6 +141,7 @@ pub async fn serve_engine(
     origins: Vec<Origin>,
     listener: TcpListener,
     metrics: Option<TcpListener>,
+    tls: Option<ServerTlsConfig>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let handle = crate::metrics::install();
@@ -145,17 +166,18 @@ pub async fn serve_engine(
         }
         None => None,
     };
+    let drain = Drain::default();
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_service_status("", ServingStatus::Serving).await;
     for (i, name) in engine.model_names().enumerate() {
         reporter.set_service_status(name, ServingStatus::NotServing).await;
-        let (mut rx, reporter, name) = (engine.subscribe(i), reporter.clone(), name.to_string());
+        let (mut rx, reporter, name, drain) = (engine.subscribe(i), reporter.clone(), name.to_string(), drain.clone());
         tokio::spawn(async move {
             let ready = ::metrics::gauge!(crate::metrics::MODEL_READY, "model" => name.clone());
             loop {
                 let serving = matches!(*rx.borrow_and_update(), ModelStatus::Ready(_));
                 ready.set(if serving { 1.0 } else { 0.0 });
-                let status = if serving { ServingStatus::Serving } else { ServingStatus::NotServing };
+                let status = if serving && !drain.is_draining() { ServingStatus::Serving } else { ServingStatus::NotServing };
                 reporter.set_service_status(&name, status).await;
                 if rx.changed().await.is_err() {
                     break;
@@ -175,39 +197,67 @@ pub async fn serve_engine(
 
     let max_msg = config.limits.max_message_bytes;
     let stopper = engine.clone();
-    let service = EmbeddingServiceServer::new(Service::new(engine, &config, origins))
+    let service = EmbeddingServiceServer::new(Service::new(engine, &config, origins, drain.clone()))
         .max_decoding_message_size(max_msg)
         .max_encoding_message_size(max_msg);
 
     let addr = listener.local_addr()?;
     tracing::info!(%addr, models = config.models.len(), "serving");
-    let health_reporter = reporter.clone();
+    let (health_reporter, draining, names) = (reporter.clone(), drain.clone(), names.clone());
+    let grace = config.shutdown.grace_period;
+    let (signalled, grace_started) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
         shutdown.await;
-        tracing::info!("shutting down: finishing requests in flight");
-        health_reporter.set_service_status("", ServingStatus::NotServing).await;
+        draining.start();
+        tracing::info!(grace_period = ?grace, "shutting down: finishing requests in flight");
+        for name in std::iter::once("").chain(names.iter().map(String::as_str)) {
+            health_reporter.set_service_status(name, ServingStatus::NotServing).await;
+        }
+        let _ = signalled.send(());
     };
     let auth = config.auth.enabled().then(|| {
         tracing::info!(keys = config.auth.keys.0.len(), exempt_health = config.auth.exempt_health,
             exempt_reflection = config.auth.exempt_reflection, "API keys required");
         Auth::new(&config.auth.keys.0, config.auth.exempt_health, config.auth.exempt_reflection)
     });
-    let served = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = tls {
+        tracing::info!(mutual = config.tls.as_ref().is_some_and(|t| t.client_ca_file.is_some()), "TLS on");
+        builder = builder.tls_config(tls)?;
+    }
+    let served = builder
         .layer(tower::util::option_layer(auth))
         .layer(tower::util::MapResponseLayer::new(oversized_is_resource_exhausted))
+        .layer(Admission::new(config.limits.max_concurrent_requests, drain))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(service)
-        .serve_with_incoming_shutdown(incoming(listener), shutdown)
-        .await;
+        .serve_with_incoming_shutdown(incoming(listener), shutdown);
+    // Served to the end, or cut off once the grace period after the signal is over.
+    let grace_over = async move {
+        match grace_started.await {
+            Ok(()) => tokio::time::sleep(grace).await,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    let served = tokio::select! {
+        served = served => Some(served),
+        () = grace_over => None,
+    };
     // Also after a server error: the process must not exit while MLX is busy.
-    tokio::task::spawn_blocking(move || stopper.shutdown()).await.ok();
+    match served {
+        Some(_) => tokio::task::spawn_blocking(move || stopper.shutdown()).await.ok(),
+        None => {
+            tracing::warn!(grace_period = ?grace, "grace period over: closing the calls still open");
+            tokio::task::spawn_blocking(move || stopper.abort()).await.ok()
+        }
+    };
     if let Some(e) = exporter {
         e.abort();
     }
     tracing::info!("stopped");
-    Ok(served?)
+    Ok(served.transpose()?.unwrap_or(()))
 }
 
 /// The accepted connections, with Nagle's algorithm off: small responses are sent at once

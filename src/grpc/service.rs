@@ -3,15 +3,15 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_util::{Stream, StreamExt};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::{Config, ModelConfig};
 use crate::engine::{EngineHandle, ModelStatus};
 use crate::error::{Error, Result};
+use crate::grpc::admission::{Arrived, Drain};
 use crate::grpc::convert;
 use crate::grpc::observe::{self, Timings};
 use crate::grpc::pb::{self, embedding_service_server::EmbeddingService};
@@ -34,15 +34,15 @@ struct Inner {
     origins: Vec<Origin>,
     max_items: usize,
     /// Longest a request may take when the client sets no (or a longer) deadline.
-    request_timeout: std::time::Duration,
-    /// Requests in progress; beyond `max_concurrent_requests` requests are refused. A permit
-    /// moves into the tokenization task, which cannot be cancelled, so abandoned requests still
-    /// count until their CPU work ends.
-    permits: Arc<Semaphore>,
+    request_timeout: Duration,
+    max_text_bytes: usize,
+    /// Texts per second of one EmbedStream.
+    stream_rate: Option<u32>,
+    drain: Drain,
 }
 
 impl Service {
-    pub fn new(engine: EngineHandle, config: &Config, origins: Vec<Origin>) -> Service {
+    pub fn new(engine: EngineHandle, config: &Config, origins: Vec<Origin>, drain: Drain) -> Service {
         Service {
             inner: Arc::new(Inner {
                 engine,
@@ -50,7 +50,9 @@ impl Service {
                 origins,
                 max_items: config.limits.max_items_per_request,
                 request_timeout: config.limits.request_timeout,
-                permits: Arc::new(Semaphore::new(config.limits.max_concurrent_requests)),
+                max_text_bytes: config.limits.max_text_bytes,
+                stream_rate: config.limits.max_stream_items_per_second,
+                drain,
             }),
         }
     }
@@ -81,10 +83,12 @@ impl Inner {
         Ok((pre.prompt(&choice)?, convert::truncation(truncation, cfg)?))
     }
 
-    fn permit(&self) -> Result<Admitted> {
-        let permit = Arc::clone(&self.permits).try_acquire_owned().map_err(|_| Error::Overloaded("too many requests in progress".into()))?;
-        ::metrics::gauge!(crate::metrics::IN_FLIGHT).increment(1.0);
-        Ok(Admitted(permit))
+    /// Refuses a text (or instruction) longer than `max_text_bytes`.
+    fn check_length(&self, field: impl FnOnce() -> String, text: &str) -> Result<()> {
+        if text.len() > self.max_text_bytes {
+            return Err(Error::invalid(field(), format!("{} bytes exceed the limit of {} (limits.max_text_bytes)", text.len(), self.max_text_bytes)));
+        }
+        Ok(())
     }
 
     /// Starts observing an RPC for `model` (labelled `unknown` when the config has no such model,
@@ -94,16 +98,17 @@ impl Inner {
         observe::Call::start(rpc, label, observe::request_id(req, request_id))
     }
 
-    /// Runs `work` within the client's deadline (`grpc-timeout`), capped by `request_timeout`.
-    async fn within_deadline<T>(&self, grpc_timeout: Option<&str>, work: impl std::future::Future<Output = Result<T>>) -> Result<T> {
-        let deadline = grpc_timeout.and_then(convert::grpc_timeout).map_or(self.request_timeout, |d| d.min(self.request_timeout));
-        tokio::time::timeout(deadline, work).await.unwrap_or_else(|_| {
-            Err(Error::DeadlineExceeded(format!("the deadline ({deadline:?}) passed before the answer was ready")))
+    /// Runs `work` within the client's deadline (`grpc-timeout`, counted from when the call
+    /// arrived), capped by `request_timeout`. When it passes, `work` is dropped: texts still queued
+    /// never reach the model (the engine skips work whose caller has gone).
+    async fn within_deadline<T>(&self, deadline: Deadline, work: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        let timeout = deadline.timeout.map_or(self.request_timeout, |d| d.min(self.request_timeout));
+        tokio::time::timeout_at((deadline.arrived + timeout).into(), work).await.unwrap_or_else(|_| {
+            Err(Error::DeadlineExceeded(format!("the deadline ({timeout:?}) passed before the answer was ready")))
         })
     }
 
     async fn embed(&self, req: pb::EmbedRequest) -> Result<(pb::EmbedResponse, Timings)> {
-        let permit = self.permit()?;
         let (idx, pre) = self.ready(&req.model)?;
         let cfg = &self.models[idx];
         let info = &pre.info;
@@ -113,6 +118,7 @@ impl Inner {
         if req.items.len() > self.max_items {
             return Err(Error::invalid("items", format!("{} items exceed the limit of {}", req.items.len(), self.max_items)));
         }
+        self.check_length(|| "instruction".into(), &req.instruction)?;
         let (prompt, truncation) = self.text_options(&pre, cfg, req.input_type, &req.prompt_name, &req.instruction, req.truncation)?;
         let encoding = pb::Encoding::try_from(req.encoding)
             .map_err(|_| Error::invalid("encoding", format!("unknown value {}", req.encoding)))?;
@@ -126,7 +132,10 @@ impl Inner {
         for (i, item) in req.items.into_iter().enumerate() {
             match item.input {
                 Some(pb::item::Input::Text(t)) if t.is_empty() => return Err(Error::invalid(format!("items[{i}].text"), "empty text")),
-                Some(pb::item::Input::Text(t)) => texts.push((i, t)),
+                Some(pb::item::Input::Text(t)) => {
+                    self.check_length(|| format!("items[{i}].text"), &t)?;
+                    texts.push((i, t));
+                }
                 Some(pb::item::Input::Vector(v)) => {
                     let v = convert::user_vector(i, v.values, full, dims, normalize)?;
                     out[i] = Some(convert::encode(v, encoding, 0, false));
@@ -141,14 +150,14 @@ impl Inner {
         let tokenizing = Instant::now();
         let max_tokens = cfg.max_tokens;
         let pre2 = Arc::clone(&pre);
-        let (texts, encoded, _permit) = tokio::task::spawn_blocking(move || {
+        let (texts, encoded) = tokio::task::spawn_blocking(move || {
             let enc = texts.iter().map(|(i, t)| {
                 pre2.tokenize(&prompt, t, max_tokens, truncation).map_err(|e| match e {
                     Error::InvalidArgument { message, .. } => Error::invalid(format!("items[{i}].text"), message),
                     other => other,
                 })
             }).collect::<Result<Vec<_>>>();
-            (texts, enc, permit)
+            (texts, enc)
         }).await.map_err(|e| Error::Internal(format!("tokenization task failed: {e}")))?;
         let encoded = encoded?;
         timings.tokenize = tokenizing.elapsed();
@@ -175,16 +184,13 @@ impl Inner {
     }
 
     async fn tokenize(&self, req: pb::TokenizeRequest) -> Result<pb::TokenizeResponse> {
-        let permit = self.permit()?;
         let (idx, pre) = self.ready(&req.model)?;
         let cfg = &self.models[idx];
+        self.check_length(|| "text".into(), &req.text)?;
+        self.check_length(|| "instruction".into(), &req.instruction)?;
         let (prompt, truncation) = self.text_options(&pre, cfg, req.input_type, &req.prompt_name, &req.instruction, req.truncation)?;
         let max_tokens = cfg.max_tokens;
-        let enc = tokio::task::spawn_blocking(move || {
-            let enc = pre.tokenize(&prompt, &req.text, max_tokens, truncation).map(|e| (e, prompt));
-            drop(permit);
-            enc
-        })
+        let enc = tokio::task::spawn_blocking(move || pre.tokenize(&prompt, &req.text, max_tokens, truncation).map(|e| (e, prompt)))
         .await
         .map_err(|e| Error::Internal(format!("tokenization task failed: {e}")))?;
         let (enc, prompt) = enc?;
@@ -230,13 +236,34 @@ impl Inner {
     }
 }
 
-/// An admitted request; counted in the in-flight gauge until dropped.
-struct Admitted(#[allow(dead_code)] OwnedSemaphorePermit);
+/// A call's deadline: when it arrived and the client's `grpc-timeout`, if any.
+#[derive(Clone, Copy)]
+struct Deadline {
+    arrived: Instant,
+    timeout: Option<Duration>,
+}
 
-impl Drop for Admitted {
-    fn drop(&mut self) {
-        ::metrics::gauge!(crate::metrics::IN_FLIGHT).decrement(1.0);
+impl Deadline {
+    fn of<T>(req: &Request<T>) -> Deadline {
+        Deadline {
+            arrived: req.extensions().get::<Arrived>().map_or_else(Instant::now, |a| a.0),
+            timeout: req.metadata().get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(convert::grpc_timeout),
+        }
     }
+
+    /// No client deadline: only `request_timeout`, from now.
+    fn none() -> Deadline {
+        Deadline { arrived: Instant::now(), timeout: None }
+    }
+}
+
+/// Paces one stream's texts to `rate` per second, after a burst of one second's worth: returns
+/// how long to wait before reading on after a message of `items` texts. (`next` is when the
+/// stream would be back within its rate.)
+fn pace(next: &mut Instant, now: Instant, items: usize, rate: u32) -> Duration {
+    let cost = Duration::from_secs_f64(items as f64 / rate as f64);
+    *next = (*next).max(now) + cost;
+    (*next - now).saturating_sub(Duration::from_secs(1))
 }
 
 type ResponseStream = Pin<Box<dyn Stream<Item = std::result::Result<pb::EmbedResponse, Status>> + Send>>;
@@ -245,10 +272,9 @@ type ResponseStream = Pin<Box<dyn Stream<Item = std::result::Result<pb::EmbedRes
 impl EmbeddingService for Service {
     async fn embed(&self, req: Request<pb::EmbedRequest>) -> std::result::Result<Response<pb::EmbedResponse>, Status> {
         let call = self.inner.call("Embed", &req, &req.get_ref().model, &req.get_ref().request_id);
-        // When the deadline passes the work is dropped: the engine skips texts whose caller has gone.
-        let timeout = grpc_timeout(&req);
+        let deadline = Deadline::of(&req);
         let work = self.inner.embed(req.into_inner());
-        let result = self.inner.within_deadline(timeout.as_deref(), work).await;
+        let result = self.inner.within_deadline(deadline, work).await;
         call.finish(result.map(|(r, t)| (r, Some(t))).map_err(Status::from))
     }
 
@@ -256,13 +282,29 @@ impl EmbeddingService for Service {
 
     async fn embed_stream(&self, req: Request<Streaming<pb::EmbedRequest>>) -> std::result::Result<Response<ResponseStream>, Status> {
         let inner = Arc::clone(&self.inner);
+        let rate = self.inner.stream_rate;
+        let mut next = Instant::now();
         let answers = req.into_inner()
+            // Reading waits while the stream is over its rate: HTTP/2 flow control holds the client.
+            .then(move |r| {
+                let wait = match (&r, rate) {
+                    (Ok(m), Some(rate)) => pace(&mut next, Instant::now(), m.items.len(), rate),
+                    _ => Duration::ZERO,
+                };
+                async move {
+                    tokio::time::sleep(wait).await;
+                    r
+                }
+            })
             .map(move |r| {
                 let inner = Arc::clone(&inner);
                 async move {
                     let r = r?;
+                    if inner.drain.is_draining() {
+                        return Err(Status::from(Drain::refusal()));
+                    }
                     let call = inner.call("EmbedStream", &Request::new(()), &r.model, &r.request_id);
-                    let result = inner.within_deadline(None, inner.embed(r)).await;
+                    let result = inner.within_deadline(Deadline::none(), inner.embed(r)).await;
                     call.finish(result.map(|(r, t)| (r, Some(t))).map_err(Status::from)).map(Response::into_inner)
                 }
             })
@@ -287,13 +329,29 @@ impl EmbeddingService for Service {
 
     async fn tokenize(&self, req: Request<pb::TokenizeRequest>) -> std::result::Result<Response<pb::TokenizeResponse>, Status> {
         let call = self.inner.call("Tokenize", &req, &req.get_ref().model, "");
-        let timeout = grpc_timeout(&req);
+        let deadline = Deadline::of(&req);
         let work = self.inner.tokenize(req.into_inner());
-        let result = self.inner.within_deadline(timeout.as_deref(), work).await;
+        let result = self.inner.within_deadline(deadline, work).await;
         call.finish(result.map(|r| (r, None)).map_err(Status::from))
     }
 }
 
-fn grpc_timeout<T>(req: &Request<T>) -> Option<String> {
-    req.metadata().get("grpc-timeout").and_then(|v| v.to_str().ok()).map(str::to_string)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stream_gets_a_burst_of_one_second_then_its_rate() {
+        let t0 = Instant::now();
+        let mut next = t0;
+        // 100 texts/s: the first 100 pass at once, the next waits its share.
+        assert_eq!(pace(&mut next, t0, 60, 100), Duration::ZERO);
+        assert_eq!(pace(&mut next, t0, 40, 100), Duration::ZERO);
+        let wait = pace(&mut next, t0, 50, 100);
+        assert!((wait.as_secs_f64() - 0.5).abs() < 1e-6, "{wait:?}");
+        // After a quiet spell the burst is back, never more.
+        let later = t0 + Duration::from_secs(10);
+        assert_eq!(pace(&mut next, later, 100, 100), Duration::ZERO);
+        assert!(pace(&mut next, later, 1, 100) > Duration::ZERO);
+    }
 }

@@ -69,7 +69,7 @@ pub fn server() -> &'static TestServer {
                 let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 let (addr, metrics_addr) = (listener.local_addr().unwrap(), metrics.local_addr().unwrap());
                 tx.send(TestServer { addr, metrics_addr, engine: engine.clone() }).unwrap();
-                mlx_embed::grpc::server::serve_engine(config, engine, origins, listener, Some(metrics), std::future::pending()).await.unwrap();
+                mlx_embed::grpc::server::serve_engine(config, engine, origins, listener, Some(metrics), None, std::future::pending()).await.unwrap();
             });
         });
         rx.recv().unwrap()

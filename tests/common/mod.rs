@@ -160,14 +160,28 @@ pub fn spawn_serve(config: &Path, adjust: impl FnOnce(&mut std::process::Command
     adjust(&mut cmd);
     let mut child = cmd.spawn().unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut early = String::new();
     let addr = loop {
-        let line = lines.next().expect("server exited early").unwrap();
+        let line = lines.next().unwrap_or_else(|| panic!("server exited early:\n{early}")).unwrap();
         if let Some(a) = line.strip_prefix("listening on ") {
             break a.to_string();
         }
+        early.push_str(&(line + "\n"));
     };
-    let log = std::sync::Arc::new(Mutex::new(String::new()));
+    let log = std::sync::Arc::new(Mutex::new(early));
     let sink = std::sync::Arc::clone(&log);
     std::thread::spawn(move || for l in lines.map_while(Result::ok) { sink.lock().unwrap().push_str(&(l + "\n")); });
     (child, addr, log)
+}
+
+/// The Prometheus address a server started by [`spawn_serve`] printed.
+pub fn metrics_addr(log: &Mutex<String>) -> String {
+    let log = log.lock().unwrap();
+    log.lines().find_map(|l| l.strip_prefix("metrics on ")).expect("no metrics address in the log").to_string()
+}
+
+/// The value of the series `name{labels}` (labels in the exporter's order) at `GET /metrics`.
+pub fn scrape_value(metrics_addr: &str, series: &str) -> Option<f64> {
+    let text = ureq::get(&format!("http://{metrics_addr}/metrics")).call().unwrap().body_mut().read_to_string().unwrap();
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
 }

@@ -482,6 +482,37 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_parses_and_states_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.yaml");
+        let c = Config::load(&path).unwrap();
+        let d = parse(MINIMAL).unwrap();
+        assert_eq!(format!("{:?}", c.limits), format!("{:?}", d.limits));
+        assert_eq!(format!("{:?}", c.batching), format!("{:?}", d.batching));
+        assert_eq!(c.shutdown.grace_period, d.shutdown.grace_period);
+        assert!(c.tls.is_none() && !c.auth.enabled());
+    }
+
+    #[test]
+    fn tls_shutdown_and_stream_limits_parse_and_zero_is_refused() {
+        let c = parse(&format!("tls:\n  cert_file: s.pem\n  key_file: s.key\nshutdown:\n  grace_period: 5s\n\
+            limits:\n  max_stream_items_per_second: 100\n  max_text_bytes: 10\n{MINIMAL}")).unwrap();
+        let tls = c.tls.unwrap();
+        assert_eq!((tls.cert_file.to_str(), tls.client_ca_file), (Some("s.pem"), None));
+        assert_eq!(c.shutdown.grace_period, Duration::from_secs(5));
+        assert_eq!((c.limits.max_stream_items_per_second, c.limits.max_text_bytes), (Some(100), 10));
+        let err = parse(&format!("tls:\n  cert_file: s.pem\n{MINIMAL}")).unwrap_err().to_string();
+        assert!(err.contains("key_file"), "{err}");
+        for (yaml, field) in [
+            ("shutdown:\n  grace_period: 0s\n", "shutdown.grace_period"),
+            ("limits:\n  max_stream_items_per_second: 0\n", "limits.max_stream_items_per_second"),
+            ("limits:\n  max_text_bytes: 0\n", "limits.max_text_bytes"),
+        ] {
+            let err = parse(&format!("{yaml}{MINIMAL}")).unwrap_err().to_string();
+            assert!(err.contains(field) && err.starts_with("cfg.yaml:2:"), "{err}");
+        }
+    }
+
+    #[test]
     fn durations_parse_in_common_units() {
         assert_eq!(duration::parse("250ms"), Some(Duration::from_millis(250)));
         assert_eq!(duration::parse("1.5s"), Some(Duration::from_millis(1500)));

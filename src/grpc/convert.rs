@@ -4,8 +4,87 @@
 use crate::config::{ModelConfig, TruncationChoice};
 use crate::error::{Error, Result};
 use crate::grpc::pb;
-use crate::models::{finish, ModelInfo, PromptChoice};
-use crate::tokenize::Truncation;
+use crate::models::{finish, ModelInfo, Preprocessor, PromptChoice};
+use crate::tokenize::{Encoded, Truncation};
+
+/// Per-request limits from the config.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestLimits {
+    pub max_items: usize,
+    pub max_text_bytes: usize,
+}
+
+/// An Embed request, checked: its texts to tokenize (with their item index), the answers of its
+/// vector items, and how to prompt, cut and encode.
+#[derive(Debug)]
+pub struct PreparedEmbed {
+    pub texts: Vec<(usize, String)>,
+    /// One slot per item; vector items are answered already.
+    pub out: Vec<Option<pb::Embedding>>,
+    pub prompt: String,
+    pub truncation: Truncation,
+    pub encoding: pb::Encoding,
+    pub dims: usize,
+    pub normalize: bool,
+}
+
+/// Checks an Embed request for model `pre` (configured as `cfg`) and converts it; every error
+/// names the field at fault. (`model` is resolved by the caller.)
+pub fn prepare_embed(req: pb::EmbedRequest, pre: &Preprocessor, cfg: &ModelConfig, limits: &RequestLimits) -> Result<PreparedEmbed> {
+    let info = &pre.info;
+    if req.items.is_empty() {
+        return Err(Error::invalid("items", "at least one item is needed"));
+    }
+    if req.items.len() > limits.max_items {
+        return Err(Error::invalid("items", format!("{} items exceed the limit of {}", req.items.len(), limits.max_items)));
+    }
+    check_length("instruction", &req.instruction, limits.max_text_bytes)?;
+    let choice = prompt_choice(req.input_type, &req.prompt_name, &req.instruction, info, cfg)?;
+    let prompt = pre.prompt(&choice)?;
+    let truncation = truncation(req.truncation, cfg)?;
+    let encoding = pb::Encoding::try_from(req.encoding)
+        .map_err(|_| Error::invalid("encoding", format!("unknown value {}", req.encoding)))?;
+    let dims = dimensions(req.dimensions, info, cfg)?;
+    let normalize = req.normalize.unwrap_or(info.normalize);
+    let full = info.dimensions as usize;
+
+    // Split the items: texts go to the model, vectors are checked here.
+    let mut texts = Vec::new();
+    let mut out: Vec<Option<pb::Embedding>> = vec![None; req.items.len()];
+    for (i, item) in req.items.into_iter().enumerate() {
+        match item.input {
+            Some(pb::item::Input::Text(t)) if t.is_empty() => return Err(Error::invalid(format!("items[{i}].text"), "empty text")),
+            Some(pb::item::Input::Text(t)) => {
+                check_length(&format!("items[{i}].text"), &t, limits.max_text_bytes)?;
+                texts.push((i, t));
+            }
+            Some(pb::item::Input::Vector(v)) => {
+                let v = user_vector(i, v.values, full, dims, normalize)?;
+                out[i] = Some(encode(v, encoding, 0, false));
+            }
+            None => return Err(Error::invalid(format!("items[{i}]"), "set either text or vector")),
+        }
+    }
+    Ok(PreparedEmbed { texts, out, prompt, truncation, encoding, dims, normalize })
+}
+
+/// Token ids of each text (after `prompt`); an error names the item.
+pub fn tokenize_texts(pre: &Preprocessor, prompt: &str, texts: &[(usize, String)], max_tokens: Option<usize>, truncation: Truncation) -> Result<Vec<Encoded>> {
+    texts.iter().map(|(i, t)| {
+        pre.tokenize(prompt, t, max_tokens, truncation).map_err(|e| match e {
+            Error::InvalidArgument { message, .. } => Error::invalid(format!("items[{i}].text"), message),
+            other => other,
+        })
+    }).collect()
+}
+
+/// Refuses a text (or instruction) longer than `max_bytes`.
+pub fn check_length(field: &str, text: &str, max_bytes: usize) -> Result<()> {
+    if text.len() > max_bytes {
+        return Err(Error::invalid(field, format!("{} bytes exceed the limit of {max_bytes} (limits.max_text_bytes)", text.len())));
+    }
+    Ok(())
+}
 
 /// The prompt a request selects: at most one of `input_type`, `prompt_name` and `instruction`.
 pub fn prompt_choice(input_type: i32, prompt_name: &str, instruction: &str, info: &ModelInfo, cfg: &ModelConfig) -> Result<PromptChoice> {

@@ -83,13 +83,6 @@ impl Inner {
         Ok((pre.prompt(&choice)?, convert::truncation(truncation, cfg)?))
     }
 
-    /// Refuses a text (or instruction) longer than `max_text_bytes`.
-    fn check_length(&self, field: impl FnOnce() -> String, text: &str) -> Result<()> {
-        if text.len() > self.max_text_bytes {
-            return Err(Error::invalid(field(), format!("{} bytes exceed the limit of {} (limits.max_text_bytes)", text.len(), self.max_text_bytes)));
-        }
-        Ok(())
-    }
 
     /// Starts observing an RPC for `model` (labelled `unknown` when the config has no such model,
     /// so labels stay bounded whatever clients send).
@@ -108,41 +101,12 @@ impl Inner {
         })
     }
 
-    async fn embed(&self, req: pb::EmbedRequest) -> Result<(pb::EmbedResponse, Timings)> {
+    async fn embed(&self, mut req: pb::EmbedRequest) -> Result<(pb::EmbedResponse, Timings)> {
         let (idx, pre) = self.ready(&req.model)?;
         let cfg = &self.models[idx];
-        let info = &pre.info;
-        if req.items.is_empty() {
-            return Err(Error::invalid("items", "at least one item is needed"));
-        }
-        if req.items.len() > self.max_items {
-            return Err(Error::invalid("items", format!("{} items exceed the limit of {}", req.items.len(), self.max_items)));
-        }
-        self.check_length(|| "instruction".into(), &req.instruction)?;
-        let (prompt, truncation) = self.text_options(&pre, cfg, req.input_type, &req.prompt_name, &req.instruction, req.truncation)?;
-        let encoding = pb::Encoding::try_from(req.encoding)
-            .map_err(|_| Error::invalid("encoding", format!("unknown value {}", req.encoding)))?;
-        let dims = convert::dimensions(req.dimensions, info, cfg)?;
-        let normalize = req.normalize.unwrap_or(info.normalize);
-        let full = info.dimensions as usize;
-
-        // Split the items: texts go to the model, vectors are checked here.
-        let mut texts = Vec::new();
-        let mut out: Vec<Option<pb::Embedding>> = vec![None; req.items.len()];
-        for (i, item) in req.items.into_iter().enumerate() {
-            match item.input {
-                Some(pb::item::Input::Text(t)) if t.is_empty() => return Err(Error::invalid(format!("items[{i}].text"), "empty text")),
-                Some(pb::item::Input::Text(t)) => {
-                    self.check_length(|| format!("items[{i}].text"), &t)?;
-                    texts.push((i, t));
-                }
-                Some(pb::item::Input::Vector(v)) => {
-                    let v = convert::user_vector(i, v.values, full, dims, normalize)?;
-                    out[i] = Some(convert::encode(v, encoding, 0, false));
-                }
-                None => return Err(Error::invalid(format!("items[{i}]"), "set either text or vector")),
-            }
-        }
+        let limits = convert::RequestLimits { max_items: self.max_items, max_text_bytes: self.max_text_bytes };
+        let request_id = std::mem::take(&mut req.request_id);
+        let convert::PreparedEmbed { texts, mut out, prompt, truncation, encoding, dims, normalize } = convert::prepare_embed(req, &pre, cfg, &limits)?;
         let n_vectors = out.iter().filter(|o| o.is_some()).count();
 
         // Tokenize on the blocking pool: it is CPU work and must not stall the async threads.
@@ -151,12 +115,7 @@ impl Inner {
         let max_tokens = cfg.max_tokens;
         let pre2 = Arc::clone(&pre);
         let (texts, encoded) = tokio::task::spawn_blocking(move || {
-            let enc = texts.iter().map(|(i, t)| {
-                pre2.tokenize(&prompt, t, max_tokens, truncation).map_err(|e| match e {
-                    Error::InvalidArgument { message, .. } => Error::invalid(format!("items[{i}].text"), message),
-                    other => other,
-                })
-            }).collect::<Result<Vec<_>>>();
+            let enc = convert::tokenize_texts(&pre2, &prompt, &texts, max_tokens, truncation);
             (texts, enc)
         }).await.map_err(|e| Error::Internal(format!("tokenization task failed: {e}")))?;
         let encoded = encoded?;
@@ -175,7 +134,7 @@ impl Inner {
             dimensions: dims as u32,
             embeddings: out.into_iter().map(|e| e.expect("every item answered")).collect(),
             usage: Some(pb::Usage { total_tokens }),
-            request_id: req.request_id,
+            request_id,
         };
         timings.serialize = serializing.elapsed();
         ::metrics::counter!(crate::metrics::ITEMS, "model" => cfg.name.clone(), "kind" => "vector").increment(n_vectors as u64);
@@ -186,8 +145,8 @@ impl Inner {
     async fn tokenize(&self, req: pb::TokenizeRequest) -> Result<pb::TokenizeResponse> {
         let (idx, pre) = self.ready(&req.model)?;
         let cfg = &self.models[idx];
-        self.check_length(|| "text".into(), &req.text)?;
-        self.check_length(|| "instruction".into(), &req.instruction)?;
+        convert::check_length("text", &req.text, self.max_text_bytes)?;
+        convert::check_length("instruction", &req.instruction, self.max_text_bytes)?;
         let (prompt, truncation) = self.text_options(&pre, cfg, req.input_type, &req.prompt_name, &req.instruction, req.truncation)?;
         let max_tokens = cfg.max_tokens;
         let enc = tokio::task::spawn_blocking(move || pre.tokenize(&prompt, &req.text, max_tokens, truncation).map(|e| (e, prompt)))

@@ -375,7 +375,8 @@ fn find_line(text: &str, field: &str) -> Option<(usize, usize)> {
     if is_list_field { hits.nth(index) } else { hits.next() }
 }
 
-mod duration {
+/// Durations written `250ms`, `2s`, `1m` (also for command-line flags).
+pub mod duration {
     use std::time::Duration;
 
     use serde::{Deserialize, Deserializer};

@@ -8,6 +8,7 @@
 //! - [`registry`]: model sources: local folders and Hugging Face hub repositories (download,
 //!   cache shared with Python tools, integrity checks).
 //! - [`error`]: typed errors naming the file, field or tensor at fault.
+pub mod bench;
 pub mod config;
 pub mod engine;
 pub mod error;

@@ -4,6 +4,7 @@
 //! - `serve`: the gRPC service for the models of a YAML config.
 //! - `pull`: download the config's hub models ahead of time.
 //! - `models`: list the config's models with their source, revision, files and size on disk.
+//! - `bench`: load a running server (or one it starts) over gRPC and report throughput and latency.
 //!
 //! Hub access follows the variables of Python's `huggingface_hub`: `HF_HOME`, `HF_HUB_CACHE`,
 //! `HF_ENDPOINT`, `HF_TOKEN`, `HF_HUB_OFFLINE` (see `registry::HubSettings::from_vars`).
@@ -47,6 +48,57 @@ enum Command {
     Pull(PullArgs),
     /// List the config's models: source, resolved revision, local path, size, loadable.
     Models(ModelsArgs),
+    /// Load a server over gRPC (closed loop: N clients; open loop: a fixed rate) and report
+    /// throughput, latency percentiles, errors and the server's memory, as a table or JSON.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// A running server (host:port or URL).
+    #[arg(long, conflicts_with = "config", required_unless_present = "config")]
+    addr: Option<String>,
+    /// Start `mlx-embed serve` with this config on free loopback ports, load it, then stop it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The running server's Prometheus endpoint (host:port), to sample its resident memory.
+    #[arg(long)]
+    metrics_addr: Option<String>,
+    /// The model to load (default: the first one serving).
+    #[arg(long)]
+    model: Option<String>,
+    #[arg(long, value_enum, default_value = "short")]
+    workload: mlx_embed::bench::Workload,
+    /// Texts per Embed request.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Closed loop: clients sending back to back (the default, with 1).
+    #[arg(long, conflicts_with = "qps")]
+    concurrency: Option<usize>,
+    /// Open loop: requests started per second.
+    #[arg(long)]
+    qps: Option<f64>,
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    warmup: std::time::Duration,
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: std::time::Duration,
+    /// HTTP/2 connections the clients share.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    #[arg(long, env = "MLX_EMBED_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Print a progress line (with the server's RSS) this often.
+    #[arg(long, value_parser = parse_duration)]
+    progress: Option<std::time::Duration>,
+    /// Also write the report as JSON to this file (`-`: standard output, instead of the table).
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    mlx_embed::config::duration::parse(s).ok_or_else(|| format!("`{s}` is not a duration (250ms, 2s, 1m)"))
 }
 
 #[derive(clap::Args)]
@@ -141,6 +193,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Pull(args) => pull(args),
         Command::Models(args) => models(args),
+        Command::Bench(args) => bench(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -330,6 +383,112 @@ fn models(args: ModelsArgs) -> Result<()> {
         println!("{}  {}", line.join("  "), row[5]);
     }
     Ok(())
+}
+
+fn bench(args: BenchArgs) -> Result<()> {
+    use mlx_embed::bench::{self, Load, Options};
+    use mlx_embed::grpc::pb;
+    let runtime = tokio::runtime::Runtime::new()?;
+    let mut server = match &args.config {
+        Some(config) => Some(BenchServer::start(config)?),
+        None => None,
+    };
+    let addr = args.addr.clone().or_else(|| server.as_ref().map(|s| s.addr.clone())).expect("clap requires one");
+    let metrics = args.metrics_addr.clone().or_else(|| server.as_ref().and_then(|s| s.metrics.clone()));
+    let result = runtime.block_on(async {
+        let clients = bench::connect(&addr, args.connections).await.with_context(|| format!("cannot connect to {addr}"))?;
+        // Wait until the model serves (a started server loads first).
+        let mut c = clients[0].clone();
+        let t0 = std::time::Instant::now();
+        let model = loop {
+            let mut req = tonic::Request::new(pb::ListModelsRequest {});
+            if let Some(key) = &args.api_key {
+                req.metadata_mut().insert("authorization", format!("Bearer {key}").parse()?);
+            }
+            let models = c.list_models(req).await.map_err(|s| anyhow::anyhow!("ListModels: {}", s.message()))?.into_inner().models;
+            let ready = |m: &&pb::Model| m.state == pb::ModelState::Ready as i32;
+            let found = match &args.model {
+                Some(name) => match models.iter().find(|m| &m.name == name) {
+                    None => bail!("the server has no model `{name}`"),
+                    Some(m) if m.state == pb::ModelState::Failed as i32 => bail!("model `{name}` failed: {}", m.error),
+                    Some(m) => ready(&m).then(|| m.name.clone()),
+                },
+                None => models.iter().find(ready).map(|m| m.name.clone()),
+            };
+            if let Some(name) = found {
+                break name;
+            }
+            if t0.elapsed() > std::time::Duration::from_secs(600) {
+                bail!("no model became ready within 10 minutes");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        };
+        let load = match (args.concurrency, args.qps) {
+            (_, Some(q)) if q > 0.0 => Load::Qps(q),
+            (_, Some(q)) => bail!("--qps must be positive, not {q}"),
+            (c, None) => Load::Concurrency(c.unwrap_or(1).max(1)),
+        };
+        let options = Options {
+            model, workload: args.workload, batch: args.batch.max(1), load, warmup: args.warmup, duration: args.duration,
+            connections: args.connections, api_key: args.api_key.clone(), progress: args.progress, metrics, seed: args.seed,
+        };
+        Ok(bench::run(clients, options).await)
+    });
+    if let Some(s) = server.as_mut() {
+        s.stop();
+    }
+    let report = result?;
+    match &args.json {
+        Some(p) if p.as_os_str() == "-" => println!("{}", serde_json::to_string_pretty(&report)?),
+        Some(p) => {
+            std::fs::write(p, serde_json::to_string_pretty(&report)?).with_context(|| format!("cannot write {}", p.display()))?;
+            print!("{}", report.table());
+        }
+        None => print!("{}", report.table()),
+    }
+    Ok(())
+}
+
+/// `mlx-embed serve` started by `bench` on free loopback ports.
+struct BenchServer {
+    child: std::process::Child,
+    addr: String,
+    metrics: Option<String>,
+}
+
+impl BenchServer {
+    fn start(config: &Path) -> Result<BenchServer> {
+        use std::io::{BufRead, BufReader};
+        let mut child = std::process::Command::new(std::env::current_exe()?)
+            .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--config"]).arg(config)
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        let mut lines = BufReader::new(child.stderr.take().expect("piped")).lines();
+        let mut metrics = None;
+        let addr = loop {
+            let Some(line) = lines.next() else {
+                let _ = child.wait();
+                bail!("the server exited before listening (see its log above)");
+            };
+            let line = line?;
+            eprintln!("{line}");
+            if let Some(m) = line.strip_prefix("metrics on ") {
+                metrics = Some(m.to_string());
+            }
+            if let Some(a) = line.strip_prefix("listening on ") {
+                break a.to_string();
+            }
+        };
+        // Its log goes on to our standard error.
+        std::thread::spawn(move || lines.map_while(Result::ok).for_each(|l| eprintln!("{l}")));
+        Ok(BenchServer { child, addr, metrics })
+    }
+
+    /// SIGTERM, then wait (the server drains and exits).
+    fn stop(&mut self) {
+        let _ = std::process::Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+    }
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -6,6 +6,7 @@ use std::sync::{Arc, OnceLock};
 use mlx_embed::config::{Config, ModelConfig};
 use mlx_embed::models::{EmbeddingModel, LoadOptions, Preprocessor};
 
+#[allow(dead_code)] // each target uses part of it
 pub struct Fixture {
     pub pre: Arc<Preprocessor>,
     pub cfg: ModelConfig,

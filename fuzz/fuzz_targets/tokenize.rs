@@ -1,7 +1,7 @@
 //! Tokenization with every prompt choice, token limit and truncation, on both fixture tokenizers:
 //! never a panic; at most `limit` tokens; a cut text is exactly `limit` long and reported as cut;
-//! with truncation off an over-long text is refused, not cut; a text that fits is the same
-//! whatever the truncation side.
+//! with truncation off an over-long text is refused, not cut; a refusal means it does not fit;
+//! a text that fits is the same whatever the limit and truncation side.
 #![no_main]
 
 mod fixture;
@@ -59,16 +59,18 @@ fuzz_target!(|input: Input| {
             if e.truncated {
                 assert_ne!(truncation, Truncation::Off);
                 assert_eq!(e.ids.len(), limit, "a cut text fills the limit");
-            } else if let Ok(w) = whole.as_ref().filter(|w| w.ids.len() <= info.max_tokens) {
+            } else if let Ok(w) = &whole {
                 assert_eq!(&e.ids, &w.ids, "a text that fits is not changed by the limit");
             }
         }
-        (Err(Error::InvalidArgument { .. }), _) => {
-            // Refused: too long with truncation off, or no tokens at all.
-            if let Ok(w) = &whole {
-                assert!(truncation == Truncation::Off && w.ids.len() > limit, "refused although it fits: {result:?}");
-            }
+        (Err(Error::InvalidArgument { field, .. }), Ok(w)) => {
+            // Refused only when it does not fit: with truncation off, or when the limit leaves no
+            // room for text after the special tokens and the prompt.
+            assert!(w.ids.len() > limit, "refused although it fits: {result:?}");
+            assert!(truncation == Truncation::Off || field == "max_tokens" || field == "prompt", "{result:?}");
         }
+        // No tokens at all, or far too long with truncation off: refused either way.
+        (Err(Error::InvalidArgument { .. }), Err(Error::InvalidArgument { .. })) => {}
         (Err(other), _) => panic!("{other:?}"),
     }
 });

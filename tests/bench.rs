@@ -1,0 +1,61 @@
+//! `mlx-embed bench`: against a server it starts (closed loop, the soak workload's every kind of
+//! call) and against a running one (open loop at a fixed rate), reporting JSON that adds up.
+
+mod common;
+
+use std::process::Command;
+
+use common::{fixtures_dir, metrics_addr, spawn_serve};
+
+fn config(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("config.yaml");
+    std::fs::write(&path, format!("models:\n  - {{name: q, source: {}, device: cpu}}\n", fixtures_dir().join("qwen3-tiny").display())).unwrap();
+    path
+}
+
+fn bench(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_mlx-embed")).arg("bench").args(args).args(["--json", "-"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+fn check_latency(r: &serde_json::Value) {
+    let l = &r["latency_ms"];
+    let [p50, p95, p99, max] = ["p50", "p95", "p99", "max"].map(|k| l[k].as_f64().unwrap());
+    assert!(0.0 < p50 && p50 <= p95 && p95 <= p99 && p99 <= max, "{l}");
+}
+
+#[test]
+fn a_closed_loop_soak_against_a_started_server_reports_every_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let r = bench(&["--config", cfg.to_str().unwrap(), "--workload", "soak", "--batch", "3", "--concurrency", "3",
+        "--warmup", "300ms", "--duration", "2s"]);
+    assert_eq!(r["model"], "q");
+    assert_eq!(r["errors"], serde_json::json!({}), "{r}");
+    let requests = r["requests"].as_u64().unwrap();
+    assert!(requests > 5, "{r}");
+    assert!(r["items"].as_u64().unwrap() >= requests && r["tokens"].as_u64().unwrap() > requests, "{r}");
+    for code in r["expected_errors"].as_object().unwrap().keys() {
+        assert!(["InvalidArgument", "DeadlineExceeded", "Cancelled"].contains(&code.as_str()), "{r}");
+    }
+    check_latency(&r);
+    assert!(r["server_rss_bytes"]["end"].as_f64().unwrap() > 1e6, "{r}");
+}
+
+#[test]
+fn an_open_loop_against_a_running_server_keeps_its_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, addr, log) = spawn_serve(&config(dir.path()), |_| {});
+    let metrics = metrics_addr(&log);
+    let r = bench(&["--addr", &addr, "--metrics-addr", &metrics, "--qps", "40", "--warmup", "500ms", "--duration", "2s"]);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(r["errors"], serde_json::json!({}), "{r}");
+    // 40 per second for 2 s: 80 due; none beyond, and most answered in the window.
+    let requests = r["requests"].as_u64().unwrap();
+    assert!((40..=81).contains(&requests), "{r}");
+    assert_eq!(r["load"], serde_json::json!({"qps": 40.0}));
+    check_latency(&r);
+    assert!(r["server_rss_bytes"]["start"].as_f64().unwrap() > 1e6, "{r}");
+}

@@ -39,9 +39,7 @@ pub fn prepare_embed(req: pb::EmbedRequest, pre: &Preprocessor, cfg: &ModelConfi
         return Err(Error::invalid("items", format!("{} items exceed the limit of {}", req.items.len(), limits.max_items)));
     }
     check_length("instruction", &req.instruction, limits.max_text_bytes)?;
-    let choice = prompt_choice(req.input_type, &req.prompt_name, &req.instruction, info, cfg)?;
-    let prompt = pre.prompt(&choice)?;
-    let truncation = truncation(req.truncation, cfg)?;
+    let (prompt, truncation) = text_options(pre, cfg, req.input_type, &req.prompt_name, &req.instruction, req.truncation)?;
     let encoding = pb::Encoding::try_from(req.encoding)
         .map_err(|_| Error::invalid("encoding", format!("unknown value {}", req.encoding)))?;
     let dims = dimensions(req.dimensions, info, cfg)?;
@@ -66,6 +64,12 @@ pub fn prepare_embed(req: pb::EmbedRequest, pre: &Preprocessor, cfg: &ModelConfi
         }
     }
     Ok(PreparedEmbed { texts, out, prompt, truncation, encoding, dims, normalize })
+}
+
+/// The prompt text and truncation a request selects (Embed and Tokenize share the options).
+pub fn text_options(pre: &Preprocessor, cfg: &ModelConfig, input_type: i32, prompt_name: &str, instruction: &str, truncation: i32) -> Result<(String, Truncation)> {
+    let choice = prompt_choice(input_type, prompt_name, instruction, &pre.info, cfg)?;
+    Ok((pre.prompt(&choice)?, self::truncation(truncation, cfg)?))
 }
 
 /// Token ids of each text (after `prompt`); an error names the item.

@@ -17,7 +17,6 @@ use crate::grpc::observe::{self, Timings};
 use crate::grpc::pb::{self, embedding_service_server::EmbeddingService};
 use crate::models::Preprocessor;
 use crate::registry::Origin;
-use crate::tokenize::Truncation;
 
 /// Requests of one `EmbedStream` processed at the same time (answers stay in order).
 const STREAM_PIPELINE: usize = 8;
@@ -77,11 +76,6 @@ impl Inner {
         }
     }
 
-    /// The prompt text and truncation a request selects (Embed and Tokenize share the options).
-    fn text_options(&self, pre: &Preprocessor, cfg: &ModelConfig, input_type: i32, prompt_name: &str, instruction: &str, truncation: i32) -> Result<(String, Truncation)> {
-        let choice = convert::prompt_choice(input_type, prompt_name, instruction, &pre.info, cfg)?;
-        Ok((pre.prompt(&choice)?, convert::truncation(truncation, cfg)?))
-    }
 
 
     /// Starts observing an RPC for `model` (labelled `unknown` when the config has no such model,
@@ -147,7 +141,7 @@ impl Inner {
         let cfg = &self.models[idx];
         convert::check_length("text", &req.text, self.max_text_bytes)?;
         convert::check_length("instruction", &req.instruction, self.max_text_bytes)?;
-        let (prompt, truncation) = self.text_options(&pre, cfg, req.input_type, &req.prompt_name, &req.instruction, req.truncation)?;
+        let (prompt, truncation) = convert::text_options(&pre, cfg, req.input_type, &req.prompt_name, &req.instruction, req.truncation)?;
         let max_tokens = cfg.max_tokens;
         let enc = tokio::task::spawn_blocking(move || pre.tokenize(&prompt, &req.text, max_tokens, truncation).map(|e| (e, prompt)))
         .await

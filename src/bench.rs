@@ -39,7 +39,6 @@ pub struct Options {
     pub load: Load,
     pub warmup: Duration,
     pub duration: Duration,
-    pub connections: usize,
     pub api_key: Option<String>,
     /// Print a progress line this often (with the server's RSS when `metrics` is known).
     pub progress: Option<Duration>,
@@ -297,7 +296,7 @@ impl Caller {
     }
 }
 
-/// Connects `options.connections` channels to `addr` (`host:port` or a URL).
+/// Connects `connections` channels to `addr` (`host:port` or a URL).
 pub async fn connect(addr: &str, connections: usize) -> anyhow::Result<Vec<EmbeddingServiceClient<Channel>>> {
     let url = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
     let mut clients = Vec::new();
@@ -355,11 +354,10 @@ pub async fn run(clients: Vec<EmbeddingServiceClient<Channel>>, options: Options
         })
     };
 
-    let clients: Vec<_> = clients.into_iter().map(|client| Caller { client, options: Arc::clone(&options) }).collect();
     match options.load {
         Load::Concurrency(n) => {
             let workers: Vec<_> = (0..n).map(|w| {
-                let mut caller = Caller { client: clients[w % clients.len()].client.clone(), options: Arc::clone(&options) };
+                let mut caller = Caller { client: clients[w % clients.len()].clone(), options: Arc::clone(&options) };
                 let tally = Arc::clone(&tally);
                 let mut rng = Rng::new(options.seed.wrapping_add(w as u64 + 1));
                 tokio::spawn(async move {
@@ -392,7 +390,7 @@ pub async fn run(clients: Vec<EmbeddingServiceClient<Channel>>, options: Options
                     due += interval;
                     continue;
                 };
-                let mut caller = Caller { client: clients[k % clients.len()].client.clone(), options: Arc::clone(&options) };
+                let mut caller = Caller { client: clients[k % clients.len()].clone(), options: Arc::clone(&options) };
                 k += 1;
                 let (tally, mut rng) = (Arc::clone(&tally), Rng::new(rng.next()));
                 let scheduled = due;

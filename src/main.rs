@@ -430,7 +430,7 @@ fn bench(args: BenchArgs) -> Result<()> {
         };
         let options = Options {
             model, workload: args.workload, batch: args.batch.max(1), load, warmup: args.warmup, duration: args.duration,
-            connections: args.connections, api_key: args.api_key.clone(), progress: args.progress, metrics, seed: args.seed,
+            api_key: args.api_key.clone(), progress: args.progress, metrics, seed: args.seed,
         };
         Ok(bench::run(clients, options).await)
     });

@@ -30,7 +30,7 @@ fn a_closed_loop_soak_against_a_started_server_reports_every_call() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path());
     let r = bench(&["--config", cfg.to_str().unwrap(), "--workload", "soak", "--batch", "3", "--concurrency", "3",
-        "--warmup", "300ms", "--duration", "2s"]);
+        "--warmup", "300ms", "--duration", "6s"]);
     assert_eq!(r["model"], "q");
     assert_eq!(r["errors"], serde_json::json!({}), "{r}");
     let requests = r["requests"].as_u64().unwrap();

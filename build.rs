@@ -1,5 +1,6 @@
-//! Compiles the gRPC protocol (`proto/`) and builds the C++ side of the MLX bridge, linked against
-//! `libmlx` from the official MLX wheel.
+//! Compiles the gRPC protocol (`proto/`) and, with the `server` feature, builds the C++ side of
+//! the MLX bridge, linked against `libmlx` from the official MLX wheel. A client-only build
+//! (`--no-default-features --features client`) needs neither MLX nor a C++ compiler.
 //!
 //! `MLX_DIR` names the folder the wheel was installed into (`scripts/setup.sh`; default `.mlx` in
 //! the crate). The binary keeps a RUNPATH (not RPATH) to that folder's `mlx/lib`, so
@@ -8,7 +9,14 @@
 use std::path::PathBuf;
 
 fn main() {
-    compile_protos();
+    let server = std::env::var_os("CARGO_FEATURE_SERVER").is_some();
+    compile_protos(server);
+    if server {
+        build_mlx_bridge();
+    }
+}
+
+fn build_mlx_bridge() {
     println!("cargo:rerun-if-env-changed=MLX_DIR");
     for f in ["src/mlx/ffi.rs", "src/mlx/shim.h", "src/mlx/shim.cc"] {
         println!("cargo:rerun-if-changed={f}");
@@ -44,10 +52,11 @@ fn main() {
 }
 
 /// Generated code goes to OUT_DIR (never committed), with a descriptor set for server reflection.
-fn compile_protos() {
+fn compile_protos(server: bool) {
     println!("cargo:rerun-if-changed=proto");
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("set by cargo"));
     tonic_prost_build::configure()
+        .build_server(server)
         .file_descriptor_set_path(out.join("embedding_descriptor.bin"))
         .codec_path("crate::grpc::codec::StrictCodec")
         .compile_protos(&["proto/embedding/v1/embedding.proto"], &["proto"])

@@ -8,13 +8,30 @@
 //! - [`registry`]: model sources: local folders and Hugging Face hub repositories (download,
 //!   cache shared with Python tools, integrity checks).
 //! - [`error`]: typed errors naming the file, field or tensor at fault.
+//! - [`grpc`]: the protocol (generated types) and, with the `server` feature, the service.
+//! - [`client`]: the Rust client for vector stores (`client` feature): retries, deadlines,
+//!   bulk ingest in bounded requests, balancing across endpoints.
+//!
+//! Features: `server` (the service and the `mlx-embed` binary) and `client`, both on by default. A
+//! vector store depends on `default-features = false, features = ["client"]`.
+#[cfg(feature = "server")]
 pub mod bench;
+#[cfg(feature = "client")]
+pub mod client;
+#[cfg(feature = "server")]
 pub mod config;
+#[cfg(feature = "server")]
 pub mod engine;
+#[cfg(feature = "server")]
 pub mod error;
+#[cfg(feature = "server")]
 pub mod metrics;
 pub mod grpc;
+#[cfg(feature = "server")]
 pub mod mlx;
+#[cfg(feature = "server")]
 pub mod models;
+#[cfg(feature = "server")]
 pub mod registry;
+#[cfg(feature = "server")]
 pub mod tokenize;

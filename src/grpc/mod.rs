@@ -6,12 +6,19 @@ pub mod pb {
     tonic::include_proto!("embedding.v1");
 
     /// Encoded descriptor set of the protocol, for server reflection.
+    #[cfg(feature = "server")]
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("embedding_descriptor");
 }
-pub mod admission;
-pub mod auth;
 pub mod codec;
+#[cfg(feature = "server")]
+pub mod admission;
+#[cfg(feature = "server")]
+pub mod auth;
+#[cfg(feature = "server")]
 pub mod convert;
+#[cfg(feature = "server")]
 pub mod observe;
+#[cfg(feature = "server")]
 pub mod service;
+#[cfg(feature = "server")]
 pub mod server;

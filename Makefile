@@ -34,6 +34,8 @@ embed-demo: build
 test: setup
 	$(CARGO) test --all-targets
 	$(CARGO) test --doc
+	# The client alone builds without MLX or a C++ compiler (what a vector store depends on).
+	$(CARGO) check --lib --no-default-features --features client
 
 # Matmul GFLOP/s through MLX on this machine (which BLAS is behind the CPU backend matters).
 bench-blas: setup

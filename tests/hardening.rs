@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
@@ -16,15 +15,6 @@ use mlx_embed::grpc::pb::{self, embedding_service_client::EmbeddingServiceClient
 use tonic::transport::Channel;
 use tonic::Code;
 use tonic_types::StatusExt;
-
-/// A config serving the `qwen3-tiny` fixture as `q`, with `extra` YAML on top.
-fn config(extra: &str) -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("config.yaml");
-    let model = fixtures_dir().join("qwen3-tiny");
-    std::fs::write(&path, format!("{extra}\nmodels:\n  - {{name: q, source: {}, dtype: f32, device: cpu}}\n", model.display())).unwrap();
-    (dir, path)
-}
 
 /// The fixture's `query` case: each text with its reference vector.
 fn cases() -> Vec<(String, Vec<f32>)> {
@@ -86,7 +76,7 @@ fn wait_exit(child: &mut Child, limit: Duration) -> Duration {
 async fn ten_times_the_concurrency_limit_refuses_the_excess_with_retry_info_and_admitted_calls_are_exact() {
     // Batches wait 300 ms for company, so the four admitted calls hold their places while the
     // other 36 arrive.
-    let (_dir, path) = config("limits: {max_concurrent_requests: 4}\nbatching: {max_wait: 300ms}");
+    let (_dir, path) = q_config("limits: {max_concurrent_requests: 4}\nbatching: {max_wait: 300ms}");
     let (mut child, addr, log) = spawn_serve(&path, |_| {});
     let c = connect(&addr).await;
     let cases = cases();
@@ -119,7 +109,7 @@ async fn ten_times_the_concurrency_limit_refuses_the_excess_with_retry_info_and_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn work_whose_deadline_passed_never_reaches_the_model_and_is_counted() {
-    let (_dir, path) = config("batching: {max_wait: 300ms}");
+    let (_dir, path) = q_config("batching: {max_wait: 300ms}");
     let (mut child, addr, log) = spawn_serve(&path, |_| {});
     let mut c = connect(&addr).await;
     let metrics = metrics_addr(&log);
@@ -146,7 +136,7 @@ async fn work_whose_deadline_passed_never_reaches_the_model_and_is_counted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_during_a_burst_loses_no_accepted_call_and_the_process_exits_in_time() {
-    let (_dir, path) = config("shutdown: {grace_period: 10s}");
+    let (_dir, path) = q_config("shutdown: {grace_period: 10s}");
     let (mut child, addr, _log) = spawn_serve(&path, |_| {});
     let c = connect(&addr).await;
     let cases = cases();
@@ -194,7 +184,7 @@ async fn sigterm_during_a_burst_loses_no_accepted_call_and_the_process_exits_in_
 async fn an_open_stream_gets_unavailable_after_sigterm_and_an_idle_one_is_cut_at_the_grace_period() {
     // A stream that sends after the signal is told UNAVAILABLE, which ends it: the server exits
     // without waiting out its (long) grace period.
-    let (_dir, path) = config("shutdown: {grace_period: 60s}");
+    let (_dir, path) = q_config("shutdown: {grace_period: 60s}");
     let (mut child, addr, _log) = spawn_serve(&path, |_| {});
     let mut c = connect(&addr).await;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -213,7 +203,7 @@ async fn an_open_stream_gets_unavailable_after_sigterm_and_an_idle_one_is_cut_at
     assert!(signalled.elapsed() < Duration::from_secs(20));
 
     // A stream that stays open and silent is cut once the grace period is over.
-    let (_dir, path) = config("shutdown: {grace_period: 2s}");
+    let (_dir, path) = q_config("shutdown: {grace_period: 2s}");
     let (mut child, addr, log) = spawn_serve(&path, |_| {});
     let mut c = connect(&addr).await;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -231,7 +221,7 @@ async fn an_open_stream_gets_unavailable_after_sigterm_and_an_idle_one_is_cut_at
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_holds_one_place_until_its_client_goes_away() {
-    let (_dir, path) = config("limits: {max_concurrent_requests: 1}");
+    let (_dir, path) = q_config("limits: {max_concurrent_requests: 1}");
     let (mut child, addr, log) = spawn_serve(&path, |_| {});
     let metrics = metrics_addr(&log);
     let mut unary = connect(&addr).await;
@@ -261,7 +251,7 @@ async fn a_stream_holds_one_place_until_its_client_goes_away() {
 async fn an_injected_fault_fails_one_call_with_internal_and_the_next_is_exact() {
     use mlx_embed::engine::Fault;
     let _g = mlx_lock();
-    let (dir, path) = config("limits: {max_text_bytes: 64}");
+    let (dir, path) = q_config("limits: {max_text_bytes: 64}");
     let config = mlx_embed::config::Config::load(&path).unwrap();
     let hub = mlx_embed::registry::HubSettings {
         endpoint: "http://127.0.0.1:9".into(),

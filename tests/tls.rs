@@ -112,3 +112,40 @@ async fn with_a_client_ca_only_clients_with_a_certificate_from_it_get_in() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rust_client_gets_in_with_its_certificate_and_api_key_and_without_the_key_is_refused_at_once() {
+    use mlx_embed::client::{Client, Tls};
+    let dir = tempfile::tempdir().unwrap();
+    let (server_ca, client_ca) = (ca("server CA"), ca("client CA"));
+    let config = tls_config(dir.path(), &server_ca, Some(&client_ca));
+    let yaml = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("auth:\n  api_keys_env: TEST_CLIENT_KEYS\n{yaml}")).unwrap();
+    let (mut child, addr, _log) = spawn_serve(&config, |c| {
+        c.env("TEST_CLIENT_KEYS", "key-one");
+    });
+    let port = addr.rsplit(':').next().unwrap();
+    let (cert, key) = leaf(&client_ca, &["vector-store"], ExtendedKeyUsagePurpose::ClientAuth);
+    let tls = Tls::new().ca_certificate_pem(server_ca.pem.clone()).identity_pem(cert, key);
+
+    // `localhost` is the name in the server's certificate; the client verifies it.
+    let client = Client::builder().endpoint(format!("https://localhost:{port}")).tls(tls.clone()).api_key("key-one").build().await.unwrap();
+    let t0 = Instant::now();
+    let vector = loop {
+        match client.embed_query("q", "over mutual TLS").await {
+            Ok(v) => break v,
+            Err(_) if t0.elapsed() < Duration::from_secs(30) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert!(!vector.is_empty());
+
+    let keyless = Client::builder().endpoint(format!("https://localhost:{port}")).tls(tls).build().await.unwrap();
+    let err = keyless.embed_query("q", "no key").await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::Unauthenticated), "{err}");
+    // (`localhost` may also name ::1, where nothing listens: only the server's address counts.)
+    let served: u64 = keyless.endpoints().iter().filter(|e| e.address.to_string() == addr).map(|e| e.calls).sum();
+    assert_eq!(served, 1, "UNAUTHENTICATED was retried");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

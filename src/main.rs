@@ -124,13 +124,13 @@ struct ModelsArgs {
 #[derive(clap::Args)]
 struct ServeArgs {
     /// The server config and model registry (see config.example.yaml).
-    #[arg(long, default_value = "config.example.yaml")]
+    #[arg(long, default_value = "config.example.yaml", env = "MLX_EMBED_CONFIG")]
     config: PathBuf,
     /// Listen here instead of the config's `listen` (e.g. 127.0.0.1:0 for any free port).
-    #[arg(long)]
+    #[arg(long, env = "MLX_EMBED_LISTEN")]
     listen: Option<String>,
     /// Serve `GET /metrics` here instead of at the config's `metrics.listen`.
-    #[arg(long)]
+    #[arg(long, env = "MLX_EMBED_METRICS_LISTEN")]
     metrics_listen: Option<String>,
 }
 

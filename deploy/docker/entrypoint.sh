@@ -1,0 +1,9 @@
+#!/bin/sh
+# Container entrypoint: picks OpenBLAS's kernels for the host's CPU (which the image cannot know
+# in advance) unless OPENBLAS_CORETYPE is set, then runs mlx-embed with the given arguments.
+set -eu
+if [ -z "${OPENBLAS_CORETYPE:-}" ]; then
+  OPENBLAS_CORETYPE=$(/usr/local/lib/mlx-embed/blas-coretype)
+  [ -z "$OPENBLAS_CORETYPE" ] || export OPENBLAS_CORETYPE
+fi
+exec /usr/local/bin/mlx-embed "$@"

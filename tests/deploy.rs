@@ -248,6 +248,44 @@ fn hadolint(file: &Path) -> Result<(), String> {
     if out.status.success() { Ok(()) } else { Err(text(&out)) }
 }
 
+/// The build stage's context as it sees it: what its COPY lines (before the first `cargo`)
+/// bring into its work directory.
+fn build_stage_context(dockerfile: &str, into: &Path) {
+    for line in dockerfile.lines().skip_while(|l| !l.starts_with("FROM ")).skip(1).take_while(|l| !l.contains("cargo build")) {
+        let Some(copy) = line.strip_prefix("COPY ") else { continue };
+        let parts: Vec<&str> = copy.split_whitespace().collect();
+        let (sources, dest) = parts.split_at(parts.len() - 1);
+        for source in sources {
+            let target = if dest[0].ends_with('/') {
+                into.join(dest[0]).join(Path::new(source).file_name().unwrap())
+            } else {
+                into.join(dest[0])
+            };
+            std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+            let out = run(Command::new("cp").arg("-r").arg(root().join(source)).arg(&target));
+            assert!(out.status.success(), "{}", text(&out));
+        }
+    }
+}
+
+#[test]
+fn the_build_stage_copies_everything_cargo_needs_to_read_the_package() {
+    for name in ["Dockerfile", "Dockerfile.cuda"] {
+        let dir = tempfile::tempdir().unwrap();
+        build_stage_context(&std::fs::read_to_string(root().join("deploy/docker").join(name)).unwrap(), dir.path());
+        // Cargo refuses a manifest whose declared targets (examples included) are missing, before
+        // anything else; asking for a target that does not exist stops it right after that check.
+        let out = run(Command::new(env!("CARGO"))
+            .args(["check", "--offline", "--bin", "no-such-target", "--manifest-path"])
+            .arg(dir.path().join("Cargo.toml")));
+        let report = text(&out);
+        assert!(report.contains("no bin target named `no-such-target`"), "{name}: {report}");
+        for needed in ["build.rs", "Cargo.lock", "proto/embedding/v1/embedding.proto", "src/main.rs", "scripts/install-mlx.sh"] {
+            assert!(dir.path().join(needed).exists(), "{name}: the build stage lacks {needed}");
+        }
+    }
+}
+
 #[test]
 fn the_dockerfiles_pass_hadolint_run_as_non_root_and_copy_only_what_the_context_has() {
     let ignored = std::fs::read_to_string(root().join(".dockerignore")).unwrap();

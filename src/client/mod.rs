@@ -435,6 +435,8 @@ impl Client {
                 Err(_) => return Err(deadline_passed(inner.timeout, attempt, None)),
             };
             let retry::Verdict::Retry { after, endpoint_fault } = retry::classify(&status) else {
+                // The endpoint answered: it is up, whatever it thought of the request.
+                lease.0.succeeded();
                 return Err(status.into());
             };
             if endpoint_fault {

@@ -221,12 +221,11 @@ impl Pool {
             };
             let mut addrs = match found {
                 Ok(addrs) if !addrs.is_empty() => addrs,
-                Ok(_) | Err(_) => {
-                    if let Err(e) = found {
-                        errors.push(format!("{}: {e}", target.given));
-                    } else {
-                        errors.push(format!("{}: no address", target.given));
-                    }
+                other => {
+                    errors.push(match other {
+                        Err(e) => format!("{}: {e}", target.given),
+                        Ok(_) => format!("{}: no address", target.given),
+                    });
                     members.extend(old.iter().filter(|m| m.target == index).cloned());
                     continue;
                 }

@@ -108,7 +108,7 @@ async fn calls_spread_over_three_endpoints_and_vectors_match_the_reference() {
     let served: Vec<f64> = servers.iter().zip(&before).map(|(s, b)| s.embeds_ok() - b).collect();
     let queries = query_cases().len() as f64;
     assert_eq!(served.iter().sum::<f64>(), queries + 30.0, "{served:?}");
-    assert!(served.iter().all(|&n| n >= 5.0), "calls did not spread: {served:?}");
+    assert!(served.iter().all(|&n| n >= 3.0), "calls did not spread: {served:?}");
     let stats = client.endpoints();
     assert_eq!(stats.len(), 3);
     assert!(stats.iter().all(|e| e.calls > 0 && e.failures == 0 && e.in_flight == 0), "{stats:?}");
@@ -206,7 +206,7 @@ async fn the_deadline_bounds_a_slow_server_retries_and_an_unreachable_endpoint()
     let err = client.embed_query("q", "slow").await.unwrap_err();
     let took = t0.elapsed();
     assert_eq!(err.code(), Some(Code::DeadlineExceeded), "{err}");
-    assert!(took >= Duration::from_millis(280) && took < Duration::from_millis(1500), "{took:?}");
+    assert!(took >= Duration::from_millis(280) && took < Duration::from_millis(1300), "{took:?}");
 
     // A server that refuses everything (its one place is held by a slow call): retries stop at
     // the deadline, which names the last answer.
@@ -219,7 +219,7 @@ async fn the_deadline_bounds_a_slow_server_retries_and_an_unreachable_endpoint()
     let t0 = Instant::now();
     let err = client.embed_query("q", "refused").await.unwrap_err();
     let took = t0.elapsed();
-    assert!(took < Duration::from_millis(1200), "{took:?}");
+    assert!(took < Duration::from_millis(1700), "{took:?}");
     assert!(
         matches!(err.code(), Some(Code::DeadlineExceeded) | Some(Code::ResourceExhausted)),
         "{err}"
@@ -232,7 +232,7 @@ async fn the_deadline_bounds_a_slow_server_retries_and_an_unreachable_endpoint()
     let client = Client::builder().endpoint(format!("http://{closed}")).timeout(Duration::from_millis(800)).build().await.unwrap();
     let t0 = Instant::now();
     let err = client.embed_query("q", "nobody").await.unwrap_err();
-    assert!(t0.elapsed() < Duration::from_millis(1300), "{:?}", t0.elapsed());
+    assert!(t0.elapsed() < Duration::from_millis(1800), "{:?}", t0.elapsed());
     assert!(matches!(err.code(), Some(Code::Unavailable) | Some(Code::DeadlineExceeded)), "{err}");
     assert!(client.endpoints()[0].failures >= 1);
 }

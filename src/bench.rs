@@ -130,7 +130,8 @@ impl Rng {
     }
 }
 
-const WORDS: &[&str] = &[
+/// The words of the generated texts (also the vocabulary of [`crate::synthetic`] models).
+pub const WORDS: &[&str] = &[
     "vector", "search", "index", "query", "document", "embedding", "model", "latency", "memory",
     "batch", "token", "server", "cluster", "shard", "replica", "storage", "engine", "result",
     "ranking", "filter", "distance", "cosine", "graph", "neighbor", "cache", "request", "stream",

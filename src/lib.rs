@@ -8,6 +8,7 @@
 //! - [`registry`]: model sources: local folders and Hugging Face hub repositories (download,
 //!   cache shared with Python tools, integrity checks).
 //! - [`error`]: typed errors naming the file, field or tensor at fault.
+//! - [`synthetic`]: real models' shapes with random weights from a seed, for benchmarks.
 //! - [`grpc`]: the protocol (generated types) and, with the `server` feature, the service.
 //! - [`client`]: the Rust client for vector stores (`client` feature): retries, deadlines,
 //!   bulk ingest in bounded requests, balancing across endpoints.
@@ -33,5 +34,7 @@ pub mod mlx;
 pub mod models;
 #[cfg(feature = "server")]
 pub mod registry;
+#[cfg(feature = "server")]
+pub mod synthetic;
 #[cfg(feature = "server")]
 pub mod tokenize;

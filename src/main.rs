@@ -51,6 +51,30 @@ enum Command {
     /// Load a server over gRPC (closed loop: N clients; open loop: a fixed rate) and report
     /// throughput, latency percentiles, errors and the server's memory, as a table or JSON.
     Bench(BenchArgs),
+    /// Write a model folder with the architecture and shapes of a real model and random weights
+    /// from a seed, for benchmarks where the real weights cannot be downloaded.
+    Synth(SynthArgs),
+}
+
+#[derive(clap::Args)]
+struct SynthArgs {
+    /// qwen3-embedding-0.6b or embeddinggemma-300m.
+    #[arg(long)]
+    model: String,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Stored precision of the weights.
+    #[arg(long, value_enum, default_value = "bf16")]
+    dtype: SynthDtype,
+    /// The folder to write (serve it with `source: <folder>`).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SynthDtype {
+    Bf16,
+    F32,
 }
 
 #[derive(clap::Args)]
@@ -194,6 +218,7 @@ fn main() -> ExitCode {
         Command::Pull(args) => pull(args),
         Command::Models(args) => models(args),
         Command::Bench(args) => bench(args),
+        Command::Synth(args) => synth(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -382,6 +407,29 @@ fn models(args: ModelsArgs) -> Result<()> {
         let line: Vec<String> = (0..5).map(|c| format!("{:<w$}", row[c], w = widths[c])).collect();
         println!("{}  {}", line.join("  "), row[5]);
     }
+    Ok(())
+}
+
+fn synth(args: SynthArgs) -> Result<()> {
+    use mlx_embed::synthetic::{self, Blueprint, Precision};
+    let Some(blueprint) = Blueprint::parse(&args.model) else {
+        let names: Vec<&str> = Blueprint::ALL.iter().map(|(n, _)| *n).collect();
+        bail!("unknown model `{}`; one of: {}", args.model, names.join(", "));
+    };
+    let precision = match args.dtype {
+        SynthDtype::Bf16 => Precision::Bf16,
+        SynthDtype::F32 => Precision::F32,
+    };
+    let started = std::time::Instant::now();
+    let written = synthetic::write(blueprint, &args.out, args.seed, precision)
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    eprintln!(
+        "wrote {} ({} parameters, {:.1} MB) in {:.1?}",
+        args.out.display(),
+        written.parameters,
+        written.bytes as f64 / 1e6,
+        started.elapsed()
+    );
     Ok(())
 }
 

@@ -32,6 +32,8 @@ embed-demo: build
 	  "What is a vector database?" "向量数据库" "🚀 embeddings"
 
 test: setup
+	# The examples as programs (tests/client.rs runs examples/vector_store against servers).
+	$(CARGO) build --examples
 	$(CARGO) test --all-targets
 	$(CARGO) test --doc
 	# The client alone builds without MLX or a C++ compiler (what a vector store depends on).

@@ -318,8 +318,9 @@ async fn the_system_resolver_serves_localhost_and_caller_mistakes_are_not_retrie
 async fn the_vector_store_example_ingests_and_queries_over_two_endpoints() {
     let servers: Vec<Server> = (0..2).map(|_| Server::start("")).collect();
     ready(&servers.iter().collect::<Vec<_>>()).await;
-    // Examples are built next to the test binaries' folder: target/<profile>/examples.
+    // `cargo build --examples` (make test runs it first) puts it in target/<profile>/examples.
     let example = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().join("examples/vector_store");
+    assert!(example.exists(), "{} is missing: run `cargo build --examples` first", example.display());
     let out = tokio::process::Command::new(&example)
         .arg("q")
         .args(servers.iter().map(Server::url))

@@ -55,6 +55,12 @@ pub fn write(blueprint: Blueprint, dir: &Path, seed: u64, precision: Precision) 
     let mut rng = Normal::new(seed);
     json_file(&dir.join("config.json"), &spec.config)?;
     json_file(&dir.join("tokenizer.json"), &tokenizer(&spec, seed))?;
+    // Makes transformers use tokenizer.json as it is (it would otherwise rebuild the tokenizer
+    // class of the model type), so sentence-transformers reads the same folder the same way.
+    let mut tokenizer_config = spec.tokenizer_config.clone();
+    tokenizer_config["tokenizer_class"] = json!("TokenizersBackend");
+    tokenizer_config["model_max_length"] = json!(spec.max_seq_length);
+    json_file(&dir.join("tokenizer_config.json"), &tokenizer_config)?;
     json_file(&dir.join("sentence_bert_config.json"), &json!({"max_seq_length": spec.max_seq_length, "do_lower_case": false}))?;
     json_file(&dir.join("config_sentence_transformers.json"), &json!({"prompts": spec.prompts, "default_prompt_name": null, "similarity_fn_name": "cosine"}))?;
     let mut modules = vec![json!({"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"})];
@@ -121,6 +127,8 @@ struct Spec {
     specials: Vec<(&'static str, usize)>,
     template: (&'static [&'static str], &'static [&'static str]),
     unk: &'static str,
+    /// Special tokens and padding side as transformers' tokenizer_config.json has them.
+    tokenizer_config: Value,
 }
 
 impl Spec {
@@ -155,6 +163,7 @@ impl Spec {
                     specials: vec![("<|endoftext|>", 151643), ("<|im_start|>", 151644), ("<|im_end|>", 151645), ("[UNK]", 151646)],
                     template: (&[], &["<|endoftext|>"]),
                     unk: "[UNK]",
+                    tokenizer_config: json!({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": "[UNK]", "padding_side": "left"}),
                 }
             }
             Blueprint::EmbeddingGemma300M => {
@@ -200,6 +209,7 @@ impl Spec {
                     specials: vec![("<pad>", 0), ("<eos>", 1), ("<bos>", 2), ("<unk>", 3)],
                     template: (&["<bos>"], &["<eos>"]),
                     unk: "<unk>",
+                    tokenizer_config: json!({"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>", "padding_side": "right"}),
                 }
             }
         }

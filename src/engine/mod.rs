@@ -311,6 +311,19 @@ struct InFlight {
     launched: Launched,
 }
 
+/// Runs a loaded model on two small batches before it is reported ready: its weights are read
+/// from the files (MLX maps them lazily) and moved to the device, and the kernels MLX's GPU
+/// backends compile at first use exist, so the first calls do not pay for that (a first forward
+/// on a fresh GPU took seconds). The load time includes it.
+fn warm_up(model: EmbeddingModel) -> crate::error::Result<EmbeddingModel> {
+    let text = "warm up the model with a short text of several words ".repeat(8);
+    let ids = model.preprocessor().tokenize("", &text, Some(64), crate::tokenize::Truncation::Right)?.ids;
+    let cut = |n: usize| &ids[..n.min(ids.len())];
+    model.embed_ids(&[cut(8)])?;
+    model.embed_ids(&[cut(64), cut(40), cut(17), cut(64)])?;
+    Ok(model)
+}
+
 impl Engine {
     fn new(slots: Arc<Vec<Slot>>, stats: Arc<Stats>, limits: Limits, options: Vec<LoadOptions>) -> Engine {
         let n = slots.len();
@@ -413,7 +426,7 @@ impl Engine {
         let started = Instant::now();
         let loaded = match dir {
             Err(why) => Err(why),
-            Ok(dir) => match catch_unwind(AssertUnwindSafe(|| EmbeddingModel::load(&dir, options))) {
+            Ok(dir) => match catch_unwind(AssertUnwindSafe(|| EmbeddingModel::load(&dir, options).and_then(warm_up))) {
                 Ok(r) => r.map_err(|e| e.to_string()),
                 Err(_) => Err("loading panicked".to_string()),
             },

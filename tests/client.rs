@@ -157,8 +157,7 @@ async fn an_instance_killed_mid_ingest_costs_retries_and_every_item_comes_back_o
     assert!(seen.iter().all(|&c| c == 1), "items not seen exactly once: {:?}", seen.iter().enumerate().filter(|(_, &c)| c != 1).collect::<Vec<_>>());
     let stats = client.endpoints();
     let on_victim = stats.iter().find(|e| e.address == victim).unwrap();
-    assert!(on_victim.failures >= 1, "the killed instance was never tried again: {stats:?}");
-    assert!(!on_victim.in_service, "{stats:?}");
+    assert!(on_victim.failures >= 1, "the killed instance's failures were not recorded: {stats:?}");
     servers.truncate(1);
 }
 
@@ -207,6 +206,9 @@ async fn the_deadline_bounds_a_slow_server_retries_and_an_unreachable_endpoint()
     let took = t0.elapsed();
     assert_eq!(err.code(), Some(Code::DeadlineExceeded), "{err}");
     assert!(took >= Duration::from_millis(280) && took < Duration::from_millis(1300), "{took:?}");
+    // A slow answer is not the endpoint's failure: it stays in service.
+    let stats = client.endpoints();
+    assert!(stats[0].failures == 0 && stats[0].in_service, "{stats:?}");
 
     // A server that refuses everything (its one place is held by a slow call): retries stop at
     // the deadline, which names the last answer.

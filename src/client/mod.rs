@@ -16,7 +16,8 @@
 //! ```
 //!
 //! Every call carries a deadline (`timeout`, 30 s by default) that covers all its attempts and
-//! waits. Vectors travel packed (little-endian f32 bytes), so they arrive bit for bit as the server
+//! waits; bulk calls (`embed_texts`, `embed_documents`, `ingest`) apply it to each of their
+//! requests. Vectors travel packed (little-endian f32 bytes), so they arrive bit for bit as the server
 //! computed them.
 
 mod ingest;
@@ -28,7 +29,7 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::stream::{self, StreamExt};
+use futures_util::stream::{self, StreamExt, TryStreamExt};
 use tokio::time::Instant;
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::transport::Channel;
@@ -172,8 +173,9 @@ pub struct ClientBuilder {
 }
 
 impl ClientBuilder {
-    /// Adds a target: `http://host:port`, `https://host:port`, or `host:port` (https when TLS is
-    /// set). A host name stands for all its addresses (e.g. a Kubernetes headless Service).
+    /// Adds a target: `http://host:port`, `https://host:port`, or `host:port`. With [`Self::tls`]
+    /// set, every target uses TLS, `http://` ones included. A host name stands for all its
+    /// addresses (e.g. a Kubernetes headless Service).
     pub fn endpoint(mut self, target: impl Into<String>) -> Self {
         self.endpoints.push(target.into());
         self
@@ -273,6 +275,9 @@ impl ClientBuilder {
         if self.timeout.is_zero() {
             return Err(ClientError::Config("timeout must be above zero".into()));
         }
+        if self.resolve_interval.is_zero() {
+            return Err(ClientError::Config("resolve_interval must be above zero".into()));
+        }
         let settings = pool::ChannelSettings { connect_timeout: self.connect_timeout, tls: self.tls };
         let pool = pool::Pool::new(&self.endpoints, settings, self.resolver, self.resolve_interval).await?;
         Ok(Client {
@@ -359,7 +364,8 @@ impl Client {
         let template = options.request(model);
         let ranges = ingest::split(texts.iter().map(|t| t.as_ref().len()), self.inner.batch_items, self.inner.batch_bytes);
         let single = ranges.len() == 1;
-        let results: Vec<Result<Vec<Embedded>, ClientError>> = stream::iter(ranges)
+        // The first request that fails for good ends the call (the others are dropped).
+        let parts: Vec<Vec<Embedded>> = stream::iter(ranges)
             .map(|range| {
                 let request = with_texts(&template, texts[range.clone()].iter().map(|t| t.as_ref()));
                 async move {
@@ -369,13 +375,9 @@ impl Client {
                 }
             })
             .buffered(self.inner.concurrency)
-            .collect()
-            .await;
-        let mut out = Vec::with_capacity(texts.len());
-        for part in results {
-            out.extend(part?);
-        }
-        Ok(out)
+            .try_collect()
+            .await?;
+        Ok(parts.into_iter().flatten().collect())
     }
 
     /// One `Embed` call as the protocol has it, with balancing, retries and the deadline.
@@ -431,6 +433,9 @@ impl Client {
                     lease.0.succeeded();
                     return Ok(response.into_inner());
                 }
+                // Out of time (tonic's own timer on the deadline sent may answer first): the
+                // endpoint is not to blame.
+                Ok(Err(status)) if Instant::now() >= deadline => return Err(deadline_passed(inner.timeout, attempt, Some(&status))),
                 Ok(Err(status)) => status,
                 Err(_) => return Err(deadline_passed(inner.timeout, attempt, None)),
             };
@@ -449,7 +454,7 @@ impl Client {
             // Another endpoint in service takes a failed-over call at once; otherwise wait.
             let failover = endpoint_fault && after.is_none() && inner.pool.another_in_service(&lease.0);
             let wait = if failover { Duration::ZERO } else { inner.retry.wait(attempt, after, &inner.jitter) };
-            if Instant::now() + wait >= deadline {
+            if wait >= deadline.saturating_duration_since(Instant::now()) {
                 return Err(deadline_passed(inner.timeout, attempt, Some(&status)));
             }
             last_member = Some(lease.0.clone());

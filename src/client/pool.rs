@@ -164,6 +164,8 @@ pub(crate) struct Pool {
     settings: ChannelSettings,
     jitter: Jitter,
     last_resolve: Mutex<Instant>,
+    /// One lookup at a time, so a slow one cannot overwrite a newer list.
+    resolving: tokio::sync::Mutex<()>,
 }
 
 impl Pool {
@@ -189,6 +191,7 @@ impl Pool {
             settings,
             jitter: Jitter::new(),
             last_resolve: Mutex::new(Instant::now()),
+            resolving: tokio::sync::Mutex::new(()),
         });
         let errors = pool.resolve().await?;
         if pool.members().is_empty() {
@@ -210,6 +213,7 @@ impl Pool {
     /// empty keeps the members it had: a DNS blip must not empty the pool. Returns the lookup
     /// errors.
     async fn resolve(&self) -> Result<Vec<String>, ClientError> {
+        let _one_at_a_time = self.resolving.lock().await;
         *self.last_resolve.lock().expect("resolve lock") = Instant::now();
         let old = self.members();
         let mut members = Vec::new();
@@ -235,7 +239,10 @@ impl Pool {
             for addr in addrs {
                 match old.iter().find(|m| m.target == index && m.addr == addr) {
                     Some(kept) => members.push(kept.clone()),
-                    None => members.push(Arc::new(self.member(index, addr)?)),
+                    None => match self.member(index, addr) {
+                        Ok(member) => members.push(Arc::new(member)),
+                        Err(e) => errors.push(e.to_string()),
+                    },
                 }
             }
         }
@@ -342,10 +349,13 @@ async fn refresh_every(pool: Weak<Pool>, interval: Duration) {
     loop {
         ticks.tick().await;
         let Some(pool) = pool.upgrade() else { return };
-        if let Ok(errors) = pool.resolve().await {
-            for e in errors {
-                tracing::warn!(error = %e, "embedding endpoint lookup failed; keeping the addresses known");
+        match pool.resolve().await {
+            Ok(errors) => {
+                for e in errors {
+                    tracing::warn!(error = %e, "embedding endpoint lookup failed; keeping the addresses known");
+                }
             }
+            Err(e) => tracing::warn!(error = %e, "embedding endpoint lookup failed"),
         }
     }
 }

@@ -24,7 +24,8 @@ pub struct RetryPolicy {
     pub max_attempts: u32,
     /// Wait before the first retry when the server gave no RetryInfo.
     pub initial_backoff: Duration,
-    /// Longest wait between attempts (RetryInfo included).
+    /// Longest wait between attempts the client chooses itself; a longer delay asked for by the
+    /// server (RetryInfo) is kept, since an earlier attempt would be refused again.
     pub max_backoff: Duration,
     /// Growth of the wait from one retry to the next.
     pub multiplier: f64,
@@ -51,15 +52,16 @@ impl RetryPolicy {
     /// exponential step so that clients refused together do not come back together. A delay the
     /// server asked for is a floor: it is kept, plus up to a fifth for the same reason.
     pub(crate) fn wait(&self, retry: u32, asked: Option<Duration>, jitter: &Jitter) -> Duration {
-        let wait = match asked {
-            Some(asked) => asked.mul_f64(1.0 + 0.2 * jitter.unit()),
+        match asked {
+            // Capped at an hour so that no server can make the arithmetic overflow; the call's
+            // deadline cuts it shorter anyway.
+            Some(asked) => asked.min(Duration::from_secs(3600)).mul_f64(1.0 + 0.2 * jitter.unit()),
             None => {
                 let step = self.multiplier.max(1.0).powi(retry.saturating_sub(1).min(64) as i32);
                 let base = self.initial_backoff.as_secs_f64() * step;
                 Duration::from_secs_f64(base.min(self.max_backoff.as_secs_f64()) * (0.5 + 0.5 * jitter.unit()))
             }
-        };
-        wait.min(self.max_backoff.max(asked.unwrap_or_default()))
+        }
     }
 }
 
@@ -151,6 +153,12 @@ mod tests {
         let status = Status::from_error(Box::new(io));
         assert_eq!(status.code(), Code::Unknown);
         assert_eq!(classify(&status), Verdict::Retry { after: None, endpoint_fault: true });
+    }
+
+    #[test]
+    fn a_huge_retry_delay_is_capped_instead_of_overflowing() {
+        let wait = RetryPolicy::default().wait(1, Some(Duration::MAX), &Jitter::new());
+        assert!(wait >= Duration::from_secs(3600) && wait <= Duration::from_secs(4320), "{wait:?}");
     }
 
     #[test]

@@ -317,7 +317,8 @@ struct InFlight {
 /// on a fresh GPU took seconds). The load time includes it.
 fn warm_up(model: EmbeddingModel) -> crate::error::Result<EmbeddingModel> {
     let text = "warm up the model with a short text of several words ".repeat(8);
-    let ids = model.preprocessor().tokenize("", &text, Some(64), crate::tokenize::Truncation::Right)?.ids;
+    let longest = model.info().max_tokens.clamp(2, 64);
+    let ids = model.preprocessor().tokenize("", &text, Some(longest), crate::tokenize::Truncation::Right)?.ids;
     let cut = |n: usize| &ids[..n.min(ids.len())];
     model.embed_ids(&[cut(8)])?;
     model.embed_ids(&[cut(64), cut(40), cut(17), cut(64)])?;

@@ -10,13 +10,7 @@
 #                and optionally server, bad_requests (release builds)
 set -euo pipefail
 parts=$1 bins=$2
-prefix=/tmp/mlx-cuda
-mkdir -p "$prefix"
-[ -e "$prefix/mlx/lib/libmlx.so" ] || cat "$parts"/lib.part.* | xz -d | tar xf - -C "$prefix"
-[ -e "$prefix/mlx/include" ] || tar xJf "$parts/include.tar.xz" -C "$prefix"
-# Kernels MLX compiles at run time are cached across the processes below.
-export MLX_PTX_CACHE_DIR=/tmp/mlx-ptx-cache
-export LD_LIBRARY_PATH=$prefix/mlx/lib:/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
+. "$(dirname "$0")/mlx-cuda-env.sh"
 # Test binaries look for fixtures where they were built.
 built_in=$(strings "$bins/parity" | grep -m1 -o '/[^ ]*/tests/fixtures' | sed 's#/tests/fixtures##' || true)
 if [ -n "$built_in" ] && [ ! -e "$built_in/tests/fixtures" ]; then

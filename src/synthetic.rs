@@ -369,21 +369,18 @@ fn bf16_bits(v: f32) -> u16 {
     ((bits + 0x7fff + ((bits >> 16) & 1)) >> 16) as u16
 }
 
-/// Approximately standard normal values (sum of four uniforms, centred and scaled), from a
-/// splitmix64 stream: cheap enough for a billion draws, and the same for the same seed.
-struct Normal(u64);
+/// Approximately standard normal values (sum of four uniforms, centred and scaled) from the load
+/// generator's [`Rng`](crate::bench::Rng): cheap enough for a billion draws, and the same for the
+/// same seed.
+struct Normal(crate::bench::Rng);
 
 impl Normal {
     fn new(seed: u64) -> Normal {
-        Normal(seed)
+        Normal(crate::bench::Rng::new(seed))
     }
 
     fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next()
     }
 
     fn sample(&mut self) -> f32 {

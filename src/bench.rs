@@ -97,7 +97,8 @@ pub struct RssSamples {
 }
 
 impl Latency {
-    fn of(mut ms: Vec<f64>) -> Latency {
+    /// Percentiles of samples in milliseconds.
+    pub fn of(mut ms: Vec<f64>) -> Latency {
         if ms.is_empty() {
             return Latency::default();
         }

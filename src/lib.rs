@@ -37,4 +37,6 @@ pub mod registry;
 #[cfg(feature = "server")]
 pub mod synthetic;
 #[cfg(feature = "server")]
+pub mod profile;
+#[cfg(feature = "server")]
 pub mod tokenize;

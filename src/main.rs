@@ -54,6 +54,31 @@ enum Command {
     /// Write a model folder with the architecture and shapes of a real model and random weights
     /// from a seed, for benchmarks where the real weights cannot be downloaded.
     Synth(SynthArgs),
+    /// Time the forward pass of a local model folder at fixed batch shapes, in process: graph
+    /// building, submission and waiting per forward, tokens/s, CPU use and operation counts.
+    Profile(ProfileArgs),
+}
+
+#[derive(clap::Args)]
+struct ProfileArgs {
+    #[arg(long)]
+    model_dir: PathBuf,
+    /// Comma-separated BATCHxTOKENS shapes; every row is full length.
+    #[arg(long, default_value = "1x16,8x32,32x128,64x256")]
+    shapes: String,
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    #[arg(long, default_value_t = 20)]
+    iterations: usize,
+    #[arg(long, value_enum, default_value = "auto")]
+    dtype: DtypeArg,
+    #[arg(long, value_enum, default_value = "auto")]
+    device: DeviceArg,
+    /// Also write the reports as JSON to this file (`-`: standard output, instead of the table).
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
 }
 
 #[derive(clap::Args)]
@@ -219,6 +244,7 @@ fn main() -> ExitCode {
         Command::Models(args) => models(args),
         Command::Bench(args) => bench(args),
         Command::Synth(args) => synth(args),
+        Command::Profile(args) => profile(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -241,18 +267,7 @@ fn embed(args: EmbedArgs) -> Result<()> {
     if texts.is_empty() {
         bail!("no texts: give TEXT arguments or --input FILE");
     }
-    let gpu = match args.device {
-        DeviceArg::Cpu => false,
-        DeviceArg::Gpu if !mlx::gpu_is_available() => bail!("--device gpu: MLX has no GPU backend here (MLX {})", mlx::version()),
-        DeviceArg::Gpu => true,
-        DeviceArg::Auto => mlx::gpu_is_available(),
-    };
-    let dtype = match args.dtype {
-        DtypeArg::Auto => None,
-        DtypeArg::F32 => Some(Dtype::Float32),
-        DtypeArg::Bf16 => Some(Dtype::Bfloat16),
-    };
-    let model = EmbeddingModel::load(&args.model_dir, LoadOptions { dtype, gpu })?;
+    let model = EmbeddingModel::load(&args.model_dir, load_options(args.device, args.dtype)?)?;
     let prompt = match (&args.prompt_name, &args.instruction) {
         (Some(name), _) => PromptChoice::Name(name.clone()),
         (None, Some(task)) => PromptChoice::Instruction(task.clone()),
@@ -406,6 +421,46 @@ fn models(args: ModelsArgs) -> Result<()> {
     for row in [&header].into_iter().chain(&table) {
         let line: Vec<String> = (0..5).map(|c| format!("{:<w$}", row[c], w = widths[c])).collect();
         println!("{}  {}", line.join("  "), row[5]);
+    }
+    Ok(())
+}
+
+fn load_options(device: DeviceArg, dtype: DtypeArg) -> Result<LoadOptions> {
+    let gpu = match device {
+        DeviceArg::Cpu => false,
+        DeviceArg::Gpu if !mlx::gpu_is_available() => bail!("--device gpu: MLX has no GPU backend here (MLX {})", mlx::version()),
+        DeviceArg::Gpu => true,
+        DeviceArg::Auto => mlx::gpu_is_available(),
+    };
+    let dtype = match dtype {
+        DtypeArg::Auto => None,
+        DtypeArg::F32 => Some(Dtype::Float32),
+        DtypeArg::Bf16 => Some(Dtype::Bfloat16),
+    };
+    Ok(LoadOptions { dtype, gpu })
+}
+
+fn profile(args: ProfileArgs) -> Result<()> {
+    use mlx_embed::profile;
+    let shapes = profile::parse_shapes(&args.shapes)?;
+    let opts = load_options(args.device, args.dtype)?;
+    let started = std::time::Instant::now();
+    let model = EmbeddingModel::load(&args.model_dir, opts)?;
+    let info = model.info();
+    eprintln!("{} · {} on {} · MLX {} · loaded in {:.2?}", args.model_dir.display(), info.dtype,
+        if info.gpu { "gpu" } else { "cpu" }, mlx::version(), started.elapsed());
+    let reports = profile::run(&model, &shapes, args.warmup, args.iterations, args.seed)?;
+    let json = serde_json::to_string_pretty(&serde_json::json!({
+        "model_dir": args.model_dir, "dtype": info.dtype.name(), "gpu": info.gpu, "mlx": mlx::version(),
+        "shapes": reports,
+    }))?;
+    match args.json.as_deref() {
+        Some(p) if p == std::path::Path::new("-") => println!("{json}"),
+        Some(p) => {
+            std::fs::write(p, json + "\n").with_context(|| format!("{}: cannot write", p.display()))?;
+            print!("{}", profile::table(&reports));
+        }
+        None => print!("{}", profile::table(&reports)),
     }
     Ok(())
 }

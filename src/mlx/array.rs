@@ -91,6 +91,11 @@ impl Array {
         Ok(ffi::async_eval(self.r())?)
     }
 
+    /// The operations still to run for this array, by name (one entry per graph node).
+    pub fn pending_ops(&self) -> Vec<String> {
+        ffi::pending_ops(self.r())
+    }
+
     /// Evaluates and copies the elements out (row-major), converted to f32.
     pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
         Ok(ffi::to_f32_vec(self.r())?)

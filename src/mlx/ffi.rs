@@ -43,6 +43,9 @@ pub(crate) mod ffi {
         fn to_i32_vec(a: &array) -> Result<Vec<i32>>;
         fn eval(a: &array) -> Result<()>;
         fn async_eval(a: &array) -> Result<()>;
+        /// The operation names of the graph not yet computed that `a` depends on, one entry per
+        /// node (a multi-output node once).
+        fn pending_ops(a: &array) -> Vec<String>;
 
         // ---- shape and type
         fn astype(a: &array, dtype: Dtype) -> Result<UniquePtr<array>>;

@@ -2,8 +2,11 @@
 #include "mlx-embed/src/mlx/shim.h"
 
 #include <stdexcept>
+#include <unordered_set>
+#include <vector>
 
 #include "mlx-embed/src/mlx/ffi.rs.h"
+#include "mlx/primitives.h"
 
 namespace mlx_embed {
 
@@ -87,6 +90,20 @@ rust::Vec<float> to_f32_vec(const array& a) { return copy_out<float>(a, mx::floa
 rust::Vec<int32_t> to_i32_vec(const array& a) { return copy_out<int32_t>(a, mx::int32); }
 void eval(const array& a) { mx::eval(a); }
 void async_eval(const array& a) { mx::async_eval(a); }
+rust::Vec<rust::String> pending_ops(const array& a) {
+  rust::Vec<rust::String> out;
+  std::unordered_set<std::uintptr_t> seen;
+  std::vector<array> stack{a};
+  while (!stack.empty()) {
+    array x = stack.back();
+    stack.pop_back();
+    if (!seen.insert(x.id()).second || !x.has_primitive()) continue;
+    for (const auto& s : x.siblings()) seen.insert(s.id());
+    out.push_back(rust::String(x.primitive().name()));
+    for (const auto& in : x.inputs()) stack.push_back(in);
+  }
+  return out;
+}
 
 ArrayPtr astype(const array& a, Dtype dtype) { return own(mx::astype(a, to_mlx(dtype))); }
 ArrayPtr reshape(const array& a, rust::Slice<const int32_t> shape) {

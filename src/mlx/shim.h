@@ -30,6 +30,7 @@ rust::Vec<float> to_f32_vec(const array& a);
 rust::Vec<int32_t> to_i32_vec(const array& a);
 void eval(const array& a);
 void async_eval(const array& a);
+rust::Vec<rust::String> pending_ops(const array& a);
 
 ArrayPtr astype(const array& a, Dtype dtype);
 ArrayPtr reshape(const array& a, rust::Slice<const int32_t> shape);

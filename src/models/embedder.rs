@@ -255,8 +255,18 @@ impl EmbeddingModel {
     /// Builds the batch's graph and starts computing it without waiting ([`Launched::collect`]
     /// waits and copies the vectors out).
     pub fn launch(&self, batch: &[&[u32]]) -> Result<Launched> {
+        let out = self.graph(batch)?;
+        if let Some(out) = &out {
+            out.async_eval()?;
+        }
+        Ok(Launched { out, rows: batch.len() })
+    }
+
+    /// The batch's graph up to the head's output `[B, dims]`, not computed yet (`None` for an
+    /// empty batch).
+    pub fn graph(&self, batch: &[&[u32]]) -> Result<Option<Array>> {
         if batch.is_empty() {
-            return Ok(Launched { out: None, rows: 0 });
+            return Ok(None);
         }
         if let Some(i) = batch.iter().position(|s| s.is_empty()) {
             return Err(Error::invalid(format!("items[{i}]"), "no tokens"));
@@ -271,9 +281,12 @@ impl EmbeddingModel {
         }
         let ids = Array::from_i32(&ids, &[batch.len() as i32, len as i32])?;
         let hidden = self.encoder.forward(&ids, &lengths)?;
-        let out = self.head.forward(&hidden, &lengths)?;
-        out.async_eval()?;
-        Ok(Launched { out: Some(out), rows: batch.len() })
+        Ok(Some(self.head.forward(&hidden, &lengths)?))
+    }
+
+    /// Size of the encoder's token table.
+    pub fn vocab_size(&self) -> usize {
+        self.encoder.dims().vocab as usize
     }
 
     /// Tokenizes and embeds `texts` as one padded batch, with the model's normalization.

@@ -1,0 +1,173 @@
+//! `mlx-embed profile`: the forward pass of a model folder timed at fixed batch shapes, in process
+//! (no server, no tokenizer): where a batch's time goes between building the graph on the host,
+//! handing it to MLX, and waiting for the device, and how many operations one forward issues.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::bench::{Latency, Rng};
+use crate::error::{Error, Result};
+use crate::models::EmbeddingModel;
+
+/// `batch` rows of `tokens` token ids each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Shape {
+    pub batch: usize,
+    pub tokens: usize,
+}
+
+/// Parses `1x16,8x32,…`.
+pub fn parse_shapes(s: &str) -> Result<Vec<Shape>> {
+    s.split(',')
+        .map(|part| {
+            let part = part.trim();
+            let parsed = part.split_once(['x', 'X']).and_then(|(b, t)| Some(Shape { batch: b.parse().ok()?, tokens: t.parse().ok()? }));
+            match parsed {
+                Some(shape) if shape.batch > 0 && shape.tokens > 0 => Ok(shape),
+                _ => Err(Error::invalid("shapes", format!("`{part}` is not BATCHxTOKENS with both positive (e.g. 8x32)"))),
+            }
+        })
+        .collect()
+}
+
+/// One shape's timings, in milliseconds per forward.
+#[derive(Debug, Serialize)]
+pub struct ShapeReport {
+    #[serde(flatten)]
+    pub shape: Shape,
+    pub iterations: usize,
+    /// Building the graph (the model code on the host).
+    pub build_ms: Latency,
+    /// Handing it to MLX (`async_eval`: MLX encodes every operation for the device).
+    pub submit_ms: Latency,
+    /// Waiting for the result and copying it to the host.
+    pub wait_ms: Latency,
+    /// All three.
+    pub total_ms: Latency,
+    pub tokens_per_second: f64,
+    /// Process CPU time over wall time during the timed iterations (Linux), e.g. 1.0 = one
+    /// core busy throughout.
+    pub cpu_per_wall: Option<f64>,
+    /// Operations in one forward's graph, and the count of each.
+    pub ops: usize,
+    pub op_counts: BTreeMap<String, usize>,
+}
+
+/// Times `iterations` forwards of each shape after `warmup` untimed ones. Token ids are drawn
+/// from the model's vocabulary with `seed`; every row is full length.
+pub fn run(model: &EmbeddingModel, shapes: &[Shape], warmup: usize, iterations: usize, seed: u64) -> Result<Vec<ShapeReport>> {
+    let vocab = model.vocab_size().max(1);
+    let mut rng = Rng::new(seed);
+    let mut reports = Vec::with_capacity(shapes.len());
+    for &shape in shapes {
+        let rows: Vec<Vec<u32>> = (0..shape.batch)
+            .map(|_| (0..shape.tokens).map(|_| (rng.next() % vocab as u64) as u32).collect())
+            .collect();
+        let batch: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
+        let mut op_counts = BTreeMap::new();
+        let graph = model.graph(&batch)?.expect("a batch of at least one row");
+        for name in graph.pending_ops() {
+            *op_counts.entry(name).or_insert(0) += 1;
+        }
+        drop(graph);
+        for _ in 0..warmup {
+            model.embed_ids(&batch)?;
+        }
+        let (mut build, mut submit, mut wait, mut total) = (vec![], vec![], vec![], vec![]);
+        let cpu_start = process_cpu_seconds();
+        let started = Instant::now();
+        for _ in 0..iterations {
+            let t0 = Instant::now();
+            let out = model.graph(&batch)?.expect("a batch of at least one row");
+            let t1 = Instant::now();
+            out.async_eval()?;
+            let t2 = Instant::now();
+            let flat = out.to_f32_vec()?;
+            let t3 = Instant::now();
+            std::hint::black_box(flat);
+            let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+            build.push(ms(t0, t1));
+            submit.push(ms(t1, t2));
+            wait.push(ms(t2, t3));
+            total.push(ms(t0, t3));
+        }
+        let wall = started.elapsed().as_secs_f64();
+        let cpu_per_wall = match (cpu_start, process_cpu_seconds()) {
+            (Some(a), Some(b)) if wall > 0.0 => Some((b - a) / wall),
+            _ => None,
+        };
+        let tokens = (shape.batch * shape.tokens * iterations) as f64;
+        reports.push(ShapeReport {
+            shape,
+            iterations,
+            build_ms: Latency::of(build),
+            submit_ms: Latency::of(submit),
+            wait_ms: Latency::of(wait),
+            total_ms: Latency::of(total),
+            tokens_per_second: if wall > 0.0 { tokens / wall } else { 0.0 },
+            cpu_per_wall,
+            ops: op_counts.values().sum(),
+            op_counts,
+        });
+    }
+    Ok(reports)
+}
+
+/// The reports as a table: medians, the total's P95, throughput and operation counts.
+pub fn table(reports: &[ShapeReport]) -> String {
+    let mut out = format!(
+        "{:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>11} {:>8} {:>6}\n",
+        "shape", "build", "submit", "wait", "total", "p95", "tokens/s", "cpu", "ops"
+    );
+    for r in reports {
+        out += &format!(
+            "{:>10} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>11.0} {:>8} {:>6}\n",
+            format!("{}x{}", r.shape.batch, r.shape.tokens),
+            r.build_ms.p50, r.submit_ms.p50, r.wait_ms.p50, r.total_ms.p50, r.total_ms.p95,
+            r.tokens_per_second,
+            r.cpu_per_wall.map_or("-".into(), |c| format!("{c:.2}")),
+            r.ops,
+        );
+    }
+    out += "(milliseconds per forward, medians; p95 of the total; cpu = process CPU time / wall time)\n";
+    out
+}
+
+/// User plus system CPU time of this process, from /proc (Linux only).
+fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces) start at state: utime and stime
+    // are the 12th and 13th of them.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_parse_and_bad_ones_name_the_part() {
+        assert_eq!(parse_shapes("1x16, 8X32").unwrap(), vec![Shape { batch: 1, tokens: 16 }, Shape { batch: 8, tokens: 32 }]);
+        for bad in ["8", "0x16", "4x", "ax3", "1x16,,2x2"] {
+            let e = parse_shapes(bad).unwrap_err().to_string();
+            assert!(e.contains("BATCHxTOKENS"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn this_process_cpu_time_is_read_and_grows() {
+        let Some(a) = process_cpu_seconds() else { return };
+        let t = Instant::now();
+        let mut x = 0u64;
+        while t.elapsed().as_millis() < 120 {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let b = process_cpu_seconds().unwrap();
+        assert!(b - a >= 0.05, "{a} → {b}");
+    }
+}

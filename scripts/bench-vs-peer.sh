@@ -29,7 +29,8 @@ else
 fi
 
 synth=${SYNTH_DIR:-/tmp/synth}
-declare -A blueprint=([qwen3]=qwen3-embedding-0.6b [gemma]=embeddinggemma-300m)
+# shellcheck disable=SC2086
+"$(dirname "$0")/synth-models.sh" "$bin" "$synth" "$DTYPE" $MODELS 2>&1 | tee -a "$out/server.log"
 config=/tmp/bench-config.yaml
 cat > "$config" <<EOF
 limits: {max_concurrent_requests: 4096, max_items_per_request: 512}
@@ -38,7 +39,6 @@ metrics: {listen: 127.0.0.1:9464}
 models:
 EOF
 for m in $MODELS; do
-  [ -e "$synth/$m/.$DTYPE" ] || { rm -rf "${synth:?}/$m"; "$bin" synth --model "${blueprint[$m]}" --seed 1 --dtype "$DTYPE" --out "$synth/$m" 2>&1 | tee -a "$out/server.log"; touch "$synth/$m/.$DTYPE"; }
   echo "  - {name: $m, source: $synth/$m, dtype: $DTYPE, device: $DEVICE}" >> "$config"
 done
 

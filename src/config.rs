@@ -236,6 +236,9 @@ pub struct ModelConfig {
     /// What to do with over-long texts when a request does not say.
     #[serde(default)]
     pub truncation: TruncationChoice,
+    /// Compile the encoder (`mlx::core::compile`: fused kernels, one trace per padded batch
+    /// shape). Default: on a GPU only.
+    pub compile: Option<bool>,
 }
 
 /// Where a model's files come from.

@@ -74,6 +74,9 @@ struct ProfileArgs {
     dtype: DtypeArg,
     #[arg(long, value_enum, default_value = "auto")]
     device: DeviceArg,
+    /// Compile the encoder (default: on a GPU only).
+    #[arg(long)]
+    compile: Option<bool>,
     /// Also write the reports as JSON to this file (`-`: standard output, instead of the table).
     #[arg(long)]
     json: Option<PathBuf>,
@@ -437,21 +440,22 @@ fn load_options(device: DeviceArg, dtype: DtypeArg) -> Result<LoadOptions> {
         DtypeArg::F32 => Some(Dtype::Float32),
         DtypeArg::Bf16 => Some(Dtype::Bfloat16),
     };
-    Ok(LoadOptions { dtype, gpu })
+    Ok(LoadOptions { dtype, gpu, compile: None })
 }
 
 fn profile(args: ProfileArgs) -> Result<()> {
     use mlx_embed::profile;
     let shapes = profile::parse_shapes(&args.shapes)?;
-    let opts = load_options(args.device, args.dtype)?;
+    let opts = LoadOptions { compile: args.compile, ..load_options(args.device, args.dtype)? };
     let started = std::time::Instant::now();
     let model = EmbeddingModel::load(&args.model_dir, opts)?;
     let info = model.info();
-    eprintln!("{} · {} on {} · MLX {} · loaded in {:.2?}", args.model_dir.display(), info.dtype,
-        if info.gpu { "gpu" } else { "cpu" }, mlx::version(), started.elapsed());
+    eprintln!("{} · {} on {} · compile {} · MLX {} · loaded in {:.2?}", args.model_dir.display(), info.dtype,
+        if info.gpu { "gpu" } else { "cpu" }, opts.compile.unwrap_or(info.gpu), mlx::version(), started.elapsed());
     let reports = profile::run(&model, &shapes, args.warmup, args.iterations, args.seed)?;
     let json = serde_json::to_string_pretty(&serde_json::json!({
-        "model_dir": args.model_dir, "dtype": info.dtype.name(), "gpu": info.gpu, "mlx": mlx::version(),
+        "model_dir": args.model_dir, "dtype": info.dtype.name(), "gpu": info.gpu,
+        "compile": opts.compile.unwrap_or(info.gpu), "mlx": mlx::version(),
         "shapes": reports,
     }))?;
     match args.json.as_deref() {

@@ -38,6 +38,8 @@ pub struct ShapeReport {
     #[serde(flatten)]
     pub shape: Shape,
     pub iterations: usize,
+    /// The first forward of this shape (a compiled encoder traces it then), untimed otherwise.
+    pub first_ms: Option<f64>,
     /// Building the graph (the model code on the host).
     pub build_ms: Latency,
     /// Handing it to MLX (`async_eval`: MLX encodes every operation for the device).
@@ -72,8 +74,11 @@ pub fn run(model: &EmbeddingModel, shapes: &[Shape], warmup: usize, iterations: 
             *op_counts.entry(name).or_insert(0) += 1;
         }
         drop(graph);
+        let mut first_ms = None;
         for _ in 0..warmup {
+            let t = Instant::now();
             model.embed_ids(&batch)?;
+            first_ms.get_or_insert(t.elapsed().as_secs_f64() * 1e3);
         }
         let (mut build, mut submit, mut wait, mut total) = (vec![], vec![], vec![], vec![]);
         let cpu_start = process_cpu_seconds();
@@ -102,6 +107,7 @@ pub fn run(model: &EmbeddingModel, shapes: &[Shape], warmup: usize, iterations: 
         reports.push(ShapeReport {
             shape,
             iterations,
+            first_ms,
             build_ms: Latency::of(build),
             submit_ms: Latency::of(submit),
             wait_ms: Latency::of(wait),

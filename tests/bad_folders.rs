@@ -11,7 +11,7 @@ use mlx_embed::models::{EmbeddingModel, LoadOptions};
 
 fn load_err(dir: &Path) -> String {
     let _g = mlx_lock();
-    match EmbeddingModel::load(dir, LoadOptions { dtype: Some(Dtype::Float32), gpu: false }) {
+    match EmbeddingModel::load(dir, LoadOptions { dtype: Some(Dtype::Float32), ..Default::default() }) {
         Ok(_) => panic!("{} loaded but should have been refused", dir.display()),
         Err(e) => e.to_string(),
     }

@@ -17,7 +17,7 @@ fn spec(name: &str, fixture: &str) -> LoadSpec {
     LoadSpec {
         name: name.into(),
         files: ModelFiles::Folder(fixtures_dir().join(fixture)),
-        options: LoadOptions { dtype: Some(Dtype::Float32), gpu: false },
+        options: LoadOptions { dtype: Some(Dtype::Float32), ..Default::default() },
     }
 }
 
@@ -86,7 +86,7 @@ async fn concurrent_requests_for_two_models_are_batched_and_exact() {
 #[tokio::test]
 async fn a_model_that_fails_to_load_is_reported_and_the_others_serve() {
     let _g = mlx_lock();
-    let missing = LoadSpec { name: "gone".into(), files: ModelFiles::Folder("/nonexistent".into()), options: LoadOptions { dtype: None, gpu: false } };
+    let missing = LoadSpec { name: "gone".into(), files: ModelFiles::Folder("/nonexistent".into()), options: LoadOptions::default() };
     let engine = Running(EngineHandle::start(vec![missing, spec("q", "qwen3-tiny")], limits(), 100));
     let ModelStatus::Failed(why) = ready(&engine, 0).await else { panic!("should fail") };
     assert!(why.contains("/nonexistent"), "{why}");
@@ -98,7 +98,7 @@ async fn a_model_that_fails_to_load_is_reported_and_the_others_serve() {
 #[tokio::test]
 async fn a_model_whose_files_come_later_serves_once_provided_while_the_others_already_serve() {
     let _g = mlx_lock();
-    let later = LoadSpec { name: "later".into(), files: ModelFiles::Later, options: LoadOptions { dtype: Some(Dtype::Float32), gpu: false } };
+    let later = LoadSpec { name: "later".into(), files: ModelFiles::Later, options: LoadOptions { dtype: Some(Dtype::Float32), ..Default::default() } };
     let engine = Running(EngineHandle::start(vec![later, spec("q", "qwen3-tiny")], limits(), 100));
     assert!(matches!(ready(&engine, 1).await, ModelStatus::Ready(_)));
     assert!(matches!(engine.status(0), ModelStatus::Downloading(None)));

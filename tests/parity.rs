@@ -84,6 +84,32 @@ fn a_padded_batch_gives_the_same_vectors_as_one_by_one() {
     failures.assert_none();
 }
 
+/// The encoder compiled and not: both match the reference, in batches of every size from one
+/// text up (each size a shape of its own, padded), and agree with each other.
+#[test]
+fn a_compiled_encoder_gives_the_reference_vectors() {
+    let _g = mlx_lock();
+    let mut failures = Failures::default();
+    for dir in fixtures() {
+        let tol = tolerance(&dir);
+        let compiled = load_compiled(&dir, Dtype::Float32, Some(true));
+        let plain = load_compiled(&dir, Dtype::Float32, Some(false));
+        for case in reference(&dir).cases {
+            for n in 1..=case.texts.len() {
+                let texts = &case.texts[..n];
+                let got = compiled.embed_texts(texts, &case.prompt_choice(), case.dimensions).unwrap();
+                let base = plain.embed_texts(texts, &case.prompt_choice(), case.dimensions).unwrap();
+                for (i, (g, b)) in got.iter().zip(&base).enumerate() {
+                    let (dr, dp) = (max_abs_diff(g, &case.embeddings[i]), max_abs_diff(g, b));
+                    failures.check(dr <= tol && dp <= tol, || format!(
+                        "{} / {} batch of {n}, text {i}: compiled vs reference {dr:e}, vs uncompiled {dp:e}", dir.display(), case.name));
+                }
+            }
+        }
+    }
+    failures.assert_none();
+}
+
 #[test]
 fn bf16_vectors_are_close_to_the_reference() {
     let _g = mlx_lock();

@@ -210,6 +210,50 @@ fn check_len(len: usize, shape: &[i32]) -> Result<()> {
     Ok(())
 }
 
+/// A function of arrays compiled by `mlx::core::compile`: traced on its first call for each set
+/// of input shapes and dtypes (the trace simplified, chains of elementwise operations fused into
+/// single kernels), then replayed for later calls with those shapes. The function must be pure:
+/// it may read its inputs' shapes and dtypes but not their values, and must not evaluate.
+pub struct Compiled {
+    raw: UniquePtr<ffi::CompiledFn>,
+    _not_send: PhantomData<*const ()>,
+}
+
+/// The Rust side of a [`Compiled`]: what MLX calls to trace.
+pub struct TraceFn(Box<dyn Fn(&[Array]) -> Result<Vec<Array>>>);
+
+/// Called by MLX (through the bridge) when it traces a [`Compiled`]. A panic inside the function
+/// becomes an error: it must not unwind into C++.
+pub(crate) fn trace_call(f: &TraceFn, inputs: &ffi::ArrayList, mut outputs: Pin<&mut ffi::ArrayList>) -> Result<()> {
+    let args = (0..ffi::array_list_len(inputs)).map(|i| wrap(ffi::array_list_get(inputs, i))).collect::<Result<Vec<_>>>()?;
+    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (f.0)(&args)))
+        .map_err(|_| MlxError("the compiled function panicked while being traced".into()))??;
+    for a in &out {
+        ffi::array_list_push(outputs.as_mut(), a.r());
+    }
+    Ok(())
+}
+
+impl Compiled {
+    pub fn new(f: impl Fn(&[Array]) -> Result<Vec<Array>> + 'static) -> Result<Compiled> {
+        let raw = ffi::compile(Box::new(TraceFn(Box::new(f))))?;
+        Ok(Compiled { raw, _not_send: PhantomData })
+    }
+
+    /// Runs the function on `inputs` (tracing it first for shapes not seen before). The outputs
+    /// are lazy like any other array.
+    pub fn call(&self, inputs: &[Array]) -> Result<Vec<Array>> {
+        let mut list = ffi::array_list_new();
+        for a in inputs {
+            ffi::array_list_push(list.pin_mut(), a.r());
+        }
+        let f = self.raw.as_ref().expect("Compiled is never null");
+        let out = ffi::call_compiled(f, list.as_ref().expect("new list"))?;
+        let out = out.as_ref().expect("call_compiled returns a list");
+        (0..ffi::array_list_len(out)).map(|i| wrap(ffi::array_list_get(out, i))).collect()
+    }
+}
+
 /// The tensors of one safetensors file (memory-mapped by MLX, read lazily), taken out by name.
 pub struct TensorFile {
     raw: UniquePtr<ffi::TensorFile>,

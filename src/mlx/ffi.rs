@@ -1,6 +1,8 @@
 //! The cxx bridge to MLX's C++ API. Every function returns `Result`: a C++ exception becomes a
 //! Rust error instead of terminating the process. The C++ side (`shim.cc`) only forwards.
 
+pub(crate) use super::array::{trace_call, TraceFn};
+
 #[cxx::bridge(namespace = "mlx_embed")]
 pub(crate) mod ffi {
     /// Element types, shared with C++ so that an unknown value is an error, never a silent default.
@@ -23,6 +25,12 @@ pub(crate) mod ffi {
         Complex64,
     }
 
+    extern "Rust" {
+        /// The Rust function a [`CompiledFn`] traces.
+        type TraceFn;
+        fn trace_call(f: &TraceFn, inputs: &ArrayList, outputs: Pin<&mut ArrayList>) -> Result<()>;
+    }
+
     unsafe extern "C++" {
         include!("mlx-embed/src/mlx/shim.h");
 
@@ -30,6 +38,11 @@ pub(crate) mod ffi {
         type array;
         /// The tensors of one safetensors file, taken out one by one.
         type TensorFile;
+        /// A list of arrays (a compiled function's inputs or outputs).
+        type ArrayList;
+        /// A function compiled by `mlx::core::compile` (traced once per input shape, elementwise
+        /// chains fused).
+        type CompiledFn;
 
         // ---- construction and inspection
         fn from_f32(data: &[f32], shape: &[i32]) -> Result<UniquePtr<array>>;
@@ -112,6 +125,14 @@ pub(crate) mod ffi {
             group_size: i32,
             bits: i32,
         ) -> Result<UniquePtr<array>>;
+
+        // ---- compilation
+        fn array_list_new() -> UniquePtr<ArrayList>;
+        fn array_list_push(list: Pin<&mut ArrayList>, a: &array);
+        fn array_list_len(list: &ArrayList) -> usize;
+        fn array_list_get(list: &ArrayList, i: usize) -> Result<UniquePtr<array>>;
+        fn compile(f: Box<TraceFn>) -> Result<UniquePtr<CompiledFn>>;
+        fn call_compiled(f: &CompiledFn, inputs: &ArrayList) -> Result<UniquePtr<ArrayList>>;
 
         // ---- weights
         fn load_safetensors(path: &str) -> Result<UniquePtr<TensorFile>>;

@@ -8,7 +8,7 @@
 mod array;
 mod ffi;
 
-pub use array::{Array, TensorFile};
+pub use array::{Array, Compiled, TensorFile};
 pub use ffi::ffi::Dtype;
 
 /// An error raised by MLX (a C++ exception) or by the bridge around it.

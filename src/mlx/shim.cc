@@ -168,6 +168,29 @@ ArrayPtr dequantize(const array& w, const array& scales, const array& biases, in
   return own(mx::dequantize(w, scales, biases, group_size, bits, "affine"));
 }
 
+std::unique_ptr<ArrayList> array_list_new() { return std::make_unique<ArrayList>(); }
+void array_list_push(ArrayList& list, const array& a) { list.items.push_back(a); }
+size_t array_list_len(const ArrayList& list) { return list.items.size(); }
+ArrayPtr array_list_get(const ArrayList& list, size_t i) {
+  if (i >= list.items.size()) throw std::out_of_range("array list index out of range");
+  return std::make_unique<mx::array>(list.items[i]);
+}
+std::unique_ptr<CompiledFn> compile(rust::Box<TraceFn> f) {
+  // std::function needs a copyable target: the Rust function is shared, and freed with the
+  // last copy (which also drops MLX's traces of it).
+  auto shared = std::make_shared<rust::Box<TraceFn>>(std::move(f));
+  auto traced = [shared](const std::vector<array>& in) {
+    ArrayList inputs{in};
+    ArrayList outputs;
+    trace_call(**shared, inputs, outputs);
+    return std::move(outputs.items);
+  };
+  return std::make_unique<CompiledFn>(CompiledFn{mx::compile(std::move(traced))});
+}
+std::unique_ptr<ArrayList> call_compiled(const CompiledFn& f, const ArrayList& inputs) {
+  return std::make_unique<ArrayList>(ArrayList{f.fn(inputs.items)});
+}
+
 std::unique_ptr<TensorFile> load_safetensors(rust::Str path) {
   auto loaded = mx::load_safetensors(std::string(path), mx::Device::cpu);
   auto file = std::make_unique<TensorFile>();

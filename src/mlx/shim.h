@@ -2,9 +2,11 @@
 // environment reads: each function converts argument types and calls MLX.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 #include "mlx/mlx.h"
 #include "rust/cxx.h"
@@ -18,6 +20,16 @@ using ArrayPtr = std::unique_ptr<array>;
 struct TensorFile {
   std::unordered_map<std::string, array> tensors;
 };
+
+struct ArrayList {
+  std::vector<array> items;
+};
+
+struct CompiledFn {
+  std::function<std::vector<array>(const std::vector<array>&)> fn;
+};
+
+struct TraceFn;
 
 ArrayPtr from_f32(rust::Slice<const float> data, rust::Slice<const int32_t> shape);
 ArrayPtr from_i32(rust::Slice<const int32_t> data, rust::Slice<const int32_t> shape);
@@ -69,6 +81,13 @@ ArrayPtr quantized_matmul(const array& x, const array& w, const array& scales, c
                           bool transpose, int32_t group_size, int32_t bits);
 ArrayPtr dequantize(const array& w, const array& scales, const array& biases, int32_t group_size,
                     int32_t bits);
+
+std::unique_ptr<ArrayList> array_list_new();
+void array_list_push(ArrayList& list, const array& a);
+size_t array_list_len(const ArrayList& list);
+ArrayPtr array_list_get(const ArrayList& list, size_t i);
+std::unique_ptr<CompiledFn> compile(rust::Box<TraceFn> f);
+std::unique_ptr<ArrayList> call_compiled(const CompiledFn& f, const ArrayList& inputs);
 
 std::unique_ptr<TensorFile> load_safetensors(rust::Str path);
 rust::Vec<rust::String> tensor_names(const TensorFile& file);

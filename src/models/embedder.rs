@@ -4,14 +4,16 @@
 //! The text side ([`Preprocessor`]) is `Send + Sync` and can tokenize on any thread; the MLX side
 //! stays on the thread that loaded it.
 
-use std::collections::BTreeMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::mlx::{self, Array, Dtype};
+use crate::mlx::{self, Array, Compiled, Dtype};
 use crate::models::files::read_json;
 use crate::models::gemma3::Gemma3;
 use crate::models::head::{load_head, load_prompts, max_seq_length, Head, Pooling};
@@ -48,11 +50,15 @@ impl Architecture {
 }
 
 /// How to load a model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct LoadOptions {
     /// Compute dtype; `None` picks bf16 on a GPU and f32 on the CPU.
     pub dtype: Option<Dtype>,
     pub gpu: bool,
+    /// Run the encoder through `mlx::core::compile` (one trace per padded batch shape, fused
+    /// elementwise kernels); `None` compiles on a GPU only. MLX's CPU backend compiles by
+    /// running a C++ compiler at run time and falls back to the plain graph without one.
+    pub compile: Option<bool>,
 }
 
 /// Which prompt to put before a text.
@@ -145,8 +151,10 @@ fn describe_sizes(sizes: &[i32]) -> String {
 
 pub struct EmbeddingModel {
     pre: Arc<Preprocessor>,
-    encoder: Box<dyn Encoder>,
+    encoder: Rc<dyn Encoder>,
     head: Head,
+    /// Compiled encoders by padded batch shape, when compiling.
+    compiled: Option<RefCell<CompiledShapes>>,
 }
 
 impl EmbeddingModel {
@@ -187,9 +195,9 @@ impl EmbeddingModel {
 
         let mut weights = Weights::open(dir, dtype, opts.gpu)?;
         weights.set_quantization(&config_path, raw.get("quantization").or_else(|| raw.get("quantization_config")))?;
-        let encoder: Box<dyn Encoder> = match architecture {
-            Architecture::Qwen3 => Box::new(Qwen3::load(&config_path, &raw, &mut weights)?),
-            Architecture::Gemma3 => Box::new(Gemma3::load(&config_path, &raw, &mut weights)?),
+        let encoder: Rc<dyn Encoder> = match architecture {
+            Architecture::Qwen3 => Rc::new(Qwen3::load(&config_path, &raw, &mut weights)?),
+            Architecture::Gemma3 => Rc::new(Gemma3::load(&config_path, &raw, &mut weights)?),
         };
         let quantization = quant_info(&raw);
         let dims = encoder.dims();
@@ -232,9 +240,11 @@ impl EmbeddingModel {
             prompts: prompts.prompts,
             default_prompt: prompts.default_prompt_name,
         };
-        tracing::info!(dir = %dir.display(), model_type, dims = dimensions, %dtype, gpu = opts.gpu,
+        let compile = opts.compile.unwrap_or(opts.gpu);
+        tracing::info!(dir = %dir.display(), model_type, dims = dimensions, %dtype, gpu = opts.gpu, compile,
             pooling = info.pooling.name(), head = %head.source, "model loaded");
-        Ok(EmbeddingModel { pre: Arc::new(Preprocessor { info, tokenizer }), encoder, head })
+        let compiled = compile.then(|| RefCell::new(CompiledShapes::new(opts.gpu)));
+        Ok(EmbeddingModel { pre: Arc::new(Preprocessor { info, tokenizer }), encoder, head, compiled })
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -272,16 +282,32 @@ impl EmbeddingModel {
             return Err(Error::invalid(format!("items[{i}]"), "no tokens"));
         }
         let len = batch.iter().map(|s| s.len()).max().unwrap_or(0);
-        let lengths: Vec<i32> = batch.iter().map(|s| s.len() as i32).collect();
-        let mut ids = vec![0i32; batch.len() * len];
+        // A compiled encoder is traced once per shape: batches are padded to a few shapes (extra
+        // rows of one token, masked key positions), whose outputs are dropped.
+        let (rows, len) = match &self.compiled {
+            Some(c) => c.borrow().padded(batch.len(), len, self.encoder.dims().max_positions as usize),
+            None => (batch.len(), len),
+        };
+        let mut lengths = vec![1i32; rows];
+        let mut ids = vec![0i32; rows * len];
         for (row, seq) in batch.iter().enumerate() {
+            lengths[row] = seq.len() as i32;
             for (j, &t) in seq.iter().enumerate() {
                 ids[row * len + j] = t as i32;
             }
         }
-        let ids = Array::from_i32(&ids, &[batch.len() as i32, len as i32])?;
-        let hidden = self.encoder.forward(&ids, &lengths)?;
-        Ok(Some(self.head.forward(&hidden, &lengths)?))
+        let ids = Array::from_i32(&ids, &[rows as i32, len as i32])?;
+        let masks = self.encoder.masks(&lengths, len as i32)?;
+        let hidden = match &self.compiled {
+            Some(c) => c.borrow_mut().encode(&self.encoder, ids, masks)?,
+            None => self.encoder.encode(&ids, &masks)?,
+        };
+        let out = self.head.forward(&hidden, &lengths)?;
+        if rows == batch.len() {
+            return Ok(Some(out));
+        }
+        let dims = out.shape()[1];
+        Ok(Some(out.slice(&[0, 0], &[batch.len() as i32, dims])?))
     }
 
     /// Size of the encoder's token table.
@@ -297,6 +323,73 @@ impl EmbeddingModel {
         let refs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
         let normalize = self.pre.info.normalize;
         Ok(self.embed_ids(&refs)?.into_iter().map(|v| finish(v, dims as usize, normalize)).collect())
+    }
+}
+
+/// Compiled encoders, one per padded batch shape, the least recently used dropped past
+/// [`CompiledShapes::CAPACITY`] (dropping one frees MLX's trace of it).
+struct CompiledShapes {
+    gpu: bool,
+    by_shape: HashMap<(usize, usize), (Compiled, u64)>,
+    calls: u64,
+}
+
+impl CompiledShapes {
+    const CAPACITY: usize = 64;
+    /// Up to this many padded tokens a GPU forward costs about the same whatever its shape (it
+    /// is bound by launching kernels, not by computing), so rows are padded too.
+    const GPU_LAUNCH_BOUND_TOKENS: usize = 4096;
+
+    fn new(gpu: bool) -> CompiledShapes {
+        CompiledShapes { gpu, by_shape: HashMap::new(), calls: 0 }
+    }
+
+    /// The shape a batch of `rows` × `len` tokens runs as. Lengths round up to a multiple of 8
+    /// (32 past 64 tokens, 128 past 512 on a GPU), never past `max_len` unless `len` is. On a
+    /// GPU, small batches' rows round up to a power of two up to 8, then to a multiple of 8.
+    fn padded(&self, rows: usize, len: usize, max_len: usize) -> (usize, usize) {
+        let step = match len {
+            _ if !self.gpu => 8,
+            0..=64 => 8,
+            65..=512 => 32,
+            _ => 128,
+        };
+        let len = len.div_ceil(step).saturating_mul(step).min(max_len.max(len));
+        let rows = match rows {
+            _ if !self.gpu => rows,
+            r if r * len > Self::GPU_LAUNCH_BOUND_TOKENS => r,
+            0..=8 => rows.next_power_of_two(),
+            r => r.div_ceil(8) * 8,
+        };
+        (rows, len)
+    }
+
+    /// Runs `encoder` on `ids` and `masks` through the compiled function for their shape.
+    fn encode(&mut self, encoder: &Rc<dyn Encoder>, ids: Array, masks: Vec<Array>) -> Result<Array> {
+        let shape = ids.shape();
+        let key = (shape[0] as usize, shape[1] as usize);
+        self.calls += 1;
+        if !self.by_shape.contains_key(&key) {
+            if self.by_shape.len() >= Self::CAPACITY {
+                let oldest = self.by_shape.iter().min_by_key(|(_, (_, used))| *used).map(|(k, _)| *k);
+                if let Some(k) = oldest {
+                    self.by_shape.remove(&k);
+                }
+            }
+            let enc = Rc::clone(encoder);
+            let f = Compiled::new(move |inputs: &[Array]| {
+                let hidden = enc.encode(&inputs[0], &inputs[1..]).map_err(|e| mlx::MlxError(e.to_string()))?;
+                Ok(vec![hidden])
+            })?;
+            self.by_shape.insert(key, (f, 0));
+        }
+        let entry = self.by_shape.get_mut(&key).expect("inserted above");
+        entry.1 = self.calls;
+        let mut inputs = Vec::with_capacity(1 + masks.len());
+        inputs.push(ids);
+        inputs.extend(masks);
+        let mut out = entry.0.call(&inputs)?;
+        out.pop().ok_or_else(|| Error::from(mlx::MlxError("the compiled encoder returned nothing".into())))
     }
 }
 
@@ -349,6 +442,32 @@ fn quant_info(raw: &Value) -> Option<Quant> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gpu_batches_pad_to_few_shapes_and_large_ones_keep_their_rows() {
+        let c = CompiledShapes::new(true);
+        assert_eq!(c.padded(1, 11, 8192), (1, 16));
+        assert_eq!(c.padded(3, 16, 8192), (4, 16));
+        assert_eq!(c.padded(9, 64, 8192), (16, 64));
+        assert_eq!(c.padded(5, 65, 8192), (8, 96));
+        assert_eq!(c.padded(64, 200, 8192), (64, 224));
+        assert_eq!(c.padded(33, 130, 8192), (33, 160));
+        assert_eq!(c.padded(2, 600, 8192), (2, 640));
+        // Never past the model's limit, unless the batch itself is.
+        assert_eq!(c.padded(1, 60, 62), (1, 62));
+        assert_eq!(c.padded(1, 70, 62), (1, 70));
+        // Every shape of a wide range of batches is one of few.
+        let shapes: std::collections::HashSet<_> =
+            (1..=64).flat_map(|r| (1..=256).map(move |l| (r, l))).map(|(r, l)| c.padded(r, l, 8192)).collect();
+        assert!(shapes.len() < 700, "{}", shapes.len());
+    }
+
+    #[test]
+    fn cpu_batches_keep_their_rows_and_pad_lengths_to_eight() {
+        let c = CompiledShapes::new(false);
+        assert_eq!(c.padded(3, 11, 8192), (3, 16));
+        assert_eq!(c.padded(7, 230, 8192), (7, 232));
+    }
 
     #[test]
     fn finish_cuts_then_renormalizes() {

@@ -176,15 +176,21 @@ fn layer_types(path: &Path, c: &Config) -> Result<Vec<bool>> {
 }
 
 impl Encoder for Gemma3 {
-    fn forward(&self, ids: &Array, lengths: &[i32]) -> Result<Array> {
-        let len = ids.shape()[1];
-        let full = attention_mask(self.mask_kind(false), lengths, len)?;
-        let local = attention_mask(self.mask_kind(true), lengths, len)?;
+    /// Full-attention mask, then the sliding-window one.
+    fn masks(&self, lengths: &[i32], len: i32) -> Result<Vec<Array>> {
+        Ok(vec![
+            attention_mask(self.mask_kind(false), lengths, len)?,
+            attention_mask(self.mask_kind(true), lengths, len)?,
+        ])
+    }
+
+    fn encode(&self, ids: &Array, masks: &[Array]) -> Result<Array> {
+        let (full, local) = (&masks[0], &masks[1]);
         // 1. Scaled embeddings: [B, L] → [B, L, hidden]; the residual stream is kept in f32.
         let mut x = self.embed.forward(ids)?.multiply(&self.embed_scale)?.astype(Dtype::Float32)?;
         // 2. Sandwich-norm blocks.
         for layer in &self.layers {
-            let mask = if layer.sliding { &local } else { &full };
+            let mask = if layer.sliding { local } else { full };
             let a = layer.attn.forward(&layer.input_norm.forward(&x)?, mask)?;
             x = x.add(&layer.post_attn_norm.forward(&a)?)?;
             let m = layer.mlp.forward(&layer.pre_ff_norm.forward(&x)?)?;

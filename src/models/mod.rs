@@ -20,12 +20,21 @@ pub use embedder::{finish, Architecture, EmbeddingModel, Launched, LoadOptions, 
 use crate::error::{Error, Result};
 use crate::mlx::Array;
 
-/// A transformer that maps right-padded token ids to final hidden states.
+/// A transformer that maps right-padded token ids to final hidden states, in two steps: the
+/// arrays a batch needs besides its ids (attention masks, from the row lengths on the host), and
+/// the forward itself, a pure function of arrays that [`crate::mlx::Compiled`] can trace.
 pub trait Encoder {
-    /// `ids` `[B, L]` int32, right-padded; `lengths[b]` real tokens in row b (≥ 1).
-    /// Returns `[B, L, hidden]` in the compute dtype.
-    fn forward(&self, ids: &Array, lengths: &[i32]) -> Result<Array>;
+    /// The masks for rows of `lengths` real tokens (each ≥ 1) padded to `len`.
+    fn masks(&self, lengths: &[i32], len: i32) -> Result<Vec<Array>>;
+    /// `ids` `[B, L]` int32 and the batch's [`Encoder::masks`] → `[B, L, hidden]`.
+    fn encode(&self, ids: &Array, masks: &[Array]) -> Result<Array>;
     fn dims(&self) -> EncoderDims;
+
+    /// `ids` `[B, L]` int32, right-padded; `lengths[b]` real tokens in row b (≥ 1).
+    fn forward(&self, ids: &Array, lengths: &[i32]) -> Result<Array> {
+        let masks = self.masks(lengths, ids.shape()[1])?;
+        self.encode(ids, &masks)
+    }
 }
 
 /// Sizes of an encoder that the rest of the pipeline needs.

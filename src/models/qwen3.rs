@@ -104,14 +104,17 @@ impl Qwen3 {
 }
 
 impl Encoder for Qwen3 {
-    fn forward(&self, ids: &Array, lengths: &[i32]) -> Result<Array> {
-        let len = ids.shape()[1];
-        let mask = attention_mask(MaskKind::Causal, lengths, len)?;
+    fn masks(&self, lengths: &[i32], len: i32) -> Result<Vec<Array>> {
+        Ok(vec![attention_mask(MaskKind::Causal, lengths, len)?])
+    }
+
+    fn encode(&self, ids: &Array, masks: &[Array]) -> Result<Array> {
+        let mask = &masks[0];
         // 1. Embed: [B, L] → [B, L, hidden]; the residual stream is kept in f32.
         let mut x = self.embed.forward(ids)?.astype(Dtype::Float32)?;
         // 2. Pre-norm blocks: x += attn(norm(x)); x += mlp(norm(x)).
         for layer in &self.layers {
-            x = x.add(&layer.attn.forward(&layer.input_norm.forward(&x)?, &mask)?)?;
+            x = x.add(&layer.attn.forward(&layer.input_norm.forward(&x)?, mask)?)?;
             x = x.add(&layer.mlp.forward(&layer.post_norm.forward(&x)?)?)?;
         }
         // 3. Final norm: [B, L, hidden], in f32 for pooling.

@@ -73,7 +73,13 @@ pub fn is_quantized(dir: &Path) -> bool {
 }
 
 pub fn load(dir: &Path, dtype: Dtype) -> EmbeddingModel {
-    EmbeddingModel::load(dir, LoadOptions { dtype: Some(dtype), gpu: gpu() })
+    load_compiled(dir, dtype, None)
+}
+
+/// [`load`] with the encoder compiled (`Some(true)`), not (`Some(false)`) or as the device's
+/// default (`None`).
+pub fn load_compiled(dir: &Path, dtype: Dtype, compile: Option<bool>) -> EmbeddingModel {
+    EmbeddingModel::load(dir, LoadOptions { dtype: Some(dtype), gpu: gpu(), compile })
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
 }
 

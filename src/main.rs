@@ -77,6 +77,10 @@ struct ProfileArgs {
     /// Compile the encoder (default: on a GPU only).
     #[arg(long)]
     compile: Option<bool>,
+    /// The smallest batch (rows × padded tokens) that runs compiled (default: 1024 on a GPU,
+    /// every batch on the CPU).
+    #[arg(long)]
+    compile_min_tokens: Option<usize>,
     /// Also write the reports as JSON to this file (`-`: standard output, instead of the table).
     #[arg(long)]
     json: Option<PathBuf>,
@@ -440,13 +444,13 @@ fn load_options(device: DeviceArg, dtype: DtypeArg) -> Result<LoadOptions> {
         DtypeArg::F32 => Some(Dtype::Float32),
         DtypeArg::Bf16 => Some(Dtype::Bfloat16),
     };
-    Ok(LoadOptions { dtype, gpu, compile: None })
+    Ok(LoadOptions { dtype, gpu, ..Default::default() })
 }
 
 fn profile(args: ProfileArgs) -> Result<()> {
     use mlx_embed::profile;
     let shapes = profile::parse_shapes(&args.shapes)?;
-    let opts = LoadOptions { compile: args.compile, ..load_options(args.device, args.dtype)? };
+    let opts = LoadOptions { compile: args.compile, compile_min_tokens: args.compile_min_tokens, ..load_options(args.device, args.dtype)? };
     let started = std::time::Instant::now();
     let model = EmbeddingModel::load(&args.model_dir, opts)?;
     let info = model.info();

@@ -57,12 +57,11 @@ impl Attention {
         })
     }
 
-    /// `[B, L, hidden]` → `[B, L, hidden]`; `mask` is boolean `[B, 1, L, L]`.
-    pub fn forward(&self, x: &Array, mask: &Array) -> Result<Array> {
+    /// The `B·L` token rows `[B·L, hidden]` of a batch of `b` rows of `l` tokens → `[B·L, hidden]`;
+    /// `mask` is additive, `[B, 1, L, L]` (see [`additive_mask`](crate::models::layers::additive_mask)).
+    pub fn forward(&self, x: &Array, (b, l): (i32, i32), mask: &Array) -> Result<Array> {
         let s = self.shape;
-        let dims = x.shape();
-        let (b, l) = (dims[0], dims[1]);
-        // 1. Project, split heads: [B, L, H·D] → [B, L, H, D]; norm each head; → [B, H, L, D].
+        // 1. Project, split heads: [B·L, H·D] → [B, L, H, D]; norm each head; → [B, H, L, D].
         let heads = |proj: &Linear, n: i32, norm: Option<&RmsNorm>| -> Result<Array> {
             let mut t = proj.forward(x)?.reshape(&[b, l, n, s.head_dim])?;
             if let Some(norm) = norm {
@@ -76,9 +75,9 @@ impl Attention {
         // 2. Rotary positions 0..L (batches are right-padded, so every row starts at 0).
         let q = q.rope(s.head_dim, false, self.rope_base, self.rope_scale, 0)?;
         let k = k.rope(s.head_dim, false, self.rope_base, self.rope_scale, 0)?;
-        // 3. Attention [B, H, L, D] (grouped KV heads broadcast), merge heads → [B, L, H·D].
+        // 3. Attention [B, H, L, D] (grouped KV heads broadcast), merge heads → [B·L, H·D].
         let a = Array::attention(&q, &k, &v, self.scale, mask)?;
-        let a = a.transpose(&[0, 2, 1, 3])?.reshape(&[b, l, s.heads * s.head_dim])?;
+        let a = a.transpose(&[0, 2, 1, 3])?.reshape(&[b * l, s.heads * s.head_dim])?;
         Ok(self.o_proj.forward(&a)?)
     }
 }

@@ -55,11 +55,20 @@ pub struct LoadOptions {
     /// Compute dtype; `None` picks bf16 on a GPU and f32 on the CPU.
     pub dtype: Option<Dtype>,
     pub gpu: bool,
-    /// Run the encoder through `mlx::core::compile` (one trace per padded batch shape, fused
-    /// elementwise kernels); `None` compiles on a GPU only. MLX's CPU backend compiles by
-    /// running a C++ compiler at run time and falls back to the plain graph without one.
+    /// Run the encoder of large batches through `mlx::core::compile` (one trace per padded
+    /// batch shape, fused elementwise kernels); `None` compiles on a GPU only. MLX's CPU backend
+    /// compiles by running a C++ compiler at run time and falls back to the plain graph without
+    /// one.
     pub compile: Option<bool>,
+    /// The smallest batch (rows × padded length) that runs compiled; `None`:
+    /// [`DEFAULT_COMPILE_MIN_TOKENS`] on a GPU, every batch on the CPU.
+    pub compile_min_tokens: Option<usize>,
 }
+
+/// Below this many tokens a batch runs the plain graph on a GPU: MLX's host work per operation
+/// bounds small batches, and replaying a compiled trace costs more host time than the fused
+/// kernels save (measured on an H100, BENCHMARKS.md).
+pub const DEFAULT_COMPILE_MIN_TOKENS: usize = 1024;
 
 /// Which prompt to put before a text.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -243,7 +252,8 @@ impl EmbeddingModel {
         let compile = opts.compile.unwrap_or(opts.gpu);
         tracing::info!(dir = %dir.display(), model_type, dims = dimensions, %dtype, gpu = opts.gpu, compile,
             pooling = info.pooling.name(), head = %head.source, "model loaded");
-        let compiled = compile.then(|| RefCell::new(CompiledShapes::new(opts.gpu)));
+        let min_tokens = opts.compile_min_tokens.unwrap_or(if opts.gpu { DEFAULT_COMPILE_MIN_TOKENS } else { 0 });
+        let compiled = compile.then(|| RefCell::new(CompiledShapes::new(opts.gpu, min_tokens)));
         Ok(EmbeddingModel { pre: Arc::new(Preprocessor { info, tokenizer }), encoder, head, compiled })
     }
 
@@ -281,12 +291,14 @@ impl EmbeddingModel {
         if let Some(i) = batch.iter().position(|s| s.is_empty()) {
             return Err(Error::invalid(format!("items[{i}]"), "no tokens"));
         }
+        let rows = batch.len();
         let len = batch.iter().map(|s| s.len()).max().unwrap_or(0);
-        // A compiled encoder is traced once per shape: batches are padded to a few shapes (extra
-        // rows of one token, masked key positions), whose outputs are dropped.
-        let (rows, len) = match &self.compiled {
-            Some(c) => c.borrow().padded(batch.len(), len, self.encoder.dims().max_positions as usize),
-            None => (batch.len(), len),
+        // A compiled encoder is traced once per shape: lengths are padded to a few (masked key
+        // positions).
+        let compiled = self.compiled.as_ref().filter(|c| c.borrow().applies(rows, len));
+        let len = match compiled {
+            Some(c) => c.borrow().padded_len(len, self.encoder.dims().max_positions as usize),
+            None => len,
         };
         let mut lengths = vec![1i32; rows];
         let mut ids = vec![0i32; rows * len];
@@ -298,16 +310,11 @@ impl EmbeddingModel {
         }
         let ids = Array::from_i32(&ids, &[rows as i32, len as i32])?;
         let masks = self.encoder.masks(&lengths, len as i32)?;
-        let hidden = match &self.compiled {
+        let hidden = match compiled {
             Some(c) => c.borrow_mut().encode(&self.encoder, ids, masks)?,
             None => self.encoder.encode(&ids, &masks)?,
         };
-        let out = self.head.forward(&hidden, &lengths)?;
-        if rows == batch.len() {
-            return Ok(Some(out));
-        }
-        let dims = out.shape()[1];
-        Ok(Some(out.slice(&[0, 0], &[batch.len() as i32, dims])?))
+        Ok(Some(self.head.forward(&hidden, &lengths)?))
     }
 
     /// Size of the encoder's token table.
@@ -330,38 +337,33 @@ impl EmbeddingModel {
 /// [`CompiledShapes::CAPACITY`] (dropping one frees MLX's trace of it).
 struct CompiledShapes {
     gpu: bool,
+    min_tokens: usize,
     by_shape: HashMap<(usize, usize), (Compiled, u64)>,
     calls: u64,
 }
 
 impl CompiledShapes {
     const CAPACITY: usize = 64;
-    /// Up to this many padded tokens a GPU forward costs about the same whatever its shape (it
-    /// is bound by launching kernels, not by computing), so rows are padded too.
-    const GPU_LAUNCH_BOUND_TOKENS: usize = 4096;
 
-    fn new(gpu: bool) -> CompiledShapes {
-        CompiledShapes { gpu, by_shape: HashMap::new(), calls: 0 }
+    fn new(gpu: bool, min_tokens: usize) -> CompiledShapes {
+        CompiledShapes { gpu, min_tokens, by_shape: HashMap::new(), calls: 0 }
     }
 
-    /// The shape a batch of `rows` × `len` tokens runs as. Lengths round up to a multiple of 8
-    /// (32 past 64 tokens, 128 past 512 on a GPU), never past `max_len` unless `len` is. On a
-    /// GPU, small batches' rows round up to a power of two up to 8, then to a multiple of 8.
-    fn padded(&self, rows: usize, len: usize, max_len: usize) -> (usize, usize) {
+    /// Whether a batch of `rows` × `len` tokens runs compiled.
+    fn applies(&self, rows: usize, len: usize) -> bool {
+        rows.saturating_mul(len) >= self.min_tokens
+    }
+
+    /// The length a compiled batch of `len` tokens runs at: a multiple of 8 (on a GPU, of 32
+    /// past 64 tokens and of 128 past 512), never past `max_len` unless `len` is.
+    fn padded_len(&self, len: usize, max_len: usize) -> usize {
         let step = match len {
             _ if !self.gpu => 8,
             0..=64 => 8,
             65..=512 => 32,
             _ => 128,
         };
-        let len = len.div_ceil(step).saturating_mul(step).min(max_len.max(len));
-        let rows = match rows {
-            _ if !self.gpu => rows,
-            r if r * len > Self::GPU_LAUNCH_BOUND_TOKENS => r,
-            0..=8 => rows.next_power_of_two(),
-            r => r.div_ceil(8) * 8,
-        };
-        (rows, len)
+        len.div_ceil(step).saturating_mul(step).min(max_len.max(len))
     }
 
     /// Runs `encoder` on `ids` and `masks` through the compiled function for their shape.
@@ -444,29 +446,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn gpu_batches_pad_to_few_shapes_and_large_ones_keep_their_rows() {
-        let c = CompiledShapes::new(true);
-        assert_eq!(c.padded(1, 11, 8192), (1, 16));
-        assert_eq!(c.padded(3, 16, 8192), (4, 16));
-        assert_eq!(c.padded(9, 64, 8192), (16, 64));
-        assert_eq!(c.padded(5, 65, 8192), (8, 96));
-        assert_eq!(c.padded(64, 200, 8192), (64, 224));
-        assert_eq!(c.padded(33, 130, 8192), (33, 160));
-        assert_eq!(c.padded(2, 600, 8192), (2, 640));
+    fn compiled_lengths_pad_to_few_values_within_the_model_limit() {
+        let gpu = CompiledShapes::new(true, 1024);
+        let padded: Vec<usize> = [1, 11, 16, 17, 64, 65, 200, 512, 513, 600].iter().map(|&l| gpu.padded_len(l, 8192)).collect();
+        assert_eq!(padded, vec![8, 16, 16, 24, 64, 96, 224, 512, 640, 640]);
         // Never past the model's limit, unless the batch itself is.
-        assert_eq!(c.padded(1, 60, 62), (1, 62));
-        assert_eq!(c.padded(1, 70, 62), (1, 70));
-        // Every shape of a wide range of batches is one of few.
-        let shapes: std::collections::HashSet<_> =
-            (1..=64).flat_map(|r| (1..=256).map(move |l| (r, l))).map(|(r, l)| c.padded(r, l, 8192)).collect();
-        assert!(shapes.len() < 700, "{}", shapes.len());
+        assert_eq!((gpu.padded_len(60, 62), gpu.padded_len(70, 62)), (62, 70));
+        let lengths: std::collections::HashSet<usize> = (1..=8192).map(|l| gpu.padded_len(l, 8192)).collect();
+        assert_eq!(lengths.len(), 8 + 14 + 60);
+        let cpu = CompiledShapes::new(false, 0);
+        assert_eq!((cpu.padded_len(11, 8192), cpu.padded_len(230, 8192)), (16, 232));
     }
 
     #[test]
-    fn cpu_batches_keep_their_rows_and_pad_lengths_to_eight() {
-        let c = CompiledShapes::new(false);
-        assert_eq!(c.padded(3, 11, 8192), (3, 16));
-        assert_eq!(c.padded(7, 230, 8192), (7, 232));
+    fn only_batches_of_enough_tokens_run_compiled() {
+        let c = CompiledShapes::new(true, 1024);
+        assert!(!c.applies(1, 16) && !c.applies(8, 127) && c.applies(8, 128) && c.applies(64, 256));
+        assert!(CompiledShapes::new(false, 0).applies(1, 1));
     }
 
     #[test]

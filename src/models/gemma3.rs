@@ -12,7 +12,7 @@ use serde::Deserialize;
 use crate::error::{Error, Result};
 use crate::mlx::{Array, Dtype};
 use crate::models::attention::{Activation, Attention, AttentionShape, GatedMlp};
-use crate::models::layers::{attention_mask, Embedding, MaskKind, RmsNorm};
+use crate::models::layers::{additive_mask, attention_mask, Embedding, MaskKind, RmsNorm};
 use crate::models::rope::rope_for;
 use crate::models::weights::Weights;
 use crate::models::{check_positive, Encoder, EncoderDims};
@@ -76,7 +76,7 @@ pub struct Gemma3 {
 fn norm(w: &mut Weights, module: &str, dim: i32, eps: f32) -> Result<RmsNorm> {
     let raw = w.tensor_as(&format!("{module}.weight"), &[dim], Dtype::Float32)?;
     let weight = raw.add(&Array::scalar(1.0, Dtype::Float32)?)?.astype(w.compute_dtype())?;
-    Ok(RmsNorm { weight, eps })
+    Ok(RmsNorm::new(weight, eps)?)
 }
 
 impl Gemma3 {
@@ -178,26 +178,30 @@ fn layer_types(path: &Path, c: &Config) -> Result<Vec<bool>> {
 impl Encoder for Gemma3 {
     /// Full-attention mask, then the sliding-window one.
     fn masks(&self, lengths: &[i32], len: i32) -> Result<Vec<Array>> {
+        let dtype = self.norm.weight.dtype()?;
         Ok(vec![
-            attention_mask(self.mask_kind(false), lengths, len)?,
-            attention_mask(self.mask_kind(true), lengths, len)?,
+            additive_mask(&attention_mask(self.mask_kind(false), lengths, len)?, dtype)?,
+            additive_mask(&attention_mask(self.mask_kind(true), lengths, len)?, dtype)?,
         ])
     }
 
     fn encode(&self, ids: &Array, masks: &[Array]) -> Result<Array> {
         let (full, local) = (&masks[0], &masks[1]);
-        // 1. Scaled embeddings: [B, L] → [B, L, hidden]; the residual stream is kept in f32.
-        let mut x = self.embed.forward(ids)?.multiply(&self.embed_scale)?.astype(Dtype::Float32)?;
+        let dims = ids.shape();
+        let (b, l) = (dims[0], dims[1]);
+        // 1. Scaled embeddings: [B, L] → [B·L, hidden] (token rows; matmuls take them as they
+        //    are); the residual stream is kept in f32.
+        let mut x = self.embed.forward(&ids.reshape(&[b * l])?)?.multiply(&self.embed_scale)?.astype(Dtype::Float32)?;
         // 2. Sandwich-norm blocks.
         for layer in &self.layers {
             let mask = if layer.sliding { local } else { full };
-            let a = layer.attn.forward(&layer.input_norm.forward(&x)?, mask)?;
+            let a = layer.attn.forward(&layer.input_norm.forward(&x)?, (b, l), mask)?;
             x = x.add(&layer.post_attn_norm.forward(&a)?)?;
             let m = layer.mlp.forward(&layer.pre_ff_norm.forward(&x)?)?;
             x = x.add(&layer.post_ff_norm.forward(&m)?)?;
         }
-        // 3. Final norm: [B, L, hidden], in f32 for pooling.
-        Ok(x.rms_norm(&self.norm.weight, self.norm.eps)?)
+        // 3. Final norm, in f32 for pooling: [B, L, hidden].
+        Ok(self.norm.forward_f32(&x)?.reshape(&[b, l, self.config.hidden_size])?)
     }
 
     fn dims(&self) -> EncoderDims {

@@ -72,14 +72,30 @@ impl Embedding {
 /// residual stream stays f32 between blocks while matmuls run in the compute dtype.
 pub struct RmsNorm {
     pub weight: Array,
+    /// `weight` in f32, for f32 inputs (the residual stream): MLX would otherwise convert the
+    /// weight at every call.
+    weight_f32: Array,
     pub eps: f32,
 }
 
 impl RmsNorm {
+    pub fn new(weight: Array, eps: f32) -> Result<RmsNorm> {
+        let weight_f32 = weight.astype(Dtype::Float32)?;
+        weight.eval()?;
+        weight_f32.eval()?;
+        Ok(RmsNorm { weight, weight_f32, eps })
+    }
+
     pub fn forward(&self, x: &Array) -> Result<Array> {
-        let y = x.rms_norm(&self.weight, self.eps)?;
         let dt = self.weight.dtype()?;
+        let w = if x.dtype()? == Dtype::Float32 { &self.weight_f32 } else { &self.weight };
+        let y = x.rms_norm(w, self.eps)?;
         if y.dtype()? == dt { Ok(y) } else { y.astype(dt) }
+    }
+
+    /// The norm in f32 whatever the compute dtype (the final norm, before pooling).
+    pub fn forward_f32(&self, x: &Array) -> Result<Array> {
+        x.astype(Dtype::Float32)?.rms_norm(&self.weight_f32, self.eps)
     }
 }
 
@@ -139,6 +155,14 @@ pub fn attention_mask(kind: MaskKind, lengths: &[i32], len: i32) -> Result<Array
         }
     };
     allowed.logical_or(&i.equal(&j)?)
+}
+
+/// A boolean mask of [`attention_mask`] as the fused attention takes it, made once for every
+/// layer: 0 where attending is allowed, −∞ elsewhere, in `dtype`.
+pub fn additive_mask(allowed: &Array, dtype: Dtype) -> Result<Array> {
+    let zero = Array::scalar(0.0, dtype)?;
+    let blocked = Array::scalar(f32::NEG_INFINITY, dtype)?;
+    Array::select(allowed, &zero, &blocked)
 }
 
 /// A boolean `[B, L, 1]`: true at the real (non-padding) tokens.

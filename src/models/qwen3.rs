@@ -10,7 +10,7 @@ use serde::Deserialize;
 use crate::error::{Error, Result};
 use crate::mlx::{Array, Dtype};
 use crate::models::attention::{Activation, Attention, AttentionShape, GatedMlp};
-use crate::models::layers::{attention_mask, Embedding, MaskKind, RmsNorm};
+use crate::models::layers::{additive_mask, attention_mask, Embedding, MaskKind, RmsNorm};
 use crate::models::rope::rope_for;
 use crate::models::weights::Weights;
 use crate::models::{check_positive, Encoder, EncoderDims};
@@ -56,7 +56,7 @@ pub struct Qwen3 {
 }
 
 fn norm(w: &mut Weights, module: &str, dim: i32, eps: f32) -> Result<RmsNorm> {
-    Ok(RmsNorm { weight: w.tensor(&format!("{module}.weight"), &[dim])?, eps })
+    Ok(RmsNorm::new(w.tensor(&format!("{module}.weight"), &[dim])?, eps)?)
 }
 
 impl Qwen3 {
@@ -105,20 +105,24 @@ impl Qwen3 {
 
 impl Encoder for Qwen3 {
     fn masks(&self, lengths: &[i32], len: i32) -> Result<Vec<Array>> {
-        Ok(vec![attention_mask(MaskKind::Causal, lengths, len)?])
+        let allowed = attention_mask(MaskKind::Causal, lengths, len)?;
+        Ok(vec![additive_mask(&allowed, self.norm.weight.dtype()?)?])
     }
 
     fn encode(&self, ids: &Array, masks: &[Array]) -> Result<Array> {
         let mask = &masks[0];
-        // 1. Embed: [B, L] → [B, L, hidden]; the residual stream is kept in f32.
-        let mut x = self.embed.forward(ids)?.astype(Dtype::Float32)?;
+        let dims = ids.shape();
+        let (b, l) = (dims[0], dims[1]);
+        // 1. Embed: [B, L] → [B·L, hidden] (token rows; matmuls take them as they are); the
+        //    residual stream is kept in f32.
+        let mut x = self.embed.forward(&ids.reshape(&[b * l])?)?.astype(Dtype::Float32)?;
         // 2. Pre-norm blocks: x += attn(norm(x)); x += mlp(norm(x)).
         for layer in &self.layers {
-            x = x.add(&layer.attn.forward(&layer.input_norm.forward(&x)?, mask)?)?;
+            x = x.add(&layer.attn.forward(&layer.input_norm.forward(&x)?, (b, l), mask)?)?;
             x = x.add(&layer.mlp.forward(&layer.post_norm.forward(&x)?)?)?;
         }
-        // 3. Final norm: [B, L, hidden], in f32 for pooling.
-        Ok(x.rms_norm(&self.norm.weight, self.norm.eps)?)
+        // 3. Final norm, in f32 for pooling: [B, L, hidden].
+        Ok(self.norm.forward_f32(&x)?.reshape(&[b, l, self.config.hidden_size])?)
     }
 
     fn dims(&self) -> EncoderDims {

@@ -6,6 +6,7 @@ mod common;
 
 use common::*;
 use mlx_embed::mlx::Dtype;
+use mlx_embed::models::{EmbeddingModel, LoadOptions};
 use mlx_embed::tokenize::Truncation;
 
 /// f32 tolerance: 1e-5, or 1e-4 for quantized models against their dequantized reference.
@@ -103,6 +104,30 @@ fn a_compiled_encoder_gives_the_reference_vectors() {
                     let (dr, dp) = (max_abs_diff(g, &case.embeddings[i]), max_abs_diff(g, b));
                     failures.check(dr <= tol && dp <= tol, || format!(
                         "{} / {} batch of {n}, text {i}: compiled vs reference {dr:e}, vs uncompiled {dp:e}", dir.display(), case.name));
+                }
+            }
+        }
+    }
+    failures.assert_none();
+}
+
+/// Batches padded to GPU shapes (extra rows, longer rows) give the reference vectors, for every
+/// batch size from one text up.
+#[test]
+fn batches_at_padded_shapes_give_the_reference_vectors() {
+    let _g = mlx_lock();
+    let mut failures = Failures::default();
+    for dir in fixtures() {
+        let tol = tolerance(&dir);
+        let opts = LoadOptions { dtype: Some(Dtype::Float32), gpu: gpu(), gpu_shapes: Some(true), ..Default::default() };
+        let model = EmbeddingModel::load(&dir, opts).unwrap();
+        for case in reference(&dir).cases {
+            for n in 1..=case.texts.len() {
+                let got = model.embed_texts(&case.texts[..n], &case.prompt_choice(), case.dimensions).unwrap();
+                failures.check(got.len() == n, || format!("{}: {} vectors for {n} texts", dir.display(), got.len()));
+                for (i, g) in got.iter().enumerate() {
+                    let d = max_abs_diff(g, &case.embeddings[i]);
+                    failures.check(d <= tol, || format!("{} / {} batch of {n}, text {i}: {d:e}", dir.display(), case.name));
                 }
             }
         }

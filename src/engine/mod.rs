@@ -311,7 +311,7 @@ struct InFlight {
     launched: Launched,
 }
 
-/// Runs a loaded model on two small batches before it is reported ready: its weights are read
+/// Runs a loaded model on small batches before it is reported ready: its weights are read
 /// from the files (MLX maps them lazily) and moved to the device, and the kernels MLX's GPU
 /// backends compile at first use exist, so the first calls do not pay for that (a first forward
 /// on a fresh GPU took seconds). The load time includes it.
@@ -322,6 +322,13 @@ fn warm_up(model: EmbeddingModel) -> crate::error::Result<EmbeddingModel> {
     let cut = |n: usize| &ids[..n.min(ids.len())];
     model.embed_ids(&[cut(8)])?;
     model.embed_ids(&[cut(64), cut(40), cut(17), cut(64)])?;
+    if model.info().gpu {
+        // Batches of short queries run at these shapes (rows 1…64, 16 tokens): each shape's
+        // first forward is slow on a GPU, so they are paid for here, not by the first clients.
+        for rows in [1, 2, 4, 8, 16, 32, 64] {
+            model.embed_ids(&vec![cut(16); rows])?;
+        }
+    }
     Ok(model)
 }
 

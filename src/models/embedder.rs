@@ -63,12 +63,14 @@ pub struct LoadOptions {
     /// The smallest batch (rows × padded length) that runs compiled; `None`:
     /// [`DEFAULT_COMPILE_MIN_TOKENS`] on a GPU, every batch on the CPU.
     pub compile_min_tokens: Option<usize>,
+    /// Run batches at a few padded shapes as on a GPU (`padded_shape`); `None`: on a GPU only.
+    pub gpu_shapes: Option<bool>,
 }
 
 /// Below this many tokens a batch runs the plain graph on a GPU: MLX's host work per operation
-/// bounds small batches, and replaying a compiled trace costs more host time than the fused
-/// kernels save (measured on an H100, BENCHMARKS.md).
-pub const DEFAULT_COMPILE_MIN_TOKENS: usize = 1024;
+/// bounds small batches, replaying a compiled trace costs more host time than the fused kernels
+/// save, and tracing a new shape takes 0.3–1 s (measured on an H100, BENCHMARKS.md).
+pub const DEFAULT_COMPILE_MIN_TOKENS: usize = 4096;
 
 /// Which prompt to put before a text.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -162,6 +164,8 @@ pub struct EmbeddingModel {
     pre: Arc<Preprocessor>,
     encoder: Rc<dyn Encoder>,
     head: Head,
+    /// Whether batches run at GPU shapes ([`padded_shape`]).
+    gpu_shapes: bool,
     /// Compiled encoders by padded batch shape, when compiling.
     compiled: Option<RefCell<CompiledShapes>>,
 }
@@ -253,8 +257,8 @@ impl EmbeddingModel {
         tracing::info!(dir = %dir.display(), model_type, dims = dimensions, %dtype, gpu = opts.gpu, compile,
             pooling = info.pooling.name(), head = %head.source, "model loaded");
         let min_tokens = opts.compile_min_tokens.unwrap_or(if opts.gpu { DEFAULT_COMPILE_MIN_TOKENS } else { 0 });
-        let compiled = compile.then(|| RefCell::new(CompiledShapes::new(opts.gpu, min_tokens)));
-        Ok(EmbeddingModel { pre: Arc::new(Preprocessor { info, tokenizer }), encoder, head, compiled })
+        let compiled = compile.then(|| RefCell::new(CompiledShapes::new(min_tokens)));
+        Ok(EmbeddingModel { pre: Arc::new(Preprocessor { info, tokenizer }), encoder, head, gpu_shapes: opts.gpu_shapes.unwrap_or(opts.gpu), compiled })
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -291,14 +295,15 @@ impl EmbeddingModel {
         if let Some(i) = batch.iter().position(|s| s.is_empty()) {
             return Err(Error::invalid(format!("items[{i}]"), "no tokens"));
         }
-        let rows = batch.len();
         let len = batch.iter().map(|s| s.len()).max().unwrap_or(0);
-        // A compiled encoder is traced once per shape: lengths are padded to a few (masked key
-        // positions).
+        // Batches run at a few padded shapes (extra rows of one token, masked key positions):
+        // the first forward of a new shape is slow (see `padded_shape`).
+        let max_len = self.encoder.dims().max_positions as usize;
+        let (rows, len) = padded_shape(self.gpu_shapes, false, batch.len(), len, max_len);
         let compiled = self.compiled.as_ref().filter(|c| c.borrow().applies(rows, len));
-        let len = match compiled {
-            Some(c) => c.borrow().padded_len(len, self.encoder.dims().max_positions as usize),
-            None => len,
+        let (rows, len) = match compiled {
+            Some(_) => padded_shape(self.gpu_shapes, true, rows, len, max_len),
+            None => (rows, len),
         };
         let mut lengths = vec![1i32; rows];
         let mut ids = vec![0i32; rows * len];
@@ -314,7 +319,12 @@ impl EmbeddingModel {
             Some(c) => c.borrow_mut().encode(&self.encoder, ids, masks)?,
             None => self.encoder.encode(&ids, &masks)?,
         };
-        Ok(Some(self.head.forward(&hidden, &lengths)?))
+        let out = self.head.forward(&hidden, &lengths)?;
+        if rows == batch.len() {
+            return Ok(Some(out));
+        }
+        let dims = out.shape()[1];
+        Ok(Some(out.slice(&[0, 0], &[batch.len() as i32, dims])?))
     }
 
     /// Size of the encoder's token table.
@@ -333,10 +343,37 @@ impl EmbeddingModel {
     }
 }
 
+/// Padded tokens up to which a GPU forward costs about the same whatever its shape: bound by
+/// MLX's host work per operation, not by computing (H100, BENCHMARKS.md).
+const GPU_LAUNCH_BOUND_TOKENS: usize = 4096;
+
+/// The shape a batch of `rows` × `len` tokens runs at. On a GPU every new shape costs a slow
+/// first forward (50–150 ms measured on an H100, 0.3–1 s compiled: kernel plans and traces), so
+/// batches there run at few shapes: lengths round up to a multiple of 8 (of 32 past 64 tokens, of
+/// 128 past 512), and the rows of launch-bound batches to a power of two up to 8, then to a
+/// multiple of 8. On the CPU, where padding is real work, only compiled batches' lengths round
+/// up (to a multiple of 8). Never past `max_len` unless `len` is.
+fn padded_shape(gpu: bool, compiled: bool, rows: usize, len: usize, max_len: usize) -> (usize, usize) {
+    let step = match len {
+        _ if !gpu && !compiled => 1,
+        _ if !gpu => 8,
+        0..=64 => 8,
+        65..=512 => 32,
+        _ => 128,
+    };
+    let len = len.div_ceil(step).saturating_mul(step).min(max_len.max(len));
+    let rows = match rows {
+        _ if !gpu => rows,
+        r if r.saturating_mul(len) > GPU_LAUNCH_BOUND_TOKENS => r,
+        0..=8 => rows.next_power_of_two(),
+        r => r.div_ceil(8) * 8,
+    };
+    (rows, len)
+}
+
 /// Compiled encoders, one per padded batch shape, the least recently used dropped past
 /// [`CompiledShapes::CAPACITY`] (dropping one frees MLX's trace of it).
 struct CompiledShapes {
-    gpu: bool,
     min_tokens: usize,
     by_shape: HashMap<(usize, usize), (Compiled, u64)>,
     calls: u64,
@@ -345,25 +382,13 @@ struct CompiledShapes {
 impl CompiledShapes {
     const CAPACITY: usize = 64;
 
-    fn new(gpu: bool, min_tokens: usize) -> CompiledShapes {
-        CompiledShapes { gpu, min_tokens, by_shape: HashMap::new(), calls: 0 }
+    fn new(min_tokens: usize) -> CompiledShapes {
+        CompiledShapes { min_tokens, by_shape: HashMap::new(), calls: 0 }
     }
 
     /// Whether a batch of `rows` × `len` tokens runs compiled.
     fn applies(&self, rows: usize, len: usize) -> bool {
         rows.saturating_mul(len) >= self.min_tokens
-    }
-
-    /// The length a compiled batch of `len` tokens runs at: a multiple of 8 (on a GPU, of 32
-    /// past 64 tokens and of 128 past 512), never past `max_len` unless `len` is.
-    fn padded_len(&self, len: usize, max_len: usize) -> usize {
-        let step = match len {
-            _ if !self.gpu => 8,
-            0..=64 => 8,
-            65..=512 => 32,
-            _ => 128,
-        };
-        len.div_ceil(step).saturating_mul(step).min(max_len.max(len))
     }
 
     /// Runs `encoder` on `ids` and `masks` through the compiled function for their shape.
@@ -446,23 +471,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn compiled_lengths_pad_to_few_values_within_the_model_limit() {
-        let gpu = CompiledShapes::new(true, 1024);
-        let padded: Vec<usize> = [1, 11, 16, 17, 64, 65, 200, 512, 513, 600].iter().map(|&l| gpu.padded_len(l, 8192)).collect();
-        assert_eq!(padded, vec![8, 16, 16, 24, 64, 96, 224, 512, 640, 640]);
+    fn gpu_batches_run_at_few_shapes_within_the_model_limit() {
+        let gpu = |rows, len| padded_shape(true, false, rows, len, 8192);
+        let lens: Vec<usize> = [1, 11, 16, 17, 64, 65, 200, 512, 513, 600].iter().map(|&l| gpu(64, l).1).collect();
+        assert_eq!(lens, vec![8, 16, 16, 24, 64, 96, 224, 512, 640, 640]);
+        assert_eq!([gpu(1, 11), gpu(3, 16), gpu(9, 64), gpu(33, 24)], [(1, 16), (4, 16), (16, 64), (40, 24)]);
+        // Large batches keep their rows: extra rows would be real work.
+        assert_eq!([gpu(33, 130), gpu(64, 200)], [(33, 160), (64, 224)]);
         // Never past the model's limit, unless the batch itself is.
-        assert_eq!((gpu.padded_len(60, 62), gpu.padded_len(70, 62)), (62, 70));
-        let lengths: std::collections::HashSet<usize> = (1..=8192).map(|l| gpu.padded_len(l, 8192)).collect();
+        assert_eq!((padded_shape(true, false, 1, 60, 62), padded_shape(true, false, 1, 70, 62)), ((1, 62), (1, 70)));
+        // Short queries, 1 to 64 to a batch, run at few shapes.
+        let shapes: std::collections::HashSet<_> = (1..=64).flat_map(|r| (4..=24).map(move |l| gpu(r, l))).collect();
+        assert_eq!(shapes.len(), 11 * 3, "{shapes:?}");
+        let lengths: std::collections::HashSet<usize> = (1..=8192).map(|l| gpu(1, l).1).collect();
         assert_eq!(lengths.len(), 8 + 14 + 60);
-        let cpu = CompiledShapes::new(false, 0);
-        assert_eq!((cpu.padded_len(11, 8192), cpu.padded_len(230, 8192)), (16, 232));
+    }
+
+    #[test]
+    fn cpu_batches_pad_only_compiled_lengths() {
+        assert_eq!(padded_shape(false, false, 3, 11, 8192), (3, 11));
+        assert_eq!(padded_shape(false, true, 3, 11, 8192), (3, 16));
+        assert_eq!(padded_shape(false, true, 7, 230, 8192), (7, 232));
     }
 
     #[test]
     fn only_batches_of_enough_tokens_run_compiled() {
-        let c = CompiledShapes::new(true, 1024);
+        let c = CompiledShapes::new(1024);
         assert!(!c.applies(1, 16) && !c.applies(8, 127) && c.applies(8, 128) && c.applies(64, 256));
-        assert!(CompiledShapes::new(false, 0).applies(1, 1));
+        assert!(CompiledShapes::new(0).applies(1, 1));
     }
 
     #[test]

@@ -79,7 +79,7 @@ pub fn load(dir: &Path, dtype: Dtype) -> EmbeddingModel {
 /// [`load`] with the encoder compiled (`Some(true)`), not (`Some(false)`) or as the device's
 /// default (`None`).
 pub fn load_compiled(dir: &Path, dtype: Dtype, compile: Option<bool>) -> EmbeddingModel {
-    EmbeddingModel::load(dir, LoadOptions { dtype: Some(dtype), gpu: gpu(), compile, compile_min_tokens: compile.map(|_| 0) })
+    EmbeddingModel::load(dir, LoadOptions { dtype: Some(dtype), gpu: gpu(), compile, compile_min_tokens: compile.map(|_| 0), ..Default::default() })
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
 }
 

@@ -11,7 +11,7 @@
 # Knobs (environment): DEVICE (gpu|cpu), DTYPE (bf16|f32), MODELS ("qwen3 gemma"), RUNS
 # ("single open docs"), QPS (open loop, 2000), DURATION (10s), WARM (unmeasured load first, 20s),
 # CONCURRENCY (documents, 16), DOC_BATCH (32), PEER_BATCH (64), PEER_SECONDS (15), the server's
-# BATCH_TOKENS (16384), BATCH_SIZE (64) and MAX_WAIT (2ms),
+# BATCH_TOKENS (16384), BATCH_SIZE (64), MAX_WAIT (2ms) and COMPILE_MIN_TOKENS (the default),
 # PEER (1; 0 skips the peer), PYTHON (python3; with torch, transformers, sentence-transformers).
 set -euo pipefail
 bin=$1 out=$2
@@ -39,7 +39,7 @@ metrics: {listen: 127.0.0.1:9464}
 models:
 EOF
 for m in $MODELS; do
-  echo "  - {name: $m, source: $synth/$m, dtype: $DTYPE, device: $DEVICE}" >> "$config"
+  echo "  - {name: $m, source: $synth/$m, dtype: $DTYPE, device: $DEVICE${COMPILE_MIN_TOKENS:+, compile_min_tokens: $COMPILE_MIN_TOKENS}}" >> "$config"
 done
 
 scrape() { python3 -c "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9464/metrics').read().decode())"; }

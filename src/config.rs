@@ -239,6 +239,9 @@ pub struct ModelConfig {
     /// Compile the encoder (`mlx::core::compile`: fused kernels, one trace per padded batch
     /// shape). Default: on a GPU only.
     pub compile: Option<bool>,
+    /// The smallest batch (rows × padded tokens) that runs compiled (default: 1024 on a GPU,
+    /// every batch on the CPU).
+    pub compile_min_tokens: Option<usize>,
 }
 
 /// Where a model's files come from.

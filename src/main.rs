@@ -77,7 +77,7 @@ struct ProfileArgs {
     /// Compile the encoder (default: on a GPU only).
     #[arg(long)]
     compile: Option<bool>,
-    /// The smallest batch (rows × padded tokens) that runs compiled (default: 4096 on a GPU,
+    /// The smallest batch (rows × padded tokens) that runs compiled (default: 1024 on a GPU,
     /// every batch on the CPU).
     #[arg(long)]
     compile_min_tokens: Option<usize>,

@@ -53,7 +53,7 @@ pub fn load_specs(config: &Config, base: &Path) -> (Vec<LoadSpec>, Vec<Origin>, 
             DtypeChoice::F32 => Some(Dtype::Float32),
             DtypeChoice::Bf16 => Some(Dtype::Bfloat16),
         };
-        (LoadSpec { name: m.name.clone(), files, options: LoadOptions { dtype, gpu, compile: m.compile, ..Default::default() } }, origin)
+        (LoadSpec { name: m.name.clone(), files, options: LoadOptions { dtype, gpu, compile: m.compile, compile_min_tokens: m.compile_min_tokens, ..Default::default() } }, origin)
     }).unzip();
     (specs, origins, fetches)
 }

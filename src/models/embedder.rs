@@ -70,7 +70,7 @@ pub struct LoadOptions {
 /// Below this many tokens a batch runs the plain graph on a GPU: MLX's host work per operation
 /// bounds small batches, replaying a compiled trace costs more host time than the fused kernels
 /// save, and tracing a new shape takes 0.3–1 s (measured on an H100, BENCHMARKS.md).
-pub const DEFAULT_COMPILE_MIN_TOKENS: usize = 4096;
+pub const DEFAULT_COMPILE_MIN_TOKENS: usize = 1024;
 
 /// Which prompt to put before a text.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

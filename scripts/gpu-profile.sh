@@ -2,7 +2,7 @@
 # The forward pass alone (`mlx-embed profile`) on an NVIDIA machine, on the synthetic
 # checkpoints in bf16: each model as served (batches of ≥ 1024 tokens compiled), with every batch
 # compiled and with none, then Qwen3 shapes as served under other settings of MLX's CUDA backend
-# (VARIANTS). Tables go to OUT/profile.log, every
+# (VARIANTS; `mlx-embed` itself sets MLX_USE_CUDA_GRAPHS=0 and MLX_ENABLE_TF32=0 unless set). Tables go to OUT/profile.log, every
 # report to OUT/profile.jsonl (one line per run, with its label).
 #
 #   scripts/gpu-profile.sh PARTS_DIR MLX_EMBED_BINARY OUT
@@ -13,7 +13,7 @@ parts=$1 bin=$2 out=$3
 . "$(dirname "$0")/mlx-cuda-env.sh"
 mkdir -p "$out"
 MODELS=${MODELS:-qwen3 gemma} SHAPES=${SHAPES:-1x16,8x32,16x64,32x128,64x256} ITERATIONS=${ITERATIONS:-30}
-VARIANTS=${VARIANTS:-MLX_USE_CUDA_GRAPHS=0}
+VARIANTS=${VARIANTS:-MLX_USE_CUDA_GRAPHS=1}
 synth=${SYNTH_DIR:-/tmp/synth}
 # shellcheck disable=SC2086
 "$(dirname "$0")/synth-models.sh" "$bin" "$synth" bf16 $MODELS

@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use mlx_embed::mlx::Dtype;
-use mlx_embed::models::{EmbeddingModel, LoadOptions};
+use mlx_embed::models::{EmbeddingModel, LoadOptions, PromptChoice};
 use mlx_embed::tokenize::Truncation;
 
 /// f32 tolerance: 1e-5, or 1e-4 for quantized models against their dequantized reference.
@@ -106,6 +106,28 @@ fn a_compiled_encoder_gives_the_reference_vectors() {
                         "{} / {} batch of {n}, text {i}: compiled vs reference {dr:e}, vs uncompiled {dp:e}", dir.display(), case.name));
                 }
             }
+        }
+    }
+    failures.assert_none();
+}
+
+/// A batch of very different lengths (run on the CPU as groups of similar lengths, then put back
+/// in order) gives each text's vector alone, in the order given.
+#[test]
+fn a_batch_of_mixed_lengths_gives_each_vector_in_order() {
+    let _g = mlx_lock();
+    let mut failures = Failures::default();
+    let long = "vector search over a large index of documents ".repeat(40);
+    let medium = "exact embeddings for a database ".repeat(8);
+    let texts = vec![long, "hi".to_string(), medium, "short query".to_string()];
+    for dir in fixtures() {
+        let model = load(&dir, Dtype::Float32);
+        let lens: Vec<usize> = texts.iter().map(|t| model.preprocessor().tokenize("", t, None, Truncation::Right).unwrap().ids.len()).collect();
+        let batched = model.embed_texts(&texts, &PromptChoice::None, None).unwrap();
+        for (i, text) in texts.iter().enumerate() {
+            let alone = model.embed_texts(std::slice::from_ref(text), &PromptChoice::None, None).unwrap();
+            let d = max_abs_diff(&alone[0], &batched[i]);
+            failures.check(d <= 1e-5, || format!("{} text {i} ({} tokens; lengths {lens:?}): batched vs alone {d:e}", dir.display(), lens[i]));
         }
     }
     failures.assert_none();

@@ -132,6 +132,11 @@ impl Array {
         wrap(ffi::take(self.r(), indices.r(), axis))
     }
 
+    /// `self` and `other` joined along `axis`.
+    pub fn concatenate(&self, other: &Array, axis: i32) -> Result<Array> {
+        wrap(ffi::concatenate(self.r(), other.r(), axis))
+    }
+
     pub fn take_along_axis(&self, indices: &Array, axis: i32) -> Result<Array> {
         wrap(ffi::take_along_axis(self.r(), indices.r(), axis))
     }

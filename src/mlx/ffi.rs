@@ -67,6 +67,7 @@ pub(crate) mod ffi {
         fn expand_dims(a: &array, axis: i32) -> Result<UniquePtr<array>>;
         fn slice(a: &array, start: &[i32], stop: &[i32]) -> Result<UniquePtr<array>>;
         fn take(a: &array, indices: &array, axis: i32) -> Result<UniquePtr<array>>;
+        fn concatenate(a: &array, b: &array, axis: i32) -> Result<UniquePtr<array>>;
         fn take_along_axis(a: &array, indices: &array, axis: i32) -> Result<UniquePtr<array>>;
 
         // ---- arithmetic and comparisons (broadcasting)

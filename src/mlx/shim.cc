@@ -119,6 +119,9 @@ ArrayPtr slice(const array& a, rust::Slice<const int32_t> start, rust::Slice<con
 ArrayPtr take(const array& a, const array& indices, int32_t axis) {
   return own(mx::take(a, indices, axis));
 }
+ArrayPtr concatenate(const array& a, const array& b, int32_t axis) {
+  return own(mx::concatenate({a, b}, axis));
+}
 ArrayPtr take_along_axis(const array& a, const array& indices, int32_t axis) {
   return own(mx::take_along_axis(a, indices, axis));
 }

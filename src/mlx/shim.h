@@ -50,6 +50,7 @@ ArrayPtr transpose(const array& a, rust::Slice<const int32_t> axes);
 ArrayPtr expand_dims(const array& a, int32_t axis);
 ArrayPtr slice(const array& a, rust::Slice<const int32_t> start, rust::Slice<const int32_t> stop);
 ArrayPtr take(const array& a, const array& indices, int32_t axis);
+ArrayPtr concatenate(const array& a, const array& b, int32_t axis);
 ArrayPtr take_along_axis(const array& a, const array& indices, int32_t axis);
 
 ArrayPtr add(const array& a, const array& b);

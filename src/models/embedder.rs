@@ -295,6 +295,38 @@ impl EmbeddingModel {
         if let Some(i) = batch.iter().position(|s| s.is_empty()) {
             return Err(Error::invalid(format!("items[{i}]"), "no tokens"));
         }
+        if self.gpu_shapes || self.compiled.is_some() || batch.len() < 2 {
+            return self.padded_graph(batch).map(Some);
+        }
+        // On the CPU padding costs as much as real tokens: the batch runs as groups of similar
+        // lengths, each padded to its own longest, and the rows are put back in order.
+        let mut order: Vec<usize> = (0..batch.len()).collect();
+        order.sort_by_key(|&i| batch[i].len());
+        let sorted: Vec<&[u32]> = order.iter().map(|&i| batch[i]).collect();
+        let ends = length_groups(&sorted.iter().map(|s| s.len()).collect::<Vec<_>>(), CPU_GROUP_COST_TOKENS);
+        if ends.len() == 1 {
+            return self.padded_graph(batch).map(Some);
+        }
+        let mut out: Option<Array> = None;
+        let mut start = 0;
+        for end in ends {
+            let part = self.padded_graph(&sorted[start..end])?;
+            out = Some(match out {
+                None => part,
+                Some(o) => o.concatenate(&part, 0)?,
+            });
+            start = end;
+        }
+        let mut row_of = vec![0i32; batch.len()];
+        for (pos, &i) in order.iter().enumerate() {
+            row_of[i] = pos as i32;
+        }
+        let rows = Array::from_i32(&row_of, &[batch.len() as i32])?;
+        Ok(Some(out.expect("at least one group").take(&rows, 0)?))
+    }
+
+    /// [`EmbeddingModel::graph`] for a batch run as one padded forward.
+    fn padded_graph(&self, batch: &[&[u32]]) -> Result<Array> {
         let len = batch.iter().map(|s| s.len()).max().unwrap_or(0);
         // Batches run at a few padded shapes (extra rows of one token, masked key positions):
         // the first forward of a new shape is slow (see `padded_shape`).
@@ -321,10 +353,10 @@ impl EmbeddingModel {
         };
         let out = self.head.forward(&hidden, &lengths)?;
         if rows == batch.len() {
-            return Ok(Some(out));
+            return Ok(out);
         }
         let dims = out.shape()[1];
-        Ok(Some(out.slice(&[0, 0], &[batch.len() as i32, dims])?))
+        Ok(out.slice(&[0, 0], &[batch.len() as i32, dims])?)
     }
 
     /// Size of the encoder's token table.
@@ -341,6 +373,34 @@ impl EmbeddingModel {
         let normalize = self.pre.info.normalize;
         Ok(self.embed_ids(&refs)?.into_iter().map(|v| finish(v, dims as usize, normalize)).collect())
     }
+}
+
+/// What one more forward costs on the CPU beyond its tokens, in tokens: MLX's host work for a
+/// forward's few thousand operations (≈ 70 ms at 1×16 for EmbeddingGemma-300m shapes on a
+/// 2-core VM, where a token costs ≈ 2.5 ms).
+const CPU_GROUP_COST_TOKENS: usize = 32;
+
+/// Splits lengths sorted in increasing order into consecutive groups that minimize the padded
+/// tokens computed (each group padded to its longest) plus `group_cost` per group; returns each
+/// group's end index.
+fn length_groups(sorted: &[usize], group_cost: usize) -> Vec<usize> {
+    let n = sorted.len();
+    // best[j]: the cheapest split of the first j; from[j]: where its last group starts.
+    let mut best = vec![0usize; n + 1];
+    let mut from = vec![0usize; n + 1];
+    for j in 1..=n {
+        let (cost, i) = (0..j).map(|i| (best[i] + (j - i) * sorted[j - 1] + group_cost, i)).min().expect("j ≥ 1");
+        best[j] = cost;
+        from[j] = i;
+    }
+    let mut ends = vec![];
+    let mut j = n;
+    while j > 0 {
+        ends.push(j);
+        j = from[j];
+    }
+    ends.reverse();
+    ends
 }
 
 /// Padded tokens up to which a GPU forward costs about the same whatever its shape: bound by
@@ -485,6 +545,26 @@ mod tests {
         assert_eq!(shapes.len(), 11 * 3, "{shapes:?}");
         let lengths: std::collections::HashSet<usize> = (1..=8192).map(|l| gpu(1, l).1).collect();
         assert_eq!(lengths.len(), 8 + 14 + 60);
+    }
+
+    #[test]
+    fn length_groups_trade_padding_against_forwards() {
+        // Equal lengths: one group. Far apart: one group each. Close: together.
+        assert_eq!(length_groups(&[100; 8], 32), vec![8]);
+        assert_eq!(length_groups(&[10, 200], 32), vec![1, 2]);
+        assert_eq!(length_groups(&[100, 101, 102, 250, 251], 32), vec![3, 5]);
+        // The split found costs no more than any other split of a small case.
+        let lens = [130, 150, 171, 190, 200, 220, 240, 255];
+        let cost = |ends: &[usize]| {
+            let mut start = 0;
+            ends.iter().map(|&e| { let c = (e - start) * lens[e - 1] + 32; start = e; c }).sum::<usize>()
+        };
+        let found = cost(&length_groups(&lens, 32));
+        for mask in 0u32..128 {
+            let mut ends: Vec<usize> = (1..8).filter(|i| mask & (1 << (i - 1)) != 0).collect();
+            ends.push(8);
+            assert!(found <= cost(&ends), "{mask:b}");
+        }
     }
 
     #[test]

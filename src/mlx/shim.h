@@ -1,5 +1,6 @@
-// Forwarding shim between the cxx bridge (ffi.rs) and MLX's C++ API. No logic, no statics, no
-// environment reads: each function converts argument types and calls MLX.
+// Forwarding shim between the cxx bridge (ffi.rs) and MLX's C++ API. No statics, no environment
+// reads: each function converts argument types and calls MLX; the only logic is a walk of the
+// pending graph (pending_ops) and the lambda through which MLX's compile traces a Rust function.
 #pragma once
 
 #include <functional>

@@ -68,6 +68,19 @@ fn f32_vectors_match_the_reference() {
     failures.assert_none();
 }
 
+/// Embeds `texts` as one batch and each alone, and records every text whose two vectors differ
+/// by more than 1e-5.
+fn check_batched_matches_alone(model: &EmbeddingModel, texts: &[String], prompt: &PromptChoice, what: &str, failures: &mut Failures) {
+    let batched = model.embed_texts(texts, prompt, None).unwrap();
+    failures.check(batched.len() == texts.len(), || format!("{what}: {} vectors for {} texts", batched.len(), texts.len()));
+    for (i, (text, b)) in texts.iter().zip(&batched).enumerate() {
+        let alone = model.embed_texts(std::slice::from_ref(text), prompt, None).unwrap();
+        let d = max_abs_diff(&alone[0], b);
+        let start: String = text.chars().take(40).collect();
+        failures.check(d <= 1e-5, || format!("{what}: text {i} ({start:?}…) batched vs alone: {d:e}"));
+    }
+}
+
 #[test]
 fn a_padded_batch_gives_the_same_vectors_as_one_by_one() {
     let _g = mlx_lock();
@@ -75,12 +88,7 @@ fn a_padded_batch_gives_the_same_vectors_as_one_by_one() {
     for dir in fixtures() {
         let model = load(&dir, Dtype::Float32);
         let case = &reference(&dir).cases[0];
-        let batched = model.embed_texts(&case.texts, &case.prompt_choice(), None).unwrap();
-        for (text, b) in case.texts.iter().zip(&batched) {
-            let alone = model.embed_texts(std::slice::from_ref(text), &case.prompt_choice(), None).unwrap();
-            let d = max_abs_diff(&alone[0], b);
-            failures.check(d <= 1e-5, || format!("{}: {text:?} batched vs alone: {d:e}", dir.display()));
-        }
+        check_batched_matches_alone(&model, &case.texts, &case.prompt_choice(), &dir.display().to_string(), &mut failures);
     }
     failures.assert_none();
 }
@@ -123,12 +131,7 @@ fn a_batch_of_mixed_lengths_gives_each_vector_in_order() {
     for dir in fixtures() {
         let model = load(&dir, Dtype::Float32);
         let lens: Vec<usize> = texts.iter().map(|t| model.preprocessor().tokenize("", t, None, Truncation::Right).unwrap().ids.len()).collect();
-        let batched = model.embed_texts(&texts, &PromptChoice::None, None).unwrap();
-        for (i, text) in texts.iter().enumerate() {
-            let alone = model.embed_texts(std::slice::from_ref(text), &PromptChoice::None, None).unwrap();
-            let d = max_abs_diff(&alone[0], &batched[i]);
-            failures.check(d <= 1e-5, || format!("{} text {i} ({} tokens; lengths {lens:?}): batched vs alone {d:e}", dir.display(), lens[i]));
-        }
+        check_batched_matches_alone(&model, &texts, &PromptChoice::None, &format!("{} (token lengths {lens:?})", dir.display()), &mut failures);
     }
     failures.assert_none();
 }

@@ -26,15 +26,9 @@ use crate::mlx::Array;
 pub trait Encoder {
     /// The masks for rows of `lengths` real tokens (each ≥ 1) padded to `len`.
     fn masks(&self, lengths: &[i32], len: i32) -> Result<Vec<Array>>;
-    /// `ids` `[B, L]` int32 and the batch's [`Encoder::masks`] → `[B, L, hidden]`.
+    /// `ids` `[B, L]` int32, right-padded, and the batch's [`Encoder::masks`] → `[B, L, hidden]`.
     fn encode(&self, ids: &Array, masks: &[Array]) -> Result<Array>;
     fn dims(&self) -> EncoderDims;
-
-    /// `ids` `[B, L]` int32, right-padded; `lengths[b]` real tokens in row b (≥ 1).
-    fn forward(&self, ids: &Array, lengths: &[i32]) -> Result<Array> {
-        let masks = self.masks(lengths, ids.shape()[1])?;
-        self.encode(ids, &masks)
-    }
 }
 
 /// Sizes of an encoder that the rest of the pipeline needs.

@@ -18,7 +18,8 @@ fn main() {
 
 fn build_mlx_bridge() {
     println!("cargo:rerun-if-env-changed=MLX_DIR");
-    for f in ["src/mlx/ffi.rs", "src/mlx/shim.h", "src/mlx/shim.cc"] {
+    let sources = ["ffi.rs", "shim.h", "shim.cc", "cpu_kernels.h", "cpu_kernels.cc"];
+    for f in sources.map(|f| format!("src/mlx/{f}")) {
         println!("cargo:rerun-if-changed={f}");
     }
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo"));
@@ -37,7 +38,12 @@ fn build_mlx_bridge() {
 
     cxx_build::bridge("src/mlx/ffi.rs")
         .file("src/mlx/shim.cc")
+        .file("src/mlx/cpu_kernels.cc")
         .include(&include)
+        // The fused CPU kernels are only fast vectorized, in test builds too; clamps and selects
+        // on floats become vector code only when comparisons may not trap.
+        .opt_level(3)
+        .flag_if_supported("-fno-trapping-math")
         .std("c++20")
         .flag_if_supported("-Wno-unused-parameter")
         .flag_if_supported("-Wno-deprecated-declarations")

@@ -7,7 +7,7 @@ use std::pin::Pin;
 use cxx::UniquePtr;
 
 use super::ffi::ffi;
-use super::{Dtype, MlxError, Result};
+use super::{Activation, Dtype, MlxError, Result};
 
 /// An MLX array. Cheap to clone (MLX arrays share their buffers). `!Send` and `!Sync`: MLX state
 /// must stay on one thread.
@@ -175,6 +175,18 @@ impl Array {
     /// Fused rotary embedding over the last axis of `[B, H, L, D]`, positions `offset..offset+L`.
     pub fn rope(&self, dims: i32, traditional: bool, base: f32, scale: f32, offset: i32) -> Result<Array> {
         wrap(ffi::rope(self.r(), dims, traditional, base, scale, offset))
+    }
+
+    /// Per-head RMSNorm, then rotary embedding at positions `0..L`: `[B, L, H, D]` (heads split
+    /// from token rows) → `[B, H, L, D]`. Equal to `rms_norm`, a transpose and `rope`, which is
+    /// what it runs except on the CPU in f32 (one fused pass there).
+    pub fn head_norm_rope(&self, weight: &Array, eps: f32, dims: i32, base: f32, scale: f32) -> Result<Array> {
+        wrap(ffi::head_norm_rope(self.r(), weight.r(), eps, dims, base, scale))
+    }
+
+    /// `act(self) · up` (the gate of a gated MLP), elementwise.
+    pub fn gated(&self, up: &Array, act: Activation) -> Result<Array> {
+        wrap(ffi::gated_activation(self.r(), up.r(), act))
     }
 
     /// Fused attention `softmax(q·kᵀ·scale + mask)·v` over `[B, H, L, D]` (grouped KV heads

@@ -25,6 +25,16 @@ pub(crate) mod ffi {
         Complex64,
     }
 
+    /// The activation of a gated MLP, `act(gate) · up`.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    #[repr(u8)]
+    enum Activation {
+        /// `x · sigmoid(x)`.
+        Silu,
+        /// GELU, tanh approximation (`gelu_pytorch_tanh`).
+        GeluTanh,
+    }
+
     extern "Rust" {
         /// The Rust function a [`CompiledFn`] traces.
         type TraceFn;
@@ -103,6 +113,15 @@ pub(crate) mod ffi {
             scale: f32,
             offset: i32,
         ) -> Result<UniquePtr<array>>;
+        fn head_norm_rope(
+            x: &array,
+            weight: &array,
+            eps: f32,
+            dims: i32,
+            base: f32,
+            scale: f32,
+        ) -> Result<UniquePtr<array>>;
+        fn gated_activation(gate: &array, up: &array, act: Activation) -> Result<UniquePtr<array>>;
         fn scaled_dot_product_attention(
             q: &array,
             k: &array,

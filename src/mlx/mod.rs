@@ -9,7 +9,7 @@ mod array;
 mod ffi;
 
 pub use array::{Array, Compiled, TensorFile};
-pub use ffi::ffi::Dtype;
+pub use ffi::ffi::{Activation, Dtype};
 
 /// An error raised by MLX (a C++ exception) or by the bridge around it.
 #[derive(Debug, Clone, thiserror::Error)]

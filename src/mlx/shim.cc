@@ -1,10 +1,12 @@
 // Forwarding shim: see shim.h. Exceptions propagate to cxx, which turns them into Rust errors.
 #include "mlx-embed/src/mlx/shim.h"
 
+#include <cmath>
 #include <stdexcept>
 #include <unordered_set>
 #include <vector>
 
+#include "mlx-embed/src/mlx/cpu_kernels.h"
 #include "mlx-embed/src/mlx/ffi.rs.h"
 #include "mlx/primitives.h"
 
@@ -152,7 +154,34 @@ ArrayPtr sum_axis(const array& a, int32_t axis, bool keepdims) {
 }
 
 ArrayPtr rms_norm(const array& x, const array& weight, float eps) {
+  if (cpu_kernels::applies({&x, &weight})) return own(cpu_kernels::rms_norm(x, weight, eps));
   return own(mx::fast::rms_norm(x, weight, eps));
+}
+ArrayPtr head_norm_rope(const array& x, const array& weight, float eps, int32_t dims, float base,
+                        float scale) {
+  if (cpu_kernels::applies({&x, &weight})) {
+    return own(cpu_kernels::head_norm_rope(x, weight, eps, dims, base, scale));
+  }
+  auto normed = mx::transpose(mx::fast::rms_norm(x, weight, eps), {0, 2, 1, 3});
+  return own(mx::fast::rope(normed, dims, false, base, scale, 0));
+}
+ArrayPtr gated_activation(const array& gate, const array& up, Activation act) {
+  const bool silu = act == Activation::Silu;
+  if (!silu && act != Activation::GeluTanh) throw std::invalid_argument("unknown activation");
+  if (cpu_kernels::applies({&gate, &up}) && gate.shape() == up.shape()) {
+    return own(cpu_kernels::gated(gate, up, silu ? cpu_kernels::Act::Silu
+                                                 : cpu_kernels::Act::GeluTanh));
+  }
+  if (silu) return own(mx::multiply(mx::multiply(gate, mx::sigmoid(gate)), up));
+  // 0.5 · x · (1 + tanh(√(2/π) · (x + 0.044715 · x³))), in the gate's dtype.
+  const auto dt = gate.dtype();
+  const auto scalar = [&](float v) { return mx::array(v, dt); };
+  auto x3 = mx::multiply(gate, mx::square(gate));
+  auto inner = mx::multiply(mx::add(gate, mx::multiply(x3, scalar(0.044715f))),
+                            scalar(std::sqrt(2.0f / 3.14159265358979323846f)));
+  auto g = mx::multiply(mx::multiply(scalar(0.5f), gate),
+                        mx::add(scalar(1.0f), mx::tanh(inner)));
+  return own(mx::multiply(g, up));
 }
 ArrayPtr rope(const array& x, int32_t dims, bool traditional, float base, float scale,
               int32_t offset) {

@@ -15,6 +15,7 @@
 namespace mlx_embed {
 
 enum class Dtype : uint8_t;
+enum class Activation : uint8_t;
 using mlx::core::array;
 using ArrayPtr = std::unique_ptr<array>;
 
@@ -77,6 +78,9 @@ ArrayPtr sum_axis(const array& a, int32_t axis, bool keepdims);
 
 ArrayPtr rms_norm(const array& x, const array& weight, float eps);
 ArrayPtr rope(const array& x, int32_t dims, bool traditional, float base, float scale, int32_t offset);
+ArrayPtr head_norm_rope(const array& x, const array& weight, float eps, int32_t dims, float base,
+                        float scale);
+ArrayPtr gated_activation(const array& gate, const array& up, Activation act);
 ArrayPtr scaled_dot_product_attention(const array& q, const array& k, const array& v, float scale,
                                       const array& mask);
 ArrayPtr quantized_matmul(const array& x, const array& w, const array& scales, const array& biases,

@@ -3,7 +3,8 @@
 
 use crate::error::Result;
 use crate::mlx::Array;
-use crate::models::layers::{gelu_tanh, silu, Linear, RmsNorm};
+pub use crate::mlx::Activation;
+use crate::models::layers::{Linear, RmsNorm};
 use crate::models::weights::Weights;
 
 /// Shapes of one attention block.
@@ -61,31 +62,19 @@ impl Attention {
     /// `mask` is additive, `[B, 1, L, L]` (see [`additive_mask`](crate::models::layers::additive_mask)).
     pub fn forward(&self, x: &Array, (b, l): (i32, i32), mask: &Array) -> Result<Array> {
         let s = self.shape;
-        // 1. Project, split heads: [B·L, H·D] → [B, L, H, D]; norm each head; → [B, H, L, D].
-        let heads = |proj: &Linear, n: i32, norm: Option<&RmsNorm>| -> Result<Array> {
-            let mut t = proj.forward(x)?.reshape(&[b, l, n, s.head_dim])?;
-            if let Some(norm) = norm {
-                t = norm.forward(&t)?;
-            }
-            Ok(t.transpose(&[0, 2, 1, 3])?)
-        };
-        let q = heads(&self.q_proj, s.heads, Some(&self.q_norm))?;
-        let k = heads(&self.k_proj, s.kv_heads, Some(&self.k_norm))?;
-        let v = heads(&self.v_proj, s.kv_heads, None)?;
-        // 2. Rotary positions 0..L (batches are right-padded, so every row starts at 0).
-        let q = q.rope(s.head_dim, false, self.rope_base, self.rope_scale, 0)?;
-        let k = k.rope(s.head_dim, false, self.rope_base, self.rope_scale, 0)?;
+        // 1. Project, split heads: [B·L, H·D] → [B, L, H, D].
+        let split = |proj: &Linear, n: i32| proj.forward(x)?.reshape(&[b, l, n, s.head_dim]);
+        // 2. q and k: norm each head, rotary positions 0..L (batches are right-padded, so every
+        //    row starts at 0) → [B, H, L, D]; v → [B, H, L, D].
+        let rotate = |t: Array, norm: &RmsNorm| norm.forward_rope(&t, s.head_dim, self.rope_base, self.rope_scale);
+        let q = rotate(split(&self.q_proj, s.heads)?, &self.q_norm)?;
+        let k = rotate(split(&self.k_proj, s.kv_heads)?, &self.k_norm)?;
+        let v = split(&self.v_proj, s.kv_heads)?.transpose(&[0, 2, 1, 3])?;
         // 3. Attention [B, H, L, D] (grouped KV heads broadcast), merge heads → [B·L, H·D].
         let a = Array::attention(&q, &k, &v, self.scale, mask)?;
         let a = a.transpose(&[0, 2, 1, 3])?.reshape(&[b * l, s.heads * s.head_dim])?;
         Ok(self.o_proj.forward(&a)?)
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Activation {
-    Silu,
-    GeluTanh,
 }
 
 /// `down(act(gate(x)) · up(x))`.
@@ -107,11 +96,7 @@ impl GatedMlp {
     }
 
     pub fn forward(&self, x: &Array) -> Result<Array> {
-        let g = self.gate.forward(x)?;
-        let g = match self.act {
-            Activation::Silu => silu(&g)?,
-            Activation::GeluTanh => gelu_tanh(&g)?,
-        };
-        Ok(self.down.forward(&g.multiply(&self.up.forward(x)?)?)?)
+        let g = self.gate.forward(x)?.gated(&self.up.forward(x)?, self.act)?;
+        Ok(self.down.forward(&g)?)
     }
 }

@@ -93,28 +93,19 @@ impl RmsNorm {
         if y.dtype()? == dt { Ok(y) } else { y.astype(dt) }
     }
 
+    /// The norm of each head of `x` `[B, L, H, D]`, then rotary embedding at positions `0..L`
+    /// (rotate-half, the first `dims` features): → `[B, H, L, D]` in the compute dtype.
+    pub fn forward_rope(&self, x: &Array, dims: i32, base: f32, scale: f32) -> Result<Array> {
+        let dt = self.weight.dtype()?;
+        let w = if x.dtype()? == Dtype::Float32 { &self.weight_f32 } else { &self.weight };
+        let y = x.head_norm_rope(w, self.eps, dims, base, scale)?;
+        if y.dtype()? == dt { Ok(y) } else { y.astype(dt) }
+    }
+
     /// The norm in f32 whatever the compute dtype (the final norm, before pooling).
     pub fn forward_f32(&self, x: &Array) -> Result<Array> {
         x.astype(Dtype::Float32)?.rms_norm(&self.weight_f32, self.eps)
     }
-}
-
-/// `x · sigmoid(x)`.
-pub fn silu(x: &Array) -> Result<Array> {
-    x.multiply(&x.sigmoid()?)
-}
-
-/// GELU, tanh approximation (`gelu_pytorch_tanh`):
-/// `0.5 · x · (1 + tanh(√(2/π) · (x + 0.044715 · x³)))`.
-pub fn gelu_tanh(x: &Array) -> Result<Array> {
-    let dt = x.dtype()?;
-    let c = Array::scalar((2.0f32 / std::f32::consts::PI).sqrt(), dt)?;
-    let k = Array::scalar(0.044715, dt)?;
-    let half = Array::scalar(0.5, dt)?;
-    let one = Array::scalar(1.0, dt)?;
-    let x3 = x.multiply(&x.square()?)?;
-    let inner = x.add(&x3.multiply(&k)?)?.multiply(&c)?;
-    half.multiply(x)?.multiply(&one.add(&inner.tanh()?)?)
 }
 
 /// Which key positions each query position of a right-padded batch may attend to.

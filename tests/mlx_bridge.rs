@@ -189,3 +189,57 @@ fn head_norm_rope_matches_norm_then_rotary_embedding() {
         assert!(err16 < 3e-2, "bf16, dims {dims}: {err16}");
     }
 }
+
+#[test]
+fn grouped_attention_with_an_additive_mask_matches_its_definition() {
+    let _g = mlx_lock();
+    // 6 query heads over 2 key heads, rows of 13 and 9 real tokens padded to 13, causal.
+    let (b, h, hkv, l, d) = (2usize, 6usize, 2usize, 13usize, 16usize);
+    let lengths = [13usize, 9];
+    let q = values(b * h * l * d, 7, -2.0, 2.0);
+    let k = values(b * hkv * l * d, 8, -2.0, 2.0);
+    let v = values(b * hkv * l * d, 9, -2.0, 2.0);
+    let allowed = |bi: usize, i: usize, j: usize| (j <= i && j < lengths[bi]) || i == j;
+    let mut mask = vec![0.0f32; b * l * l];
+    for bi in 0..b {
+        for i in 0..l {
+            for j in 0..l {
+                if !allowed(bi, i, j) {
+                    mask[(bi * l + i) * l + j] = f32::NEG_INFINITY;
+                }
+            }
+        }
+    }
+    let scale = 0.25f64;
+    let mut want = vec![0.0f64; b * h * l * d];
+    for bi in 0..b {
+        for hi in 0..h {
+            let g = hi / (h / hkv);
+            for i in 0..l {
+                let qi = &q[((bi * h + hi) * l + i) * d..][..d];
+                let logits: Vec<f64> = (0..l)
+                    .map(|j| {
+                        let kj = &k[((bi * hkv + g) * l + j) * d..][..d];
+                        let dot: f64 = qi.iter().zip(kj).map(|(a, c)| *a as f64 * *c as f64).sum();
+                        if allowed(bi, i, j) { dot * scale } else { f64::NEG_INFINITY }
+                    })
+                    .collect();
+                let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = logits.iter().map(|x| (x - m).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                for (j, ej) in e.iter().enumerate() {
+                    for c in 0..d {
+                        want[((bi * h + hi) * l + i) * d + c] += ej / sum * v[((bi * hkv + g) * l + j) * d + c] as f64;
+                    }
+                }
+            }
+        }
+    }
+    let arr = |x: &[f32], s: &[usize]| Array::from_f32(x, &s.iter().map(|&n| n as i32).collect::<Vec<_>>()).unwrap();
+    let got = Array::attention(
+        &arr(&q, &[b, h, l, d]), &arr(&k, &[b, hkv, l, d]), &arr(&v, &[b, hkv, l, d]), scale as f32, &arr(&mask, &[b, 1, l, l]),
+    ).unwrap();
+    assert_eq!(got.shape(), vec![b as i32, h as i32, l as i32, d as i32]);
+    let err = worst(&got.to_f32_vec().unwrap(), &want, 1.0);
+    assert!(err < 1e-5, "{err}");
+}

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <condition_variable>
 #include <functional>
+#include <limits>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -240,6 +241,61 @@ struct GatedElements {
   }
 };
 
+// softmax(s · scale + mask) over rows of scores [B, G, R·L, L] (grouped query heads stacked),
+// with the additive mask [B, 1, L, L] of each row's batch and query position; blocked (−∞)
+// entries give exactly 0.
+struct MaskedSoftmaxRows {
+  const float* s;
+  const float* mask;
+  float* y;
+  int64_t l, rows_per_batch;
+  float scale;
+
+  template <bool Fma>
+  MLX_EMBED_INLINE void run(int64_t begin, int64_t end) const {
+    constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+    for (int64_t r = begin; r < end; ++r) {
+      const float* sr = s + r * l;
+      const float* mr = mask + ((r / rows_per_batch) * l + r % l) * l;
+      float* yr = y + r * l;
+      float lanes[8] = {kNegInf, kNegInf, kNegInf, kNegInf, kNegInf, kNegInf, kNegInf, kNegInf};
+      int64_t j = 0;
+      for (; j + 8 <= l; j += 8) {
+        for (int k = 0; k < 8; ++k) {
+          const float x = mad<Fma>(sr[j + k], scale, mr[j + k]);
+          yr[j + k] = x;
+          lanes[k] = x > lanes[k] ? x : lanes[k];
+        }
+      }
+      float m = kNegInf;
+      for (float v : lanes) m = v > m ? v : m;
+      for (; j < l; ++j) {
+        yr[j] = mad<Fma>(sr[j], scale, mr[j]);
+        m = yr[j] > m ? yr[j] : m;
+      }
+      float sums[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      j = 0;
+      for (; j + 8 <= l; j += 8) {
+        for (int k = 0; k < 8; ++k) {
+          const float x = yr[j + k];
+          const float e = x == kNegInf ? 0.0f : exp_f32<Fma>(x - m);
+          yr[j + k] = e;
+          sums[k] += e;
+        }
+      }
+      float sum = ((sums[0] + sums[1]) + (sums[2] + sums[3])) +
+                  ((sums[4] + sums[5]) + (sums[6] + sums[7]));
+      for (; j < l; ++j) {
+        const float e = yr[j] == kNegInf ? 0.0f : exp_f32<Fma>(yr[j] - m);
+        yr[j] = e;
+        sum += e;
+      }
+      const float inv = 1.0f / sum;
+      for (j = 0; j < l; ++j) yr[j] *= inv;
+    }
+  }
+};
+
 // Rows of x [B, L, H, D] → y [B, H, L, D]: norm, then rotate the first `dims` features by the
 // angles of the row's position (cos/sin tables [L, dims/2]).
 struct HeadNormRopeRows {
@@ -440,6 +496,22 @@ struct HeadNormRopeSpec {
   }
 };
 
+struct MaskedSoftmaxSpec {
+  static constexpr const char* kName = "FusedMaskedSoftmaxCpu";
+  struct Params {
+    float scale;
+    bool operator==(const Params&) const = default;
+  };
+  static mx::Shape out_shape(const mx::Shape& scores) { return scores; }
+  static void run(const Params& p, mx::array& scores, mx::array& mask, mx::array& out) {
+    const auto& s = scores.shape();
+    const MaskedSoftmaxRows k{scores.data<float>(), mask.data<float>(), out.data<float>(), s[3],
+                              static_cast<int64_t>(s[1]) * s[2], p.scale};
+    parallel_for(scores.size() / s[3], kGrainElements / s[3],
+                 [&](int64_t b, int64_t e) { run_range(k, b, e); });
+  }
+};
+
 // The array `Spec` computes from `a` and `b` on the CPU stream (inputs made row-contiguous
 // first: a no-op for the contiguous arrays of the forward pass).
 template <class Spec>
@@ -480,6 +552,28 @@ mx::array head_norm_rope(const mx::array& x, const mx::array& w, float eps, int 
     throw std::invalid_argument("head_norm_rope: rotary dims must be even and at most D");
   }
   return fused<HeadNormRopeSpec>(x, w, {eps, dims, base, scale});
+}
+
+bool attention_applies(const mx::array& q, const mx::array& k, const mx::array& v,
+                       const mx::array& mask) {
+  if (q.ndim() != 4 || k.ndim() != 4 || v.ndim() != 4 || mask.ndim() != 4) return false;
+  const auto b = q.shape(0), h = q.shape(1), l = q.shape(2), hkv = k.shape(1);
+  return k.shape() == v.shape() && k.shape(0) == b && k.shape(2) == l && k.shape(3) == q.shape(3) &&
+         hkv > 0 && h % hkv == 0 && mask.shape() == mx::Shape{b, 1, l, l};
+}
+
+mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
+                    const mx::array& mask) {
+  if (!attention_applies(q, k, v, mask)) {
+    throw std::invalid_argument("attention: q [B, H, L, D], k and v [B, Hkv, L, D], mask [B, 1, L, L]");
+  }
+  const auto b = q.shape(0), h = q.shape(1), l = q.shape(2), d = q.shape(3), hkv = k.shape(1);
+  auto s = mx::default_stream(mx::Device::cpu);
+  // The query heads that share a key head, stacked: [B, Hkv, (H/Hkv)·L, D].
+  auto grouped = mx::reshape(q, {b, hkv, (h / hkv) * l, d}, s);
+  auto scores = mx::matmul(grouped, mx::swapaxes(k, -1, -2, s), s);
+  auto weights = fused<MaskedSoftmaxSpec>(scores, mask, {scale});
+  return mx::reshape(mx::matmul(weights, v, s), {b, h, l, d}, s);
 }
 
 }  // namespace mlx_embed::cpu_kernels

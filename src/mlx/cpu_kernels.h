@@ -35,4 +35,14 @@ mlx::core::array gated(const mlx::core::array& gate, const mlx::core::array& up,
 mlx::core::array head_norm_rope(const mlx::core::array& x, const mlx::core::array& w, float eps,
                                 int dims, float base, float scale);
 
+// Whether `attention` takes these shapes: q [B, H, L, D], k and v [B, Hkv, L, D] with H a
+// multiple of Hkv, an additive mask [B, 1, L, L].
+bool attention_applies(const mlx::core::array& q, const mlx::core::array& k,
+                       const mlx::core::array& v, const mlx::core::array& mask);
+
+// softmax(q·kᵀ·scale + mask)·v: the two products on MLX's matmul (BLAS), the scaled, masked
+// softmax between them one fused pass.
+mlx::core::array attention(const mlx::core::array& q, const mlx::core::array& k,
+                           const mlx::core::array& v, float scale, const mlx::core::array& mask);
+
 }  // namespace mlx_embed::cpu_kernels

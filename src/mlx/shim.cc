@@ -189,6 +189,9 @@ ArrayPtr rope(const array& x, int32_t dims, bool traditional, float base, float 
 }
 ArrayPtr scaled_dot_product_attention(const array& q, const array& k, const array& v, float scale,
                                       const array& mask) {
+  if (cpu_kernels::applies({&q, &k, &v, &mask}) && cpu_kernels::attention_applies(q, k, v, mask)) {
+    return own(cpu_kernels::attention(q, k, v, scale, mask));
+  }
   return own(mx::fast::scaled_dot_product_attention(q, k, v, scale, "", mask));
 }
 ArrayPtr quantized_matmul(const array& x, const array& w, const array& scales, const array& biases,

@@ -10,6 +10,10 @@ OPENBLAS_CORETYPE ?= $(shell scripts/blas-coretype)
 ifneq ($(OPENBLAS_CORETYPE),)
 export OPENBLAS_CORETYPE
 endif
+# OpenBLAS's idle threads spin for ~0.1 s after each matmul by default, taking a core from the
+# CPU kernels that run between matmuls; 4 (2^4 cycles) puts them to sleep at once.
+OPENBLAS_THREAD_TIMEOUT ?= 4
+export OPENBLAS_THREAD_TIMEOUT
 
 DEMO_MODEL ?= tests/fixtures/qwen3-tiny
 

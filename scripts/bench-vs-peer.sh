@@ -43,7 +43,7 @@ for m in $MODELS; do
 done
 
 scrape() { python3 -c "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9464/metrics').read().decode())"; }
-"$bin" serve --config "$config" --listen 127.0.0.1:50051 --metrics-listen 127.0.0.1:9464 2>>"$out/server.log" &
+OPENBLAS_THREAD_TIMEOUT=${OPENBLAS_THREAD_TIMEOUT:-4} "$bin" serve --config "$config" --listen 127.0.0.1:50051 --metrics-listen 127.0.0.1:9464 2>>"$out/server.log" &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
 for _ in $(seq 600); do

@@ -164,6 +164,9 @@ pub struct EmbeddingModel {
     pre: Arc<Preprocessor>,
     encoder: Rc<dyn Encoder>,
     head: Head,
+    /// The device the model was loaded for: MLX builds operations on the default device, which the
+    /// last model loaded set.
+    gpu: bool,
     /// Whether batches run at GPU shapes ([`padded_shape`]).
     gpu_shapes: bool,
     /// Compiled encoders by padded batch shape, when compiling.
@@ -258,7 +261,7 @@ impl EmbeddingModel {
             pooling = info.pooling.name(), head = %head.source, "model loaded");
         let min_tokens = opts.compile_min_tokens.unwrap_or(if opts.gpu { DEFAULT_COMPILE_MIN_TOKENS } else { 0 });
         let compiled = compile.then(|| RefCell::new(CompiledShapes::new(min_tokens)));
-        Ok(EmbeddingModel { pre: Arc::new(Preprocessor { info, tokenizer }), encoder, head, gpu_shapes: opts.gpu_shapes.unwrap_or(opts.gpu), compiled })
+        Ok(EmbeddingModel { pre: Arc::new(Preprocessor { info, tokenizer }), encoder, head, gpu: opts.gpu, gpu_shapes: opts.gpu_shapes.unwrap_or(opts.gpu), compiled })
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -295,6 +298,7 @@ impl EmbeddingModel {
         if let Some(i) = batch.iter().position(|s| s.is_empty()) {
             return Err(Error::invalid(format!("items[{i}]"), "no tokens"));
         }
+        mlx::set_default_device(self.gpu)?;
         if self.gpu_shapes || self.compiled.is_some() || batch.len() < 2 {
             return self.padded_graph(batch).map(Some);
         }

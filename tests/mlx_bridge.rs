@@ -133,7 +133,10 @@ fn gated_activations_match_their_definitions_over_the_whole_range() {
     for (act, want) in [(Activation::Silu, &silu), (Activation::GeluTanh, &gelu)] {
         let got = ga.gated(&ua, act).unwrap().to_f32_vec().unwrap();
         assert!(got.iter().all(|v| v.is_finite()), "{act:?}");
-        assert!(worst(&got, want, 1e-6) < 2e-5, "{act:?}: {}", worst(&got, want, 1e-6));
+        // Relative to the value, or to 1e-2 for small ones: computed as 0.5·x·(1 + tanh(u)) (MLX's
+        // own operations, on a GPU), GELU loses digits where tanh(u) nears −1.
+        let err = worst(&got, want, 1e-2);
+        assert!(err < 1e-4, "{act:?}: {err}");
     }
     // An `up` that broadcasts (not the gate's shape) takes MLX's own operations: same values.
     let one = Array::from_f32(&[1.0], &[1]).unwrap();

@@ -6,12 +6,15 @@
 #include <bit>
 #include <cmath>
 #include <condition_variable>
+#include <fstream>
 #include <functional>
 #include <limits>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
+#include <string>
+#include <system_error>
 #include <thread>
 #include <tuple>
 #include <vector>
@@ -43,13 +46,36 @@ namespace {
 
 // ---- threads
 
-// How many CPUs this process may run on.
+// The CPU quota of the cgroup a container runs in (cgroup v2, then v1), in whole CPUs rounded
+// up; 0 when none is set or readable.
+int cgroup_cpu_quota() {
+  try {
+    std::ifstream v2("/sys/fs/cgroup/cpu.max");
+    std::string quota;
+    long long period = 0;
+    if (v2 >> quota >> period) {
+      if (quota == "max" || period <= 0) return 0;
+      return static_cast<int>((std::stoll(quota) + period - 1) / period);
+    }
+    std::ifstream q1("/sys/fs/cgroup/cpu/cpu.cfs_quota_us");
+    std::ifstream p1("/sys/fs/cgroup/cpu/cpu.cfs_period_us");
+    long long q = 0, p = 0;
+    if (q1 >> q && p1 >> p && q > 0 && p > 0) return static_cast<int>((q + p - 1) / p);
+  } catch (const std::exception&) {
+  }
+  return 0;
+}
+
+// How many CPUs this process may use: the CPUs it may run on, at most its container's quota
+// (more threads than the quota would only be throttled).
 int cpu_count() {
+  int n = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
 #if defined(__linux__)
   cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) n = std::max(1, CPU_COUNT(&set));
+  if (const int quota = cgroup_cpu_quota(); quota > 0) n = std::min(n, quota);
 #endif
-  return std::max(1u, std::thread::hardware_concurrency());
+  return n;
 }
 
 // A fixed set of worker threads that run the chunks of one job at a time with the calling
@@ -57,9 +83,16 @@ int cpu_count() {
 // chunk finds nothing left and goes back to sleep, so a job never waits for a slow wake-up.
 class Pool {
  public:
+  // Starts up to `threads − 1` workers (fewer if the system refuses more threads).
   explicit Pool(int threads) {
-    for (int i = 1; i < threads; ++i) std::thread([this] { work(); }).detach();
-    size_ = threads;
+    for (int i = 1; i < threads; ++i) {
+      try {
+        std::thread([this] { work(); }).detach();
+      } catch (const std::system_error&) {
+        break;
+      }
+      ++size_;
+    }
   }
 
   int size() const { return size_; }

@@ -393,6 +393,13 @@ void run_range(const K& k, int64_t begin, int64_t end) {
 }
 #endif
 
+// Runs kernel `k` over `items` rows of `item_size` elements each, spread over the pool.
+template <class K>
+void run_parallel(const K& k, int64_t items, int64_t item_size) {
+  parallel_for(items, kGrainElements / item_size,
+               [&](int64_t b, int64_t e) { run_range(k, b, e); });
+}
+
 // ---- rotary tables
 
 // cos/sin of position · frequency for positions [0, rows) and dims/2 frequencies, computed the
@@ -489,8 +496,7 @@ struct RmsNormSpec {
   static void run(const Params& p, mx::array& x, mx::array& w, mx::array& out) {
     const int64_t d = x.shape(-1);
     const RmsNormRows k{x.data<float>(), w.data<float>(), out.data<float>(), d, p.eps};
-    parallel_for(x.size() / d, kGrainElements / d,
-                 [&](int64_t b, int64_t e) { run_range(k, b, e); });
+    run_parallel(k, x.size() / d, d);
   }
 };
 
@@ -503,8 +509,7 @@ struct GatedSpec {
   static mx::Shape out_shape(const mx::Shape& gate) { return gate; }
   static void run(const Params& p, mx::array& gate, mx::array& up, mx::array& out) {
     const GatedElements k{gate.data<float>(), up.data<float>(), out.data<float>(), p.act};
-    parallel_for(static_cast<int64_t>(gate.size()), kGrainElements,
-                 [&](int64_t b, int64_t e) { run_range(k, b, e); });
+    run_parallel(k, gate.size(), 1);
   }
 };
 
@@ -524,8 +529,7 @@ struct HeadNormRopeSpec {
     const HeadNormRopeRows k{x.data<float>(), w.data<float>(), table->cos.data(),
                              table->sin.data(), out.data<float>(), s[1], s[2], s[3], p.dims,
                              p.eps};
-    parallel_for(x.size() / s[3], kGrainElements / s[3],
-                 [&](int64_t b, int64_t e) { run_range(k, b, e); });
+    run_parallel(k, x.size() / s[3], s[3]);
   }
 };
 
@@ -540,8 +544,7 @@ struct MaskedSoftmaxSpec {
     const auto& s = scores.shape();
     const MaskedSoftmaxRows k{scores.data<float>(), mask.data<float>(), out.data<float>(), s[3],
                               static_cast<int64_t>(s[1]) * s[2], p.scale};
-    parallel_for(scores.size() / s[3], kGrainElements / s[3],
-                 [&](int64_t b, int64_t e) { run_range(k, b, e); });
+    run_parallel(k, scores.size() / s[3], s[3]);
   }
 };
 

@@ -1,5 +1,6 @@
 //! The cxx bridge to MLX's C++ API. Every function returns `Result`: a C++ exception becomes a
-//! Rust error instead of terminating the process. The C++ side (`shim.cc`) only forwards.
+//! Rust error instead of terminating the process. The C++ side (`shim.cc`) forwards to MLX, or to
+//! the fused CPU kernels (`cpu_kernels.cc`) where they apply.
 
 pub(crate) use super::array::{trace_call, TraceFn};
 

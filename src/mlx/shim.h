@@ -1,6 +1,8 @@
 // Forwarding shim between the cxx bridge (ffi.rs) and MLX's C++ API. No statics, no environment
 // reads: each function converts argument types and calls MLX; the only logic is a walk of the
-// pending graph (pending_ops) and the lambda through which MLX's compile traces a Rust function.
+// pending graph (pending_ops), the lambda through which MLX's compile traces a Rust function, the
+// gated activations as MLX operations, and the choice of the fused CPU kernels (cpu_kernels.h)
+// where they apply.
 #pragma once
 
 #include <functional>

@@ -87,18 +87,21 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &Array) -> Result<Array> {
-        let dt = self.weight.dtype()?;
-        let w = if x.dtype()? == Dtype::Float32 { &self.weight_f32 } else { &self.weight };
-        let y = x.rms_norm(w, self.eps)?;
-        if y.dtype()? == dt { Ok(y) } else { y.astype(dt) }
+        self.apply(x, |x, w| x.rms_norm(w, self.eps))
     }
 
     /// The norm of each head of `x` `[B, L, H, D]`, then rotary embedding at positions `0..L`
     /// (rotate-half, the first `dims` features): → `[B, H, L, D]` in the compute dtype.
     pub fn forward_rope(&self, x: &Array, dims: i32, base: f32, scale: f32) -> Result<Array> {
+        self.apply(x, |x, w| x.head_norm_rope(w, self.eps, dims, base, scale))
+    }
+
+    /// `norm(x, weight)` with the weight in `x`'s dtype where that is f32, the result in the
+    /// compute dtype.
+    fn apply(&self, x: &Array, norm: impl FnOnce(&Array, &Array) -> Result<Array>) -> Result<Array> {
         let dt = self.weight.dtype()?;
         let w = if x.dtype()? == Dtype::Float32 { &self.weight_f32 } else { &self.weight };
-        let y = x.head_norm_rope(w, self.eps, dims, base, scale)?;
+        let y = norm(x, w)?;
         if y.dtype()? == dt { Ok(y) } else { y.astype(dt) }
     }
 

@@ -246,3 +246,119 @@ fn grouped_attention_with_an_additive_mask_matches_its_definition() {
     let err = worst(&got.to_f32_vec().unwrap(), &want, 1.0);
     assert!(err < 1e-5, "{err}");
 }
+
+/// `[B·L, (H + 2·Hkv)·D]` rows → the q, k and v parts as `[B, L, n, D]` host arrays.
+fn split_qkv(qkv: &[f32], (b, l): (usize, usize), (h, hkv, d): (usize, usize, usize)) -> [Vec<f32>; 3] {
+    let s = h + 2 * hkv;
+    let part = |from: usize, n: usize| -> Vec<f32> {
+        (0..b * l).flat_map(|t| qkv[(t * s + from) * d..(t * s + from + n) * d].to_vec()).collect()
+    };
+    [part(0, h), part(h, hkv), part(h + hkv, hkv)]
+}
+
+#[test]
+fn heads_of_a_fused_qkv_projection_are_normed_rotated_and_split() {
+    let _g = mlx_lock();
+    let (b, l) = (2, 7);
+    // Head sizes and rotations the fused kernel takes (a multiple of 32 features, half of the
+    // rotated ones too), and one it does not (24 features).
+    for (case, (h, hkv, d, dims)) in [(4usize, 2usize, 64usize, 64usize), (2, 1, 128, 64), (3, 1, 24, 16)].into_iter().enumerate() {
+        let s = h + 2 * hkv;
+        let qkv = values(b * l * s * d, 10 + case as u64, -3.0, 3.0);
+        let (qw, kw) = (values(d, 20 + case as u64, 0.5, 1.5), values(d, 30 + case as u64, 0.5, 1.5));
+        let [qh, kh, vh] = split_qkv(&qkv, (b, l), (h, hkv, d));
+        let want_q = head_norm_rope_host(&qh, (b, l, h, d), &qw, dims, 10000.0, 0.5);
+        let want_k = head_norm_rope_host(&kh, (b, l, hkv, d), &kw, dims, 10000.0, 0.5);
+        let mut want_v = vec![0.0f64; vh.len()];
+        for bi in 0..b {
+            for p in 0..l {
+                for g in 0..hkv {
+                    for c in 0..d {
+                        want_v[((bi * hkv + g) * l + p) * d + c] = vh[((bi * l + p) * hkv + g) * d + c] as f64;
+                    }
+                }
+            }
+        }
+        let arr = |x: &[f32], shape: &[i32]| Array::from_f32(x, shape).unwrap();
+        let qkv_a = arr(&qkv, &[(b * l) as i32, (s * d) as i32]);
+        let (qw_a, kw_a) = (arr(&qw, &[d as i32]), arr(&kw, &[d as i32]));
+        for dt in [Dtype::Float32, Dtype::Bfloat16] {
+            let cast = |a: &Array| a.astype(dt).unwrap();
+            let (q, k, v) = cast(&qkv_a)
+                .qkv_heads(&cast(&qw_a), &cast(&kw_a), 1e-6, (b as i32, l as i32), (h as i32, hkv as i32, d as i32), dims as i32, 10000.0, 0.5)
+                .unwrap();
+            assert_eq!(q.shape(), vec![b as i32, h as i32, l as i32, d as i32]);
+            assert_eq!((k.shape(), v.shape()), (vec![b as i32, hkv as i32, l as i32, d as i32], vec![b as i32, hkv as i32, l as i32, d as i32]));
+            let host = |a: &Array| a.astype(Dtype::Float32).unwrap().to_f32_vec().unwrap();
+            let tol = if dt == Dtype::Float32 { 5e-5 } else { 3e-2 };
+            for (name, got, want) in [("q", &q, &want_q), ("k", &k, &want_k), ("v", &v, &want_v)] {
+                let err = worst(&host(got), want, 1.0);
+                assert!(err < tol, "case {case} {dt:?} {name}: {err}");
+            }
+        }
+    }
+}
+
+#[test]
+fn activation_of_a_fused_gate_up_projection_matches_its_definition() {
+    let _g = mlx_lock();
+    let (n, inter) = (33usize, 37usize);
+    let gu = values(n * 2 * inter, 40, -8.0, 8.0);
+    let gua = Array::from_f32(&gu, &[n as i32, 2 * inter as i32]).unwrap();
+    let act = |g: f64, gelu: bool| {
+        if gelu {
+            0.5 * g * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (g + 0.044715 * g * g * g)).tanh())
+        } else {
+            g / (1.0 + (-g).exp())
+        }
+    };
+    for (activation, gelu) in [(Activation::Silu, false), (Activation::GeluTanh, true)] {
+        let want: Vec<f64> = (0..n * inter)
+            .map(|idx| {
+                let (t, i) = (idx / inter, idx % inter);
+                act(gu[t * 2 * inter + i] as f64, gelu) * gu[t * 2 * inter + inter + i] as f64
+            })
+            .collect();
+        let got = gua.gated_halves(activation).unwrap();
+        assert_eq!(got.shape(), vec![n as i32, inter as i32]);
+        let err = worst(&got.to_f32_vec().unwrap(), &want, 1e-2);
+        assert!(err < 1e-4, "{activation:?}: {err}");
+        // In bf16 the activation is rounded before the product, and the product after it.
+        let got16 = gua.astype(Dtype::Bfloat16).unwrap().gated_halves(activation).unwrap();
+        let err16 = worst(&got16.astype(Dtype::Float32).unwrap().to_f32_vec().unwrap(), &want, 1e-1);
+        assert!(err16 < 3e-2, "bf16 {activation:?}: {err16}");
+    }
+}
+
+#[test]
+fn a_residual_add_with_the_next_norm_matches_add_then_norm() {
+    let _g = mlx_lock();
+    // 300 features: more than one pass of a 256-thread row, with a tail.
+    let (n, e) = (7usize, 300usize);
+    let x = values(n * e, 50, -4.0, 4.0);
+    let y = values(n * e, 51, -2.0, 2.0);
+    let (w, pw) = (values(e, 52, 0.5, 1.5), values(e, 53, 0.5, 1.5));
+    let arr = |v: &[f32], shape: &[i32]| Array::from_f32(v, shape).unwrap();
+    let (xa, wa, pwa) = (arr(&x, &[n as i32, e as i32]), arr(&w, &[e as i32]), arr(&pw, &[e as i32]));
+    for dt in [Dtype::Float32, Dtype::Bfloat16] {
+        let ya = arr(&y, &[n as i32, e as i32]).astype(dt).unwrap();
+        let y_held = ya.astype(Dtype::Float32).unwrap().to_f32_vec().unwrap();
+        for post in [false, true] {
+            let added: Vec<f64> = if post {
+                rms_norm_rows(&y_held, &pw, 1e-5)
+            } else {
+                y_held.iter().map(|v| *v as f64).collect()
+            };
+            let sum: Vec<f64> = x.iter().zip(&added).map(|(a, b)| *a as f64 + b).collect();
+            let sum32: Vec<f32> = sum.iter().map(|v| *v as f32).collect();
+            let want_h = rms_norm_rows(&sum32, &w, 1e-6);
+            let pw_dt = pwa.astype(dt).unwrap();
+            let (xo, h) = xa.residual_rms_norm(&ya, post.then_some((&pw_dt, 1e-5)), &wa, 1e-6, dt).unwrap();
+            assert_eq!((xo.dtype().unwrap(), h.dtype().unwrap()), (Dtype::Float32, dt));
+            let tol = if dt == Dtype::Float32 { 1e-5 } else { 3e-2 };
+            let err_x = worst(&xo.to_f32_vec().unwrap(), &sum, 1.0);
+            let err_h = worst(&h.astype(Dtype::Float32).unwrap().to_f32_vec().unwrap(), &want_h, 1.0);
+            assert!(err_x < tol && err_h < tol, "{dt:?} post {post}: stream {err_x}, norm {err_h}");
+        }
+    }
+}

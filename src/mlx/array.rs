@@ -189,6 +189,42 @@ impl Array {
         wrap(ffi::gated_activation(self.r(), up.r(), act))
     }
 
+    /// The heads of a fused q/k/v projection `[B·L, (H + 2·Hkv)·D]` of a batch of `b` rows of `l`
+    /// tokens: q and k heads normed by `qw` / `kw` then rotated as in
+    /// [`Array::head_norm_rope`], all three as `[B, heads, L, D]`. One fused kernel on a CUDA
+    /// device; slices, `head_norm_rope` and a transpose elsewhere.
+    #[allow(clippy::too_many_arguments)]
+    pub fn qkv_heads(&self, qw: &Array, kw: &Array, eps: f32, (b, l): (i32, i32), (heads, kv_heads, head_dim): (i32, i32, i32),
+        dims: i32, base: f32, scale: f32) -> Result<(Array, Array, Array)> {
+        let out = ffi::qkv_heads(self.r(), qw.r(), kw.r(), eps, b, l, heads, kv_heads, head_dim, dims, base, scale)?;
+        let mut v = unlist(&out)?;
+        match (v.pop(), v.pop(), v.pop()) {
+            (Some(v), Some(k), Some(q)) => Ok((q, k, v)),
+            _ => Err(MlxError("qkv_heads returned fewer than three arrays".into())),
+        }
+    }
+
+    /// `act(gate) · up` of a fused gate/up projection `[N, 2·I]` (gate columns first) → `[N, I]`.
+    pub fn gated_halves(&self, act: Activation) -> Result<Array> {
+        wrap(ffi::gated_halves(self.r(), act))
+    }
+
+    /// `self + post(y)` (the residual stream, f32, plus a block's output `y`, normed by `post`
+    /// = (weight, eps) first when given) and that sum's RMSNorm by `weight`, returned in `out`.
+    pub fn residual_rms_norm(&self, y: &Array, post: Option<(&Array, f32)>, weight: &Array, eps: f32, out: Dtype) -> Result<(Array, Array)> {
+        let mut list = ffi::array_list_new();
+        if let Some((w, _)) = post {
+            ffi::array_list_push(list.pin_mut(), w.r());
+        }
+        let post_eps = post.map_or(eps, |(_, e)| e);
+        let res = ffi::residual_rms_norm(self.r(), y.r(), list.as_ref().expect("new list"), post_eps, weight.r(), eps, out)?;
+        let mut v = unlist(&res)?;
+        match (v.pop(), v.pop()) {
+            (Some(h), Some(x)) => Ok((x, h)),
+            _ => Err(MlxError("residual_rms_norm returned fewer than two arrays".into())),
+        }
+    }
+
     /// Fused attention `softmax(q·kᵀ·scale + mask)·v` over `[B, H, L, D]` (grouped KV heads
     /// allowed). `mask` is boolean (true = may attend) and broadcasts to `[B, H, L, L]`.
     pub fn attention(q: &Array, k: &Array, v: &Array, scale: f32, mask: &Array) -> Result<Array> {
@@ -266,9 +302,14 @@ impl Compiled {
         }
         let f = self.raw.as_ref().expect("Compiled is never null");
         let out = ffi::call_compiled(f, list.as_ref().expect("new list"))?;
-        let out = out.as_ref().expect("call_compiled returns a list");
-        (0..ffi::array_list_len(out)).map(|i| wrap(ffi::array_list_get(out, i))).collect()
+        unlist(&out)
     }
+}
+
+/// The arrays of a list returned by the bridge.
+fn unlist(list: &UniquePtr<ffi::ArrayList>) -> Result<Vec<Array>> {
+    let list = list.as_ref().ok_or_else(|| MlxError("the bridge returned no list".into()))?;
+    (0..ffi::array_list_len(list)).map(|i| wrap(ffi::array_list_get(list, i))).collect()
 }
 
 /// The tensors of one safetensors file (memory-mapped by MLX, read lazily), taken out by name.

@@ -1,6 +1,6 @@
 //! The cxx bridge to MLX's C++ API. Every function returns `Result`: a C++ exception becomes a
 //! Rust error instead of terminating the process. The C++ side (`shim.cc`) forwards to MLX, or to
-//! the fused CPU kernels (`cpu_kernels.cc`) where they apply.
+//! the fused CPU kernels (`cpu_kernels.cc`) or CUDA kernels (`gpu_kernels.cc`) where they apply.
 
 pub(crate) use super::array::{trace_call, TraceFn};
 
@@ -123,6 +123,31 @@ pub(crate) mod ffi {
             scale: f32,
         ) -> Result<UniquePtr<array>>;
         fn gated_activation(gate: &array, up: &array, act: Activation) -> Result<UniquePtr<array>>;
+        #[allow(clippy::too_many_arguments)]
+        fn qkv_heads(
+            qkv: &array,
+            qw: &array,
+            kw: &array,
+            eps: f32,
+            b: i32,
+            l: i32,
+            heads: i32,
+            kv_heads: i32,
+            head_dim: i32,
+            dims: i32,
+            base: f32,
+            scale: f32,
+        ) -> Result<UniquePtr<ArrayList>>;
+        fn gated_halves(gu: &array, act: Activation) -> Result<UniquePtr<array>>;
+        fn residual_rms_norm(
+            x: &array,
+            y: &array,
+            post: &ArrayList,
+            post_eps: f32,
+            w: &array,
+            eps: f32,
+            out: Dtype,
+        ) -> Result<UniquePtr<ArrayList>>;
         fn scaled_dot_product_attention(
             q: &array,
             k: &array,

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "mlx-embed/src/mlx/cpu_kernels.h"
+#include "mlx-embed/src/mlx/gpu_kernels.h"
 #include "mlx-embed/src/mlx/ffi.rs.h"
 #include "mlx/primitives.h"
 
@@ -182,6 +183,45 @@ ArrayPtr gated_activation(const array& gate, const array& up, Activation act) {
   auto g = mx::multiply(mx::multiply(scalar(0.5f), gate),
                         mx::add(scalar(1.0f), mx::tanh(inner)));
   return own(mx::multiply(g, up));
+}
+std::unique_ptr<ArrayList> qkv_heads(const array& qkv, const array& qw, const array& kw, float eps,
+                                     int32_t b, int32_t l, int32_t heads, int32_t kv_heads,
+                                     int32_t head_dim, int32_t dims, float base, float scale) {
+  if (auto fused = gpu_kernels::qkv_heads(qkv, qw, kw, eps, b, l, heads, kv_heads, head_dim, dims,
+                                          base, scale)) {
+    return std::make_unique<ArrayList>(ArrayList{std::move(*fused)});
+  }
+  auto split = mx::reshape(qkv, {b, l, heads + 2 * kv_heads, head_dim});
+  auto part = [&](int from, int n) { return mx::slice(split, {0, 0, from, 0}, {b, l, from + n, head_dim}); };
+  auto q = head_norm_rope(part(0, heads), qw, eps, dims, base, scale);
+  auto k = head_norm_rope(part(heads, kv_heads), kw, eps, dims, base, scale);
+  auto v = mx::transpose(part(heads + kv_heads, kv_heads), {0, 2, 1, 3});
+  return std::make_unique<ArrayList>(ArrayList{{*q, *k, v}});
+}
+ArrayPtr gated_halves(const array& gu, Activation act) {
+  const bool silu = act == Activation::Silu;
+  if (auto fused = gpu_kernels::gated_halves(gu, silu ? gpu_kernels::Act::Silu : gpu_kernels::Act::GeluTanh)) {
+    return own(std::move(*fused));
+  }
+  if (gu.ndim() != 2 || gu.shape(1) % 2 != 0) throw std::invalid_argument("gated_halves takes [N, 2·I]");
+  const int n = gu.shape(0), inter = gu.shape(1) / 2;
+  // In f32 whatever the dtype, rounded once: as precise as the kernel's two roundings.
+  auto wide = gu.dtype() == mx::float32 ? gu : mx::astype(gu, mx::float32);
+  auto out = *gated_activation(mx::slice(wide, {0, 0}, {n, inter}),
+                               mx::slice(wide, {0, inter}, {n, 2 * inter}), act);
+  return own(gu.dtype() == mx::float32 ? out : mx::astype(out, gu.dtype()));
+}
+std::unique_ptr<ArrayList> residual_rms_norm(const array& x, const array& y, const ArrayList& post,
+                                             float post_eps, const array& w, float eps, Dtype out) {
+  if (post.items.size() > 1) throw std::invalid_argument("at most one post-norm weight");
+  const array* pw = post.items.empty() ? nullptr : &post.items[0];
+  if (auto fused = gpu_kernels::residual_rms_norm(x, y, pw, post_eps, w, eps, to_mlx(out))) {
+    return std::make_unique<ArrayList>(ArrayList{std::move(*fused)});
+  }
+  auto added = mx::add(x, pw ? *rms_norm(y, *pw, post_eps) : y);
+  auto normed = *rms_norm(added, w, eps);
+  if (normed.dtype() != to_mlx(out)) normed = mx::astype(normed, to_mlx(out));
+  return std::make_unique<ArrayList>(ArrayList{{added, normed}});
 }
 ArrayPtr rope(const array& x, int32_t dims, bool traditional, float base, float scale,
               int32_t offset) {

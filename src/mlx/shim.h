@@ -83,6 +83,12 @@ ArrayPtr rope(const array& x, int32_t dims, bool traditional, float base, float 
 ArrayPtr head_norm_rope(const array& x, const array& weight, float eps, int32_t dims, float base,
                         float scale);
 ArrayPtr gated_activation(const array& gate, const array& up, Activation act);
+std::unique_ptr<ArrayList> qkv_heads(const array& qkv, const array& qw, const array& kw, float eps,
+                                     int32_t b, int32_t l, int32_t heads, int32_t kv_heads,
+                                     int32_t head_dim, int32_t dims, float base, float scale);
+ArrayPtr gated_halves(const array& gu, Activation act);
+std::unique_ptr<ArrayList> residual_rms_norm(const array& x, const array& y, const ArrayList& post,
+                                             float post_eps, const array& w, float eps, Dtype out);
 ArrayPtr scaled_dot_product_attention(const array& q, const array& k, const array& v, float scale,
                                       const array& mask);
 ArrayPtr quantized_matmul(const array& x, const array& w, const array& scales, const array& biases,

@@ -17,10 +17,14 @@ pub struct AttentionShape {
     pub bias: bool,
 }
 
+/// The q, k and v projections: three matmuls, or one whose output holds the three side by side.
+enum Qkv {
+    Separate { q: Linear, k: Linear, v: Linear },
+    Fused(Linear),
+}
+
 pub struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    qkv: Qkv,
     o_proj: Linear,
     q_norm: RmsNorm,
     k_norm: RmsNorm,
@@ -44,10 +48,15 @@ impl Attention {
     ) -> Result<Attention> {
         let q_dim = s.heads * s.head_dim;
         let kv_dim = s.kv_heads * s.head_dim;
+        let q = w.linear(&format!("{prefix}.q_proj"), s.hidden, q_dim, s.bias)?;
+        let k = w.linear(&format!("{prefix}.k_proj"), s.hidden, kv_dim, s.bias)?;
+        let v = w.linear(&format!("{prefix}.v_proj"), s.hidden, kv_dim, s.bias)?;
+        let fused = if w.fuses_projections() { Linear::fuse(&[&q, &k, &v])? } else { None };
         Ok(Attention {
-            q_proj: w.linear(&format!("{prefix}.q_proj"), s.hidden, q_dim, s.bias)?,
-            k_proj: w.linear(&format!("{prefix}.k_proj"), s.hidden, kv_dim, s.bias)?,
-            v_proj: w.linear(&format!("{prefix}.v_proj"), s.hidden, kv_dim, s.bias)?,
+            qkv: match fused {
+                Some(f) => Qkv::Fused(f),
+                None => Qkv::Separate { q, k, v },
+            },
             o_proj: w.linear(&format!("{prefix}.o_proj"), q_dim, s.hidden, s.bias)?,
             q_norm: norm(w, &format!("{prefix}.q_norm"), s.head_dim)?,
             k_norm: norm(w, &format!("{prefix}.k_norm"), s.head_dim)?,
@@ -63,13 +72,23 @@ impl Attention {
     pub fn forward(&self, x: &Array, (b, l): (i32, i32), mask: &Array) -> Result<Array> {
         let s = self.shape;
         // 1. Project, split heads: [B·L, H·D] → [B, L, H, D].
-        let split = |proj: &Linear, n: i32| proj.forward(x)?.reshape(&[b, l, n, s.head_dim]);
         // 2. q and k: norm each head, rotary positions 0..L (batches are right-padded, so every
         //    row starts at 0) → [B, H, L, D]; v → [B, H, L, D].
-        let rotate = |t: Array, norm: &RmsNorm| norm.forward_rope(&t, s.head_dim, self.rope_base, self.rope_scale);
-        let q = rotate(split(&self.q_proj, s.heads)?, &self.q_norm)?;
-        let k = rotate(split(&self.k_proj, s.kv_heads)?, &self.k_norm)?;
-        let v = split(&self.v_proj, s.kv_heads)?.transpose(&[0, 2, 1, 3])?;
+        let (q, k, v) = match &self.qkv {
+            Qkv::Fused(proj) => proj.forward(x)?.qkv_heads(
+                &self.q_norm.weight, &self.k_norm.weight, self.q_norm.eps, (b, l), (s.heads, s.kv_heads, s.head_dim),
+                s.head_dim, self.rope_base, self.rope_scale,
+            )?,
+            Qkv::Separate { q, k, v } => {
+                let split = |proj: &Linear, n: i32| proj.forward(x)?.reshape(&[b, l, n, s.head_dim]);
+                let rotate = |t: Array, norm: &RmsNorm| norm.forward_rope(&t, s.head_dim, self.rope_base, self.rope_scale);
+                (
+                    rotate(split(q, s.heads)?, &self.q_norm)?,
+                    rotate(split(k, s.kv_heads)?, &self.k_norm)?,
+                    split(v, s.kv_heads)?.transpose(&[0, 2, 1, 3])?,
+                )
+            }
+        };
         // 3. Attention [B, H, L, D] (grouped KV heads broadcast), merge heads → [B·L, H·D].
         let a = Array::attention(&q, &k, &v, self.scale, mask)?;
         let a = a.transpose(&[0, 2, 1, 3])?.reshape(&[b * l, s.heads * s.head_dim])?;
@@ -77,26 +96,39 @@ impl Attention {
     }
 }
 
+/// The gate and up projections: two matmuls, or one whose output holds both side by side.
+enum GateUp {
+    Separate { gate: Linear, up: Linear },
+    Fused(Linear),
+}
+
 /// `down(act(gate(x)) · up(x))`.
 pub struct GatedMlp {
-    gate: Linear,
-    up: Linear,
+    gate_up: GateUp,
     down: Linear,
     act: Activation,
 }
 
 impl GatedMlp {
     pub fn load(w: &mut Weights, prefix: &str, hidden: i32, inter: i32, act: Activation) -> Result<GatedMlp> {
+        let gate = w.linear(&format!("{prefix}.gate_proj"), hidden, inter, false)?;
+        let up = w.linear(&format!("{prefix}.up_proj"), hidden, inter, false)?;
+        let fused = if w.fuses_projections() { Linear::fuse(&[&gate, &up])? } else { None };
         Ok(GatedMlp {
-            gate: w.linear(&format!("{prefix}.gate_proj"), hidden, inter, false)?,
-            up: w.linear(&format!("{prefix}.up_proj"), hidden, inter, false)?,
+            gate_up: match fused {
+                Some(f) => GateUp::Fused(f),
+                None => GateUp::Separate { gate, up },
+            },
             down: w.linear(&format!("{prefix}.down_proj"), inter, hidden, false)?,
             act,
         })
     }
 
     pub fn forward(&self, x: &Array) -> Result<Array> {
-        let g = self.gate.forward(x)?.gated(&self.up.forward(x)?, self.act)?;
+        let g = match &self.gate_up {
+            GateUp::Fused(proj) => proj.forward(x)?.gated_halves(self.act)?,
+            GateUp::Separate { gate, up } => gate.forward(x)?.gated(&up.forward(x)?, self.act)?,
+        };
         Ok(self.down.forward(&g)?)
     }
 }

@@ -192,13 +192,18 @@ impl Encoder for Gemma3 {
         // 1. Scaled embeddings: [B, L] → [B·L, hidden] (token rows; matmuls take them as they
         //    are); the residual stream is kept in f32.
         let mut x = self.embed.forward(&ids.reshape(&[b * l])?)?.multiply(&self.embed_scale)?.astype(Dtype::Float32)?;
-        // 2. Sandwich-norm blocks.
-        for layer in &self.layers {
+        // 2. Sandwich-norm blocks: x += post_norm(block(pre_norm(x))); each residual add done
+        //    with the norm that follows it.
+        let mut h = self.layers[0].input_norm.forward(&x)?;
+        for (i, layer) in self.layers.iter().enumerate() {
             let mask = if layer.sliding { local } else { full };
-            let a = layer.attn.forward(&layer.input_norm.forward(&x)?, (b, l), mask)?;
-            x = x.add(&layer.post_attn_norm.forward(&a)?)?;
-            let m = layer.mlp.forward(&layer.pre_ff_norm.forward(&x)?)?;
-            x = x.add(&layer.post_ff_norm.forward(&m)?)?;
+            let a = layer.attn.forward(&h, (b, l), mask)?;
+            (x, h) = layer.pre_ff_norm.residual(&x, &a, Some(&layer.post_attn_norm))?;
+            let m = layer.mlp.forward(&h)?;
+            match self.layers.get(i + 1) {
+                Some(next) => (x, h) = next.input_norm.residual(&x, &m, Some(&layer.post_ff_norm))?,
+                None => x = x.add(&layer.post_ff_norm.forward(&m)?)?,
+            }
         }
         // 3. Final norm, in f32 for pooling: [B, L, hidden].
         Ok(self.norm.forward_f32(&x)?.reshape(&[b, l, self.config.hidden_size])?)

@@ -45,6 +45,82 @@ impl Linear {
     }
 }
 
+impl Linear {
+    fn bias(&self) -> Option<&Array> {
+        match self {
+            Linear::Dense { bias, .. } | Linear::Quantized { bias, .. } => bias.as_ref(),
+        }
+    }
+
+    /// One layer computing the outputs of `parts` side by side (`[…, Σ out]`), evaluated; `None`
+    /// when they cannot be fused (dense and quantized mixed, other quantizations, bias on some).
+    pub fn fuse(parts: &[&Linear]) -> Result<Option<Linear>> {
+        let Some(first) = parts.first() else { return Ok(None) };
+        let with_bias = parts.iter().filter(|p| p.bias().is_some()).count();
+        if with_bias != 0 && with_bias != parts.len() {
+            return Ok(None);
+        }
+        let bias = match with_bias {
+            0 => None,
+            _ => Some(concat(&parts.iter().map(|p| p.bias().expect("counted")).collect::<Vec<_>>(), 0)?),
+        };
+        let fused = match first {
+            Linear::Dense { .. } => {
+                let mut rows = Vec::with_capacity(parts.len());
+                for p in parts {
+                    match p {
+                        // `wt` is a transposed view of the stored [out, in] rows.
+                        Linear::Dense { wt, .. } => rows.push(wt.transpose(&[1, 0])?),
+                        Linear::Quantized { .. } => return Ok(None),
+                    }
+                }
+                let w = concat(&rows.iter().collect::<Vec<_>>(), 0)?;
+                w.eval()?;
+                Linear::Dense { wt: w.transpose(&[1, 0])?, bias }
+            }
+            Linear::Quantized { q: q0, .. } => {
+                let mut qs = Vec::with_capacity(parts.len());
+                for p in parts {
+                    match p {
+                        Linear::Quantized { q, .. } if (q.group_size, q.bits, q.out) == (q0.group_size, q0.bits, q0.out)
+                            && q.scales.dtype()? == q0.scales.dtype()? => qs.push(q),
+                        _ => return Ok(None),
+                    }
+                }
+                let cat = |f: fn(&QuantizedWeight) -> &Array| concat(&qs.iter().map(|q| f(q)).collect::<Vec<_>>(), 0);
+                let q = QuantizedWeight {
+                    w: cat(|q| &q.w)?, scales: cat(|q| &q.scales)?, biases: cat(|q| &q.biases)?,
+                    group_size: q0.group_size, bits: q0.bits, out: q0.out,
+                };
+                Linear::Quantized { q, bias }
+            }
+        };
+        fused.eval()?;
+        Ok(Some(fused))
+    }
+
+    fn eval(&self) -> Result<()> {
+        match self {
+            Linear::Dense { wt, .. } => wt.eval()?,
+            Linear::Quantized { q, .. } => {
+                for a in [&q.w, &q.scales, &q.biases] {
+                    a.eval()?;
+                }
+            }
+        }
+        match self.bias() {
+            Some(b) => b.eval(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// `arrays` joined along `axis`.
+fn concat(arrays: &[&Array], axis: i32) -> Result<Array> {
+    let (first, rest) = arrays.split_first().expect("at least one array");
+    rest.iter().try_fold((*first).clone(), |acc, a| acc.concatenate(a, axis))
+}
+
 pub enum Embedding {
     Dense(Array),
     Quantized(QuantizedWeight),
@@ -103,6 +179,14 @@ impl RmsNorm {
         let w = if x.dtype()? == Dtype::Float32 { &self.weight_f32 } else { &self.weight };
         let y = norm(x, w)?;
         if y.dtype()? == dt { Ok(y) } else { y.astype(dt) }
+    }
+
+    /// `x + post(y)`, the residual stream `x` (f32) plus a block's output `y` (normed by `post`
+    /// first, as Gemma's sandwich norms do), and this norm of that sum in the compute dtype: one
+    /// fused kernel on a CUDA device, the same operations as `add` and `forward` elsewhere.
+    pub fn residual(&self, x: &Array, y: &Array, post: Option<&RmsNorm>) -> Result<(Array, Array)> {
+        let w = if x.dtype()? == Dtype::Float32 { &self.weight_f32 } else { &self.weight };
+        x.residual_rms_norm(y, post.map(|p| (&p.weight, p.eps)), w, self.eps, self.weight.dtype()?)
     }
 
     /// The norm in f32 whatever the compute dtype (the final norm, before pooling).

@@ -116,10 +116,17 @@ impl Encoder for Qwen3 {
         // 1. Embed: [B, L] → [B·L, hidden] (token rows; matmuls take them as they are); the
         //    residual stream is kept in f32.
         let mut x = self.embed.forward(&ids.reshape(&[b * l])?)?.astype(Dtype::Float32)?;
-        // 2. Pre-norm blocks: x += attn(norm(x)); x += mlp(norm(x)).
-        for layer in &self.layers {
-            x = x.add(&layer.attn.forward(&layer.input_norm.forward(&x)?, (b, l), mask)?)?;
-            x = x.add(&layer.mlp.forward(&layer.post_norm.forward(&x)?)?)?;
+        // 2. Pre-norm blocks: x += attn(norm(x)); x += mlp(norm(x)); each residual add done with
+        //    the norm that follows it.
+        let mut h = self.layers[0].input_norm.forward(&x)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let a = layer.attn.forward(&h, (b, l), mask)?;
+            (x, h) = layer.post_norm.residual(&x, &a, None)?;
+            let m = layer.mlp.forward(&h)?;
+            match self.layers.get(i + 1) {
+                Some(next) => (x, h) = next.input_norm.residual(&x, &m, None)?,
+                None => x = x.add(&m)?,
+            }
         }
         // 3. Final norm, in f32 for pooling: [B, L, hidden].
         Ok(self.norm.forward_f32(&x)?.reshape(&[b, l, self.config.hidden_size])?)

@@ -141,6 +141,12 @@ impl Weights {
         Ok(())
     }
 
+    /// Whether projections that read the same input are fused into one matmul (q/k/v, gate/up):
+    /// on a GPU, where a small batch's time is MLX's host work per operation.
+    pub fn fuses_projections(&self) -> bool {
+        self.gpu
+    }
+
     pub fn compute_dtype(&self) -> Dtype {
         self.compute
     }

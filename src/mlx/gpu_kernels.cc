@@ -1,0 +1,243 @@
+// Fused CUDA kernels: see gpu_kernels.h. Each kernel's source is a function body for
+// `fast::cuda_kernel`; sizes fixed per model are template arguments, per-batch sizes come from
+// the inputs' shapes, and floats fixed per model (epsilons, RoPE base and scale) are written into
+// the source as exact bit patterns. MLX compiles each distinct source once.
+#include "mlx-embed/src/mlx/gpu_kernels.h"
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <string>
+
+#include "mlx/backend/cuda/cuda.h"
+#include "mlx/fast.h"
+#include "mlx/ops.h"
+
+namespace mlx_embed::gpu_kernels {
+
+namespace mx = mlx::core;
+
+namespace {
+
+// Helpers shared by the kernels' sources.
+constexpr const char* kHeader = R"(
+__device__ inline float warp_sum(float v) {
+  for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+// The sum of v over the block (blockDim.x a multiple of 32); every thread gets it.
+__device__ inline float block_sum(float v, float* scratch) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  v = warp_sum(v);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float total = 0.f;
+  for (int i = 0; i < (int)(blockDim.x / 32); ++i) total += scratch[i];
+  return total;
+}
+)";
+
+// `v` as a CUDA expression with exactly its bits.
+std::string literal(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  char buf[48];
+  std::snprintf(buf, sizeof buf, "__int_as_float((int)0x%08xu)", bits);
+  return buf;
+}
+
+bool is_float(mx::Dtype d) { return d == mx::float32 || d == mx::bfloat16 || d == mx::float16; }
+
+std::string replace_all(std::string s, const std::string& from, const std::string& to) {
+  for (size_t at = s.find(from); at != std::string::npos; at = s.find(from, at + to.size())) {
+    s.replace(at, from.size(), to);
+  }
+  return s;
+}
+
+// One warp per (token, head slot): lane j holds features j, j + 32, …; RoPE pairs feature e with
+// e + HALF, in the same lane since HALF is a multiple of 32.
+constexpr const char* kQkvHeads = R"(
+  constexpr int S = H + 2 * HKV;
+  constexpr int PER = D / 32;
+  const int L = qkv_shape[1];
+  const long slots = (long)qkv_shape[0] * L * S;
+  const long warp = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (warp >= slots) return;
+  const int s = (int)(warp % S);
+  const long t = warp / S;
+  const int p = (int)(t % L);
+  const long b = t / L;
+  const T* src = qkv + t * (long)(S * D) + (long)s * D;
+  if (s >= H + HKV) {
+    T* dst = v + ((b * HKV + (s - H - HKV)) * L + p) * D;
+    for (int j = 0; j < PER; ++j) dst[lane + 32 * j] = src[lane + 32 * j];
+    return;
+  }
+  T* dst = s < H ? q + ((b * H + s) * L + p) * D : k + ((b * HKV + (s - H)) * L + p) * D;
+  const T* w = s < H ? qw : kw;
+  float x[PER];
+  float ss = 0.f;
+  for (int j = 0; j < PER; ++j) {
+    x[j] = static_cast<float>(src[lane + 32 * j]);
+    ss += x[j] * x[j];
+  }
+  ss = warp_sum(ss);
+  const float r = rsqrtf(ss / D + EPS);
+  for (int j = 0; j < PER; ++j) {
+    const T n = static_cast<T>(x[j] * r);
+    x[j] = static_cast<float>(static_cast<T>(static_cast<float>(w[lane + 32 * j]) * static_cast<float>(n)));
+  }
+  const float pos = SCALE * static_cast<float>(p);
+  for (int j = 0; j < PER; ++j) {
+    const int e = lane + 32 * j;
+    float y = x[j];
+    if (e < HALF) {
+      const float inv = exp2f(-(static_cast<float>(e) / static_cast<float>(HALF)) * LOG2BASE);
+      const float theta = pos * inv;
+      y = x[j] * cosf(theta) - x[j + HALF / 32] * sinf(theta);
+    } else if (e < 2 * HALF) {
+      const float inv = exp2f(-(static_cast<float>(e - HALF) / static_cast<float>(HALF)) * LOG2BASE);
+      const float theta = pos * inv;
+      y = x[j - HALF / 32] * sinf(theta) + x[j] * cosf(theta);
+    }
+    dst[e] = static_cast<T>(y);
+  }
+)";
+
+constexpr const char* kGated = R"(
+  const long n = (long)gu_shape[0] * I;
+  const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= n) return;
+  const long t = idx / I;
+  const long i = idx % I;
+  const float g = static_cast<float>(gu[t * 2 * I + i]);
+  const float u = static_cast<float>(gu[t * 2 * I + I + i]);
+  float a;
+  if (GELU) {
+    a = 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
+  } else {
+    a = g / (1.0f + expf(-g));
+  }
+  out[idx] = static_cast<T>(static_cast<float>(static_cast<T>(a)) * u);
+)";
+
+// One block of 256 threads per row; thread i holds features i, i + 256, ….
+constexpr const char* kResidualNorm = R"(
+  __shared__ float scratch[32];
+  constexpr int PER = (E + 255) / 256;
+  const long row = blockIdx.x;
+  const int tid = threadIdx.x;
+  const float* xr = x + row * E;
+  const T* yr = y + row * E;
+  float add[PER];
+  float ss = 0.f;
+  for (int j = 0; j < PER; ++j) {
+    const int e = tid + 256 * j;
+    add[j] = e < E ? static_cast<float>(yr[e]) : 0.f;
+    ss += add[j] * add[j];
+  }
+  if (POST) {
+    ss = block_sum(ss, scratch);
+    const float r = rsqrtf(ss / E + POST_EPS);
+    for (int j = 0; j < PER; ++j) {
+      const int e = tid + 256 * j;
+      if (e < E) {
+        const T n = static_cast<T>(add[j] * r);
+        add[j] = static_cast<float>(static_cast<T>(static_cast<float>(POST_W[e]) * static_cast<float>(n)));
+      }
+    }
+  }
+  float s[PER];
+  float ss2 = 0.f;
+  for (int j = 0; j < PER; ++j) {
+    const int e = tid + 256 * j;
+    s[j] = e < E ? xr[e] + add[j] : 0.f;
+    ss2 += s[j] * s[j];
+  }
+  ss2 = block_sum(ss2, scratch);
+  const float r2 = rsqrtf(ss2 / E + EPS);
+  for (int j = 0; j < PER; ++j) {
+    const int e = tid + 256 * j;
+    if (e < E) {
+      xo[row * E + e] = s[j];
+      h[row * E + e] = static_cast<U>(w[e] * (s[j] * r2));
+    }
+  }
+)";
+
+}  // namespace
+
+bool available() {
+  return mx::default_device() == mx::Device::gpu && mx::cu::is_available();
+}
+
+std::optional<std::vector<mx::array>> qkv_heads(const mx::array& qkv, const mx::array& qw,
+                                                const mx::array& kw, float eps, int b, int l,
+                                                int heads, int kv_heads, int head_dim, int dims,
+                                                float base, float scale) {
+  const int slots = heads + 2 * kv_heads;
+  const int half = dims / 2;
+  const auto dt = qkv.dtype();
+  const bool fits = available() && is_float(dt) && qw.dtype() == dt && kw.dtype() == dt &&
+                    qkv.ndim() == 2 && qkv.shape(0) == b * l && qkv.shape(1) == slots * head_dim &&
+                    qw.size() == (size_t)head_dim && kw.size() == (size_t)head_dim &&
+                    head_dim % 32 == 0 && head_dim <= 512 && dims % 2 == 0 && dims <= head_dim &&
+                    half % 32 == 0 && b > 0 && l > 0;
+  const long threads = (long)b * l * slots * 32;
+  if (!fits || threads > 0x7fffffffL) return std::nullopt;
+  std::string src = replace_all(kQkvHeads, "EPS", literal(eps));
+  src = replace_all(src, "LOG2BASE", literal(std::log2(base)));
+  src = replace_all(src, "SCALE", literal(scale));
+  auto kernel = mx::fast::cuda_kernel("mlx_embed_qkv_heads", {"qkv", "qw", "kw"}, {"q", "k", "v"},
+                                      src, kHeader);
+  auto rows = mx::reshape(qkv, {b, l, slots * head_dim});
+  return kernel({rows, qw, kw},
+                {{b, heads, l, head_dim}, {b, kv_heads, l, head_dim}, {b, kv_heads, l, head_dim}},
+                {dt, dt, dt}, {(int)threads, 1, 1}, {128, 1, 1},
+                {{"T", dt}, {"H", heads}, {"HKV", kv_heads}, {"D", head_dim}, {"HALF", half}},
+                std::nullopt, false, {});
+}
+
+std::optional<mx::array> gated_halves(const mx::array& gu, Act act) {
+  const auto dt = gu.dtype();
+  if (!available() || !is_float(dt) || gu.ndim() != 2 || gu.shape(1) % 2 != 0) return std::nullopt;
+  const int n = gu.shape(0), inter = gu.shape(1) / 2;
+  const long threads = (long)n * inter;
+  if (threads == 0 || threads > 0x7fffffffL) return std::nullopt;
+  auto kernel = mx::fast::cuda_kernel("mlx_embed_gated", {"gu"}, {"out"}, kGated, kHeader);
+  return kernel({gu}, {{n, inter}}, {dt}, {(int)threads, 1, 1}, {256, 1, 1},
+                {{"T", dt}, {"I", inter}, {"GELU", act == Act::GeluTanh}}, std::nullopt, false,
+                {})[0];
+}
+
+std::optional<std::vector<mx::array>> residual_rms_norm(const mx::array& x, const mx::array& y,
+                                                        const mx::array* post, float post_eps,
+                                                        const mx::array& w, float eps,
+                                                        mx::Dtype out) {
+  const auto dt = y.dtype();
+  const bool fits = available() && x.dtype() == mx::float32 && is_float(dt) && is_float(out) &&
+                    w.dtype() == mx::float32 && x.ndim() == 2 && x.shape() == y.shape() &&
+                    w.size() == (size_t)x.shape(1) && x.shape(1) <= 16384 &&
+                    (!post || (post->dtype() == dt && post->size() == w.size()));
+  if (!fits || x.shape(0) == 0 || (long)x.shape(0) * 256 > 0x7fffffffL) return std::nullopt;
+  const int n = x.shape(0), e = x.shape(1);
+  std::string src = replace_all(kResidualNorm, "POST_EPS", literal(post_eps));
+  src = replace_all(src, "EPS", literal(eps));
+  src = replace_all(src, "POST_W", post ? "pw" : "w");
+  std::vector<std::string> names{"x", "y", "w"};
+  std::vector<mx::array> inputs{x, y, w};
+  if (post) {
+    names.push_back("pw");
+    inputs.push_back(*post);
+  }
+  auto kernel = mx::fast::cuda_kernel(post ? "mlx_embed_residual_post_norm" : "mlx_embed_residual_norm",
+                                      names, {"xo", "h"}, src, kHeader);
+  return kernel(inputs, {{n, e}, {n, e}}, {mx::float32, out}, {n * 256, 1, 1}, {256, 1, 1},
+                {{"T", dt}, {"U", out}, {"E", e}, {"POST", post != nullptr}}, std::nullopt, false,
+                {});
+}
+
+}  // namespace mlx_embed::gpu_kernels

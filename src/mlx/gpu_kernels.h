@@ -1,0 +1,51 @@
+// Fused CUDA kernels for the small-batch forward pass, built with MLX's custom kernels
+// (`fast::cuda_kernel`, compiled by NVRTC at first use and cached like MLX's own).
+//
+// A short query's forward pass on a GPU is bound by MLX's host work per operation (≈ 4–5 µs for
+// an elementwise operation, ≈ 10 µs for a matmul, ≈ 25 µs for attention, measured on an H100),
+// not by the device. These kernels each replace several MLX operations of a layer: the per-head
+// norms, rotary embedding and head split of a fused q/k/v projection; the activation of a fused
+// gate/up projection; the residual add with the next norm. Where they do not apply (no CUDA
+// device, an unsupported shape or dtype) the shim builds the same function from MLX operations.
+#pragma once
+
+#include <optional>
+#include <vector>
+
+#include "mlx/array.h"
+
+namespace mlx_embed::gpu_kernels {
+
+enum class Act : uint8_t { Silu, GeluTanh };
+
+// Whether arrays built now run on a CUDA device (the default device is a GPU and MLX's backend
+// is CUDA).
+bool available();
+
+// The q, k and v heads of a fused projection `qkv` [B·L, (H + 2·Hkv)·D] (q heads, then k, then v),
+// as [B, H, L, D], [B, Hkv, L, D], [B, Hkv, L, D]: q and k heads RMS-normed (weights `qw`, `kw`
+// of [D]) then rotated (rotate-half, the first `dims` features, positions 0..L times `scale`,
+// frequencies 1 / base^(2i/dims)); v as it is. Rounding follows the unfused operations: the
+// norm's output is rounded to the compute dtype before the rotation. `std::nullopt` where the
+// kernel does not apply.
+std::optional<std::vector<mlx::core::array>> qkv_heads(const mlx::core::array& qkv,
+                                                       const mlx::core::array& qw,
+                                                       const mlx::core::array& kw, float eps,
+                                                       int b, int l, int heads, int kv_heads,
+                                                       int head_dim, int dims, float base,
+                                                       float scale);
+
+// act(gate) · up for a fused projection `gu` [N, 2·I] (gate columns first): [N, I]. The
+// activation is computed in f32 and rounded to the compute dtype before the product, as the
+// reference implementation's activation function returns it.
+std::optional<mlx::core::array> gated_halves(const mlx::core::array& gu, Act act);
+
+// The residual stream `x` (f32, [N, E]) plus a block's output `y` ([N, E], compute dtype), the
+// latter first RMS-normed by `post` (weight [E] in y's dtype, epsilon `post_eps`) when given;
+// returns the new stream (f32) and its RMSNorm by `w` (f32 [E], epsilon `eps`) rounded to
+// `out`.
+std::optional<std::vector<mlx::core::array>> residual_rms_norm(
+    const mlx::core::array& x, const mlx::core::array& y, const mlx::core::array* post,
+    float post_eps, const mlx::core::array& w, float eps, mlx::core::Dtype out);
+
+}  // namespace mlx_embed::gpu_kernels

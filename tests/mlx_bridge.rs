@@ -196,9 +196,16 @@ fn head_norm_rope_matches_norm_then_rotary_embedding() {
 #[test]
 fn grouped_attention_with_an_additive_mask_matches_its_definition() {
     let _g = mlx_lock();
-    // 6 query heads over 2 key heads, rows of 13 and 9 real tokens padded to 13, causal.
-    let (b, h, hkv, l, d) = (2usize, 6usize, 2usize, 13usize, 16usize);
-    let lengths = [13usize, 9];
+    // 6 query heads over 2 key heads, rows of 13 and 9 real tokens padded to 13, causal; then
+    // head sizes of the models (64 to 256 features, which small batches on a CUDA device take
+    // through the fused kernel), and a batch larger than that kernel takes.
+    for (h, hkv, l, d) in [(6usize, 2usize, 13usize, 16usize), (4, 2, 21, 64), (3, 1, 9, 256), (16, 8, 70, 32)] {
+        grouped_attention_case((h, hkv, l, d), [l, l * 2 / 3]);
+    }
+}
+
+fn grouped_attention_case((h, hkv, l, d): (usize, usize, usize, usize), lengths: [usize; 2]) {
+    let b = 2usize;
     let q = values(b * h * l * d, 7, -2.0, 2.0);
     let k = values(b * hkv * l * d, 8, -2.0, 2.0);
     let v = values(b * hkv * l * d, 9, -2.0, 2.0);
@@ -239,12 +246,16 @@ fn grouped_attention_with_an_additive_mask_matches_its_definition() {
         }
     }
     let arr = |x: &[f32], s: &[usize]| Array::from_f32(x, &s.iter().map(|&n| n as i32).collect::<Vec<_>>()).unwrap();
-    let got = Array::attention(
-        &arr(&q, &[b, h, l, d]), &arr(&k, &[b, hkv, l, d]), &arr(&v, &[b, hkv, l, d]), scale as f32, &arr(&mask, &[b, 1, l, l]),
-    ).unwrap();
+    let (qa, ka, va, ma) = (arr(&q, &[b, h, l, d]), arr(&k, &[b, hkv, l, d]), arr(&v, &[b, hkv, l, d]), arr(&mask, &[b, 1, l, l]));
+    let got = Array::attention(&qa, &ka, &va, scale as f32, &ma).unwrap();
     assert_eq!(got.shape(), vec![b as i32, h as i32, l as i32, d as i32]);
     let err = worst(&got.to_f32_vec().unwrap(), &want, 1.0);
-    assert!(err < 1e-5, "{err}");
+    assert!(err < 1e-5, "{h}x{l}x{d}: {err}");
+    // bf16 inputs (the mask too, as the models pass it): the same function at bf16 precision.
+    let bf = |a: &Array| a.astype(Dtype::Bfloat16).unwrap();
+    let got16 = Array::attention(&bf(&qa), &bf(&ka), &bf(&va), scale as f32, &bf(&ma)).unwrap();
+    let err16 = worst(&got16.astype(Dtype::Float32).unwrap().to_f32_vec().unwrap(), &want, 1.0);
+    assert!(err16 < 3e-2, "bf16 {h}x{l}x{d}: {err16}");
 }
 
 /// `[B·L, (H + 2·Hkv)·D]` rows → the q, k and v parts as `[B, L, n, D]` host arrays.

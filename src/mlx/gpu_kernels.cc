@@ -7,7 +7,9 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <mutex>
 #include <string>
+#include <unordered_map>
 
 #include "mlx/backend/cuda/cuda.h"
 #include "mlx/fast.h"
@@ -48,6 +50,24 @@ std::string literal(float v) {
 }
 
 bool is_float(mx::Dtype d) { return d == mx::float32 || d == mx::bfloat16 || d == mx::float16; }
+
+// The kernel function for `key` (its name and every value written into its source), made by
+// `make` on first use: building a custom kernel's source costs host time at every call otherwise.
+template <typename Make>
+const mx::fast::CustomKernelFunction& cached(const std::string& key, Make make) {
+  static std::mutex mutex;
+  static std::unordered_map<std::string, mx::fast::CustomKernelFunction> kernels;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = kernels.find(key);
+  if (it == kernels.end()) it = kernels.emplace(key, make()).first;
+  return it->second;  // entries are never removed, and unordered_map nodes do not move
+}
+
+std::string bits_of(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  return std::to_string(bits);
+}
 
 std::string replace_all(std::string s, const std::string& from, const std::string& to) {
   for (size_t at = s.find(from); at != std::string::npos; at = s.find(from, at + to.size())) {
@@ -168,6 +188,47 @@ constexpr const char* kResidualNorm = R"(
   }
 )";
 
+// One warp per query row, its keys in order with a running (online) softmax in f32; lane j
+// holds features j, j + 32, ….
+constexpr const char* kAttention = R"(
+  constexpr int PER = D / 32;
+  const int L = q_shape[2];
+  const long rows = (long)q_shape[0] * H * L;
+  const long warp = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (warp >= rows) return;
+  const int i = (int)(warp % L);
+  const long bh = warp / L;
+  const long b = bh / H;
+  const long g = b * HKV + (bh % H) / (H / HKV);
+  const T* qr = q + warp * D;
+  const T* kb = k + g * L * D;
+  const T* vb = v + g * L * D;
+  const M* mr = mask + (b * L + i) * L;
+  float qv[PER], acc[PER];
+  for (int j = 0; j < PER; ++j) {
+    qv[j] = static_cast<float>(qr[lane + 32 * j]);
+    acc[j] = 0.f;
+  }
+  float m = -INFINITY, total = 0.f;
+  for (int key = 0; key < L; ++key) {
+    const T* kr = kb + (long)key * D;
+    float dot = 0.f;
+    for (int j = 0; j < PER; ++j) dot += qv[j] * static_cast<float>(kr[lane + 32 * j]);
+    const float score = warp_sum(dot) * SCALE + static_cast<float>(mr[key]);
+    if (score == -INFINITY) continue;
+    const float top = fmaxf(m, score);
+    const float shrink = expf(m - top);
+    const float p = expf(score - top);
+    total = total * shrink + p;
+    const T* vr = vb + (long)key * D;
+    for (int j = 0; j < PER; ++j) acc[j] = acc[j] * shrink + p * static_cast<float>(vr[lane + 32 * j]);
+    m = top;
+  }
+  T* o = out + warp * D;
+  for (int j = 0; j < PER; ++j) o[lane + 32 * j] = static_cast<T>(acc[j] / total);
+)";
+
 }  // namespace
 
 bool available() {
@@ -188,11 +249,13 @@ std::optional<std::vector<mx::array>> qkv_heads(const mx::array& qkv, const mx::
                     half % 32 == 0 && b > 0 && l > 0;
   const long threads = (long)b * l * slots * 32;
   if (!fits || threads > 0x7fffffffL) return std::nullopt;
-  std::string src = replace_all(kQkvHeads, "EPS", literal(eps));
-  src = replace_all(src, "LOG2BASE", literal(std::log2(base)));
-  src = replace_all(src, "SCALE", literal(scale));
-  auto kernel = mx::fast::cuda_kernel("mlx_embed_qkv_heads", {"qkv", "qw", "kw"}, {"q", "k", "v"},
-                                      src, kHeader);
+  const auto& kernel = cached("qkv " + bits_of(eps) + " " + bits_of(base) + " " + bits_of(scale), [&] {
+    std::string src = replace_all(kQkvHeads, "EPS", literal(eps));
+    src = replace_all(src, "LOG2BASE", literal(std::log2(base)));
+    src = replace_all(src, "SCALE", literal(scale));
+    return mx::fast::cuda_kernel("mlx_embed_qkv_heads", {"qkv", "qw", "kw"}, {"q", "k", "v"}, src,
+                                 kHeader);
+  });
   auto rows = mx::reshape(qkv, {b, l, slots * head_dim});
   return kernel({rows, qw, kw},
                 {{b, heads, l, head_dim}, {b, kv_heads, l, head_dim}, {b, kv_heads, l, head_dim}},
@@ -207,7 +270,9 @@ std::optional<mx::array> gated_halves(const mx::array& gu, Act act) {
   const int n = gu.shape(0), inter = gu.shape(1) / 2;
   const long threads = (long)n * inter;
   if (threads == 0 || threads > 0x7fffffffL) return std::nullopt;
-  auto kernel = mx::fast::cuda_kernel("mlx_embed_gated", {"gu"}, {"out"}, kGated, kHeader);
+  const auto& kernel = cached("gated", [] {
+    return mx::fast::cuda_kernel("mlx_embed_gated", {"gu"}, {"out"}, kGated, kHeader);
+  });
   return kernel({gu}, {{n, inter}}, {dt}, {(int)threads, 1, 1}, {256, 1, 1},
                 {{"T", dt}, {"I", inter}, {"GELU", act == Act::GeluTanh}}, std::nullopt, false,
                 {})[0];
@@ -224,20 +289,44 @@ std::optional<std::vector<mx::array>> residual_rms_norm(const mx::array& x, cons
                     (!post || (post->dtype() == dt && post->size() == w.size()));
   if (!fits || x.shape(0) == 0 || (long)x.shape(0) * 256 > 0x7fffffffL) return std::nullopt;
   const int n = x.shape(0), e = x.shape(1);
-  std::string src = replace_all(kResidualNorm, "POST_EPS", literal(post_eps));
-  src = replace_all(src, "EPS", literal(eps));
-  src = replace_all(src, "POST_W", post ? "pw" : "w");
-  std::vector<std::string> names{"x", "y", "w"};
+  const auto key = std::string(post ? "residual post " : "residual ") + bits_of(post_eps) + " " + bits_of(eps);
+  const auto& kernel = cached(key, [&] {
+    std::string src = replace_all(kResidualNorm, "POST_EPS", literal(post_eps));
+    src = replace_all(src, "EPS", literal(eps));
+    src = replace_all(src, "POST_W", post ? "pw" : "w");
+    std::vector<std::string> names{"x", "y", "w"};
+    if (post) names.push_back("pw");
+    return mx::fast::cuda_kernel(post ? "mlx_embed_residual_post_norm" : "mlx_embed_residual_norm",
+                                 names, {"xo", "h"}, src, kHeader);
+  });
   std::vector<mx::array> inputs{x, y, w};
-  if (post) {
-    names.push_back("pw");
-    inputs.push_back(*post);
-  }
-  auto kernel = mx::fast::cuda_kernel(post ? "mlx_embed_residual_post_norm" : "mlx_embed_residual_norm",
-                                      names, {"xo", "h"}, src, kHeader);
+  if (post) inputs.push_back(*post);
   return kernel(inputs, {{n, e}, {n, e}}, {mx::float32, out}, {n * 256, 1, 1}, {256, 1, 1},
                 {{"T", dt}, {"U", out}, {"E", e}, {"POST", post != nullptr}}, std::nullopt, false,
                 {});
+}
+
+std::optional<mx::array> attention(const mx::array& q, const mx::array& k, const mx::array& v,
+                                   float scale, const mx::array& mask) {
+  const auto dt = q.dtype();
+  if (!available() || !is_float(dt) || k.dtype() != dt || v.dtype() != dt || !is_float(mask.dtype()) ||
+      q.ndim() != 4 || k.ndim() != 4 || v.shape() != k.shape()) {
+    return std::nullopt;
+  }
+  const int b = q.shape(0), heads = q.shape(1), l = q.shape(2), d = q.shape(3);
+  const int kv_heads = k.shape(1);
+  const bool fits = l > 0 && (long)b * heads * l * l <= kMaxAttentionPairs && d % 32 == 0 && d <= 512 && kv_heads > 0 &&
+                    heads % kv_heads == 0 && k.shape(0) == b && k.shape(2) == l && k.shape(3) == d &&
+                    mask.shape() == mx::Shape{b, 1, l, l};
+  const long threads = (long)b * heads * l * 32;
+  if (!fits || threads > 0x7fffffffL) return std::nullopt;
+  const auto& kernel = cached("attention " + bits_of(scale), [&] {
+    return mx::fast::cuda_kernel("mlx_embed_attention", {"q", "k", "v", "mask"}, {"out"},
+                                 replace_all(kAttention, "SCALE", literal(scale)), kHeader);
+  });
+  return kernel({q, k, v, mask}, {q.shape()}, {dt}, {(int)threads, 1, 1}, {128, 1, 1},
+                {{"T", dt}, {"M", mask.dtype()}, {"D", d}, {"H", heads}, {"HKV", kv_heads}},
+                std::nullopt, false, {})[0];
 }
 
 }  // namespace mlx_embed::gpu_kernels

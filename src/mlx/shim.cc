@@ -232,6 +232,7 @@ ArrayPtr scaled_dot_product_attention(const array& q, const array& k, const arra
   if (cpu_kernels::applies({&q, &k, &v, &mask}) && cpu_kernels::attention_applies(q, k, v, mask)) {
     return own(cpu_kernels::attention(q, k, v, scale, mask));
   }
+  if (auto fused = gpu_kernels::attention(q, k, v, scale, mask)) return own(std::move(*fused));
   return own(mx::fast::scaled_dot_product_attention(q, k, v, scale, "", mask));
 }
 ArrayPtr quantized_matmul(const array& x, const array& w, const array& scales, const array& biases,

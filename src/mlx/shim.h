@@ -1,8 +1,9 @@
 // Forwarding shim between the cxx bridge (ffi.rs) and MLX's C++ API. No statics, no environment
 // reads: each function converts argument types and calls MLX; the only logic is a walk of the
 // pending graph (pending_ops), the lambda through which MLX's compile traces a Rust function, the
-// gated activations as MLX operations, and the choice of the fused CPU kernels (cpu_kernels.h)
-// where they apply.
+// choice of the fused CPU kernels (cpu_kernels.h) or CUDA kernels (gpu_kernels.h) where they
+// apply, and the same functions as MLX operations where they do not (gated activations, fused
+// q/k/v heads, residual add with the next norm).
 #pragma once
 
 #include <functional>

@@ -40,7 +40,7 @@ __device__ inline float block_sum(float v, float* scratch) {
 }
 )";
 
-// `v` as a CUDA expression with exactly its bits.
+// `v` as a CUDA expression with exactly its bits (also what kernel keys hold of a float).
 std::string literal(float v) {
   uint32_t bits;
   std::memcpy(&bits, &v, sizeof bits);
@@ -63,11 +63,6 @@ const mx::fast::CustomKernelFunction& cached(const std::string& key, Make make) 
   return it->second;  // entries are never removed, and unordered_map nodes do not move
 }
 
-std::string bits_of(float v) {
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof bits);
-  return std::to_string(bits);
-}
 
 std::string replace_all(std::string s, const std::string& from, const std::string& to) {
   for (size_t at = s.find(from); at != std::string::npos; at = s.find(from, at + to.size())) {
@@ -249,7 +244,7 @@ std::optional<std::vector<mx::array>> qkv_heads(const mx::array& qkv, const mx::
                     half % 32 == 0 && b > 0 && l > 0;
   const long threads = (long)b * l * slots * 32;
   if (!fits || threads > 0x7fffffffL) return std::nullopt;
-  const auto& kernel = cached("qkv " + bits_of(eps) + " " + bits_of(base) + " " + bits_of(scale), [&] {
+  const auto& kernel = cached("qkv " + literal(eps) + literal(base) + literal(scale), [&] {
     std::string src = replace_all(kQkvHeads, "EPS", literal(eps));
     src = replace_all(src, "LOG2BASE", literal(std::log2(base)));
     src = replace_all(src, "SCALE", literal(scale));
@@ -289,7 +284,7 @@ std::optional<std::vector<mx::array>> residual_rms_norm(const mx::array& x, cons
                     (!post || (post->dtype() == dt && post->size() == w.size()));
   if (!fits || x.shape(0) == 0 || (long)x.shape(0) * 256 > 0x7fffffffL) return std::nullopt;
   const int n = x.shape(0), e = x.shape(1);
-  const auto key = std::string(post ? "residual post " : "residual ") + bits_of(post_eps) + " " + bits_of(eps);
+  const auto key = std::string(post ? "residual post " : "residual ") + literal(post_eps) + literal(eps);
   const auto& kernel = cached(key, [&] {
     std::string src = replace_all(kResidualNorm, "POST_EPS", literal(post_eps));
     src = replace_all(src, "EPS", literal(eps));
@@ -320,7 +315,7 @@ std::optional<mx::array> attention(const mx::array& q, const mx::array& k, const
                     mask.shape() == mx::Shape{b, 1, l, l};
   const long threads = (long)b * heads * l * 32;
   if (!fits || threads > 0x7fffffffL) return std::nullopt;
-  const auto& kernel = cached("attention " + bits_of(scale), [&] {
+  const auto& kernel = cached("attention " + literal(scale), [&] {
     return mx::fast::cuda_kernel("mlx_embed_attention", {"q", "k", "v", "mask"}, {"out"},
                                  replace_all(kAttention, "SCALE", literal(scale)), kHeader);
   });

@@ -43,9 +43,7 @@ impl Linear {
             None => Ok(y),
         }
     }
-}
 
-impl Linear {
     fn bias(&self) -> Option<&Array> {
         match self {
             Linear::Dense { bias, .. } | Linear::Quantized { bias, .. } => bias.as_ref(),
@@ -75,7 +73,6 @@ impl Linear {
                     }
                 }
                 let w = concat(&rows.iter().collect::<Vec<_>>(), 0)?;
-                w.eval()?;
                 Linear::Dense { wt: w.transpose(&[1, 0])?, bias }
             }
             Linear::Quantized { q: q0, .. } => {
@@ -172,11 +169,16 @@ impl RmsNorm {
         self.apply(x, |x, w| x.head_norm_rope(w, self.eps, dims, base, scale))
     }
 
+    /// The weight to norm `x` with: in f32 for an f32 input (the residual stream), else as held.
+    fn weight_for(&self, x: &Array) -> Result<&Array> {
+        Ok(if x.dtype()? == Dtype::Float32 { &self.weight_f32 } else { &self.weight })
+    }
+
     /// `norm(x, weight)` with the weight in `x`'s dtype where that is f32, the result in the
     /// compute dtype.
     fn apply(&self, x: &Array, norm: impl FnOnce(&Array, &Array) -> Result<Array>) -> Result<Array> {
         let dt = self.weight.dtype()?;
-        let w = if x.dtype()? == Dtype::Float32 { &self.weight_f32 } else { &self.weight };
+        let w = self.weight_for(x)?;
         let y = norm(x, w)?;
         if y.dtype()? == dt { Ok(y) } else { y.astype(dt) }
     }
@@ -185,7 +187,7 @@ impl RmsNorm {
     /// first, as Gemma's sandwich norms do), and this norm of that sum in the compute dtype: one
     /// fused kernel on a CUDA device, the same operations as `add` and `forward` elsewhere.
     pub fn residual(&self, x: &Array, y: &Array, post: Option<&RmsNorm>) -> Result<(Array, Array)> {
-        let w = if x.dtype()? == Dtype::Float32 { &self.weight_f32 } else { &self.weight };
+        let w = self.weight_for(x)?;
         x.residual_rms_norm(y, post.map(|p| (&p.weight, p.eps)), w, self.eps, self.weight.dtype()?)
     }
 

@@ -313,9 +313,6 @@ fn heads_of_a_fused_qkv_projection_are_normed_rotated_and_split() {
 #[test]
 fn activation_of_a_fused_gate_up_projection_matches_its_definition() {
     let _g = mlx_lock();
-    let (n, inter) = (33usize, 37usize);
-    let gu = values(n * 2 * inter, 40, -8.0, 8.0);
-    let gua = Array::from_f32(&gu, &[n as i32, 2 * inter as i32]).unwrap();
     let act = |g: f64, gelu: bool| {
         if gelu {
             0.5 * g * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (g + 0.044715 * g * g * g)).tanh())
@@ -323,21 +320,29 @@ fn activation_of_a_fused_gate_up_projection_matches_its_definition() {
             g / (1.0 + (-g).exp())
         }
     };
-    for (activation, gelu) in [(Activation::Silu, false), (Activation::GeluTanh, true)] {
-        let want: Vec<f64> = (0..n * inter)
-            .map(|idx| {
-                let (t, i) = (idx / inter, idx % inter);
-                act(gu[t * 2 * inter + i] as f64, gelu) * gu[t * 2 * inter + inter + i] as f64
-            })
-            .collect();
-        let got = gua.gated_halves(activation).unwrap();
-        assert_eq!(got.shape(), vec![n as i32, inter as i32]);
-        let err = worst(&got.to_f32_vec().unwrap(), &want, 1e-2);
-        assert!(err < 1e-4, "{activation:?}: {err}");
-        // In bf16 the activation is rounded before the product, and the product after it.
-        let got16 = gua.astype(Dtype::Bfloat16).unwrap().gated_halves(activation).unwrap();
-        let err16 = worst(&got16.astype(Dtype::Float32).unwrap().to_f32_vec().unwrap(), &want, 1e-1);
-        assert!(err16 < 3e-2, "bf16 {activation:?}: {err16}");
+    // Widths that do and do not split into 16-byte chunks; the last case starts one element into
+    // its buffer (a view), off the 16-byte alignment of wide loads.
+    for (n, inter, skip) in [(33usize, 37usize, 0usize), (9, 48, 0), (9, 48, 1)] {
+        let gu = values(n * 2 * inter + skip, 40, -8.0, 8.0);
+        let flat = Array::from_f32(&gu, &[gu.len() as i32]).unwrap();
+        let shaped = |a: &Array| a.slice(&[skip as i32], &[gu.len() as i32]).unwrap().reshape(&[n as i32, 2 * inter as i32]).unwrap();
+        let gu = &gu[skip..];
+        for (activation, gelu) in [(Activation::Silu, false), (Activation::GeluTanh, true)] {
+            let want: Vec<f64> = (0..n * inter)
+                .map(|idx| {
+                    let (t, i) = (idx / inter, idx % inter);
+                    act(gu[t * 2 * inter + i] as f64, gelu) * gu[t * 2 * inter + inter + i] as f64
+                })
+                .collect();
+            let got = shaped(&flat).gated_halves(activation).unwrap();
+            assert_eq!(got.shape(), vec![n as i32, inter as i32]);
+            let err = worst(&got.to_f32_vec().unwrap(), &want, 1e-2);
+            assert!(err < 1e-4, "{activation:?} {inter} +{skip}: {err}");
+            // In bf16 the activation is rounded before the product, and the product after it.
+            let got16 = shaped(&flat.astype(Dtype::Bfloat16).unwrap()).gated_halves(activation).unwrap();
+            let err16 = worst(&got16.astype(Dtype::Float32).unwrap().to_f32_vec().unwrap(), &want, 1e-1);
+            assert!(err16 < 3e-2, "bf16 {activation:?} {inter} +{skip}: {err16}");
+        }
     }
 }
 

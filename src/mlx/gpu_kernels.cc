@@ -105,38 +105,59 @@ constexpr const char* kQkvHeads = R"(
     const T n = static_cast<T>(x[j] * r);
     x[j] = static_cast<float>(static_cast<T>(static_cast<float>(w[lane + 32 * j]) * static_cast<float>(n)));
   }
+  // Features e and e + HALF turn by the same angle: one sincosf per pair.
   const float pos = SCALE * static_cast<float>(p);
-  for (int j = 0; j < PER; ++j) {
+  for (int j = 0; j < HALF / 32; ++j) {
     const int e = lane + 32 * j;
-    float y = x[j];
-    if (e < HALF) {
-      const float inv = exp2f(-(static_cast<float>(e) / static_cast<float>(HALF)) * LOG2BASE);
-      const float theta = pos * inv;
-      y = x[j] * cosf(theta) - x[j + HALF / 32] * sinf(theta);
-    } else if (e < 2 * HALF) {
-      const float inv = exp2f(-(static_cast<float>(e - HALF) / static_cast<float>(HALF)) * LOG2BASE);
-      const float theta = pos * inv;
-      y = x[j - HALF / 32] * sinf(theta) + x[j] * cosf(theta);
-    }
-    dst[e] = static_cast<T>(y);
+    const float inv = exp2f(-(static_cast<float>(e) / static_cast<float>(HALF)) * LOG2BASE);
+    float sn, cs;
+    sincosf(pos * inv, &sn, &cs);
+    const float lo = x[j], hi = x[j + HALF / 32];
+    x[j] = lo * cs - hi * sn;
+    x[j + HALF / 32] = lo * sn + hi * cs;
   }
+  for (int j = 0; j < PER; ++j) dst[lane + 32 * j] = static_cast<T>(x[j]);
 )";
 
+// Each thread takes V consecutive features of one token (V · sizeof(T) is 16 bytes, or V is 1),
+// with 16-byte loads and stores where the buffers are aligned for them.
 constexpr const char* kGated = R"(
-  const long n = (long)gu_shape[0] * I;
+  constexpr long PER_ROW = I / V;
   const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
-  if (idx >= n) return;
-  const long t = idx / I;
-  const long i = idx % I;
-  const float g = static_cast<float>(gu[t * 2 * I + i]);
-  const float u = static_cast<float>(gu[t * 2 * I + I + i]);
-  float a;
-  if (GELU) {
-    a = 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
+  if (idx >= (long)gu_shape[0] * PER_ROW) return;
+  const long t = idx / PER_ROW;
+  const long i = (idx % PER_ROW) * V;
+  const T* gr = gu + t * 2 * I + i;
+  T* o = out + t * I + i;
+  constexpr bool VEC = V * sizeof(T) == 16;
+  const bool aligned = VEC && ((reinterpret_cast<unsigned long>(gu) | reinterpret_cast<unsigned long>(out)) & 15) == 0;
+  alignas(16) T g[V];
+  alignas(16) T u[V];
+  alignas(16) T r[V];
+  if (aligned) {
+    *reinterpret_cast<uint4*>(g) = *reinterpret_cast<const uint4*>(gr);
+    *reinterpret_cast<uint4*>(u) = *reinterpret_cast<const uint4*>(gr + I);
   } else {
-    a = g / (1.0f + expf(-g));
+    for (int j = 0; j < V; ++j) {
+      g[j] = gr[j];
+      u[j] = gr[I + j];
+    }
   }
-  out[idx] = static_cast<T>(static_cast<float>(static_cast<T>(a)) * u);
+  for (int j = 0; j < V; ++j) {
+    const float x = static_cast<float>(g[j]);
+    float a;
+    if (GELU) {
+      a = 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+    } else {
+      a = x / (1.0f + expf(-x));
+    }
+    r[j] = static_cast<T>(static_cast<float>(static_cast<T>(a)) * static_cast<float>(u[j]));
+  }
+  if (aligned) {
+    *reinterpret_cast<uint4*>(o) = *reinterpret_cast<const uint4*>(r);
+  } else {
+    for (int j = 0; j < V; ++j) o[j] = r[j];
+  }
 )";
 
 // One block of 256 threads per row; thread i holds features i, i + 256, ….
@@ -263,13 +284,14 @@ std::optional<mx::array> gated_halves(const mx::array& gu, Act act) {
   const auto dt = gu.dtype();
   if (!available() || !is_float(dt) || gu.ndim() != 2 || gu.shape(1) % 2 != 0) return std::nullopt;
   const int n = gu.shape(0), inter = gu.shape(1) / 2;
-  const long threads = (long)n * inter;
+  const int vec = inter % (16 / (int)gu.itemsize()) == 0 ? 16 / (int)gu.itemsize() : 1;
+  const long threads = (long)n * (inter / vec);
   if (threads == 0 || threads > 0x7fffffffL) return std::nullopt;
   const auto& kernel = cached("gated", [] {
     return mx::fast::cuda_kernel("mlx_embed_gated", {"gu"}, {"out"}, kGated, kHeader);
   });
   return kernel({gu}, {{n, inter}}, {dt}, {(int)threads, 1, 1}, {256, 1, 1},
-                {{"T", dt}, {"I", inter}, {"GELU", act == Act::GeluTanh}}, std::nullopt, false,
+                {{"T", dt}, {"I", inter}, {"V", vec}, {"GELU", act == Act::GeluTanh}}, std::nullopt, false,
                 {})[0];
 }
 

@@ -378,3 +378,23 @@ fn a_residual_add_with_the_next_norm_matches_add_then_norm() {
         }
     }
 }
+
+#[test]
+fn copying_out_a_submitted_array_does_not_wait_for_work_submitted_after_it() {
+    let _g = mlx_lock();
+    let small = Array::from_f32(&values(64, 60, -1.0, 1.0), &[8, 8]).unwrap().matmul(&Array::from_f32(&values(64, 61, -1.0, 1.0), &[8, 8]).unwrap()).unwrap().for_host().unwrap();
+    // Work that takes far longer than copying `small` out: 16 products of 1024 × 1024 matrices.
+    let n = 1024;
+    let w = Array::from_f32(&values(n * n, 62, -0.03, 0.03), &[n as i32, n as i32]).unwrap();
+    let mut big = Array::from_f32(&values(n * n, 63, -1.0, 1.0), &[n as i32, n as i32]).unwrap();
+    for _ in 0..16 {
+        big = big.matmul(&w).unwrap();
+    }
+    small.async_eval().unwrap();
+    big.async_eval().unwrap();
+    let got = small.to_f32_vec().unwrap();
+    assert!(!big.is_available(), "copying out the first array waited for the one submitted after it");
+    assert_eq!(got.len(), 64);
+    big.eval().unwrap();
+    assert!(big.is_available());
+}

@@ -91,12 +91,26 @@ impl Array {
         Ok(ffi::async_eval(self.r())?)
     }
 
+    /// Whether the array's computation is done (an array never submitted is not, unless it
+    /// holds data from the host).
+    pub fn is_available(&self) -> bool {
+        ffi::is_available(self.r())
+    }
+
+    /// The array as f32 in row-major order: the form [`Array::to_f32_vec`] copies out without
+    /// adding an operation after the array is submitted.
+    pub fn for_host(&self) -> Result<Array> {
+        wrap(ffi::for_host(self.r()))
+    }
+
     /// The operations still to run for this array, by name (one entry per graph node).
     pub fn pending_ops(&self) -> Vec<String> {
         ffi::pending_ops(self.r())
     }
 
-    /// Evaluates and copies the elements out (row-major), converted to f32.
+    /// Evaluates and copies the elements out (row-major), converted to f32. An array already
+    /// submitted ([`Array::async_eval`]) is waited for alone; the conversion, when one is
+    /// needed, runs after it and after everything submitted since.
     pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
         Ok(ffi::to_f32_vec(self.r())?)
     }

@@ -67,6 +67,8 @@ pub(crate) mod ffi {
         fn to_i32_vec(a: &array) -> Result<Vec<i32>>;
         fn eval(a: &array) -> Result<()>;
         fn async_eval(a: &array) -> Result<()>;
+        fn is_available(a: &array) -> bool;
+        fn for_host(a: &array) -> Result<UniquePtr<array>>;
         /// The operation names of the graph not yet computed that `a` depends on, one entry per
         /// node (a multi-output node once).
         fn pending_ops(a: &array) -> Vec<String>;

@@ -63,8 +63,14 @@ ArrayPtr own(mx::array a) { return std::make_unique<mx::array>(std::move(a)); }
 
 template <typename T>
 rust::Vec<T> copy_out(const array& a, mx::Dtype as) {
-  auto c = mx::contiguous(mx::astype(a, as));
-  c.eval();
+  array c = a;
+  // An array already submitted is waited for alone: a conversion added now would queue behind
+  // everything submitted to its stream since (e.g. the next batch).
+  if (c.status() != array::Status::unscheduled) c.wait();
+  if (c.status() != array::Status::available || c.dtype() != as || !c.flags().row_contiguous) {
+    c = mx::contiguous(mx::astype(a, as));
+    c.eval();
+  }
   rust::Vec<T> out;
   out.reserve(c.size());
   const T* p = c.data<T>();
@@ -93,6 +99,8 @@ rust::Vec<float> to_f32_vec(const array& a) { return copy_out<float>(a, mx::floa
 rust::Vec<int32_t> to_i32_vec(const array& a) { return copy_out<int32_t>(a, mx::int32); }
 void eval(const array& a) { mx::eval(a); }
 void async_eval(const array& a) { mx::async_eval(a); }
+bool is_available(const array& a) { return a.is_available(); }
+ArrayPtr for_host(const array& a) { return own(mx::contiguous(mx::astype(a, mx::float32))); }
 rust::Vec<rust::String> pending_ops(const array& a) {
   rust::Vec<rust::String> out;
   std::unordered_set<std::uintptr_t> seen;

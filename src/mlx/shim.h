@@ -47,6 +47,8 @@ rust::Vec<float> to_f32_vec(const array& a);
 rust::Vec<int32_t> to_i32_vec(const array& a);
 void eval(const array& a);
 void async_eval(const array& a);
+bool is_available(const array& a);
+ArrayPtr for_host(const array& a);
 rust::Vec<rust::String> pending_ops(const array& a);
 
 ArrayPtr astype(const array& a, Dtype dtype);

@@ -289,9 +289,14 @@ impl EmbeddingModel {
         Ok(Launched { out, rows: batch.len() })
     }
 
-    /// The batch's graph up to the head's output `[B, dims]`, not computed yet (`None` for an
+    /// The batch's graph up to the head's output `[B, dims]` as f32 in row-major order (ready
+    /// to copy out: collecting it waits for this batch alone), not computed yet (`None` for an
     /// empty batch).
     pub fn graph(&self, batch: &[&[u32]]) -> Result<Option<Array>> {
+        self.head_graph(batch)?.map(|out| out.for_host()).transpose().map_err(Into::into)
+    }
+
+    fn head_graph(&self, batch: &[&[u32]]) -> Result<Option<Array>> {
         if batch.is_empty() {
             return Ok(None);
         }

@@ -418,14 +418,18 @@ const GPU_LAUNCH_BOUND_TOKENS: usize = 4096;
 
 /// The shape a batch of `rows` × `len` tokens runs at. On a GPU every new shape costs a slow
 /// first forward (50–150 ms measured on an H100, 0.3–1 s compiled: kernel plans and traces), so
-/// batches there run at few shapes: lengths round up to a multiple of 8 (of 32 past 64 tokens, of
-/// 128 past 512), and the rows of launch-bound batches to a power of two up to 8, then to a
-/// multiple of 8. On the CPU, where padding is real work, only compiled batches' lengths round
-/// up (to a multiple of 8). Never past `max_len` unless `len` is.
+/// batches there run at few shapes: the lengths of launch-bound batches round up to a multiple of
+/// 8 (of 32 past 64 tokens, of 128 past 512), their rows to a power of two up to 8, then to a
+/// multiple of 8. Batches past [`GPU_LAUNCH_BOUND_TOKENS`] pay for padding in device time: their
+/// rows stay, their lengths round up to a multiple of 8 (of 32 past 512). On the CPU, where
+/// padding is real work, only compiled batches' lengths round up (to a multiple of 8). Never past
+/// `max_len` unless `len` is.
 fn padded_shape(gpu: bool, compiled: bool, rows: usize, len: usize, max_len: usize) -> (usize, usize) {
     let step = match len {
         _ if !gpu && !compiled => 1,
         _ if !gpu => 8,
+        0..=512 if rows.saturating_mul(len) > GPU_LAUNCH_BOUND_TOKENS => 8,
+        513.. if rows.saturating_mul(len) > GPU_LAUNCH_BOUND_TOKENS => 32,
         0..=64 => 8,
         65..=512 => 32,
         _ => 128,
@@ -542,18 +546,22 @@ mod tests {
     #[test]
     fn gpu_batches_run_at_few_shapes_within_the_model_limit() {
         let gpu = |rows, len| padded_shape(true, false, rows, len, 8192);
-        let lens: Vec<usize> = [1, 11, 16, 17, 64, 65, 200, 512, 513, 600].iter().map(|&l| gpu(64, l).1).collect();
+        let lens: Vec<usize> = [1, 11, 16, 17, 64, 65, 200, 512, 513, 600].iter().map(|&l| gpu(1, l).1).collect();
         assert_eq!(lens, vec![8, 16, 16, 24, 64, 96, 224, 512, 640, 640]);
         assert_eq!([gpu(1, 11), gpu(3, 16), gpu(9, 64), gpu(33, 24)], [(1, 16), (4, 16), (16, 64), (40, 24)]);
-        // Large batches keep their rows: extra rows would be real work.
-        assert_eq!([gpu(33, 130), gpu(64, 200)], [(33, 160), (64, 224)]);
+        // Large batches keep their rows, and their lengths take finer steps: padding there is
+        // real work.
+        assert_eq!([gpu(33, 130), gpu(64, 200), gpu(64, 201), gpu(16, 600)], [(33, 136), (64, 200), (64, 208), (16, 608)]);
+        assert_eq!([gpu(16, 255), gpu(17, 255)], [(16, 256), (17, 256)]);
+        assert_eq!([gpu(16, 200), gpu(21, 200)], [(16, 224), (21, 200)]);
         // Never past the model's limit, unless the batch itself is.
         assert_eq!((padded_shape(true, false, 1, 60, 62), padded_shape(true, false, 1, 70, 62)), ((1, 62), (1, 70)));
         // Short queries, 1 to 64 to a batch, run at few shapes.
         let shapes: std::collections::HashSet<_> = (1..=64).flat_map(|r| (4..=24).map(move |l| gpu(r, l))).collect();
         assert_eq!(shapes.len(), 11 * 3, "{shapes:?}");
+        // One row: steps of 8, 32 and 128 tokens, then of 32 past the launch-bound size.
         let lengths: std::collections::HashSet<usize> = (1..=8192).map(|l| gpu(1, l).1).collect();
-        assert_eq!(lengths.len(), 8 + 14 + 60);
+        assert_eq!(lengths.len(), 8 + 14 + (4096 - 512) / 128 + (8192 - 4096) / 32);
     }
 
     #[test]

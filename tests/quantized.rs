@@ -52,7 +52,7 @@ fn fused_projections_compute_their_parts_side_by_side() {
     let _g = mlx_lock();
     let x: Vec<f32> = (0..3 * 64).map(|i| ((i * 37) % 23) as f32 / 23.0 - 0.5).collect();
     let x = Array::from_f32(&x, &[3, 64]).unwrap();
-    let mut parts_of = |fixture: &str| {
+    let parts_of = |fixture: &str| {
         let mut w = layer_weights(fixture);
         ["q_proj", "k_proj", "v_proj"]
             .iter()

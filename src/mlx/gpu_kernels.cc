@@ -205,7 +205,7 @@ constexpr const char* kResidualNorm = R"(
 )";
 
 // One warp per query row, its keys in order with a running (online) softmax in f32; lane j
-// holds features j, j + 32, ….
+// holds features j, j + 32, …. The output is laid out [B, L, H, D].
 constexpr const char* kAttention = R"(
   constexpr int PER = D / 32;
   const int L = q_shape[2];
@@ -241,7 +241,7 @@ constexpr const char* kAttention = R"(
     for (int j = 0; j < PER; ++j) acc[j] = acc[j] * shrink + p * static_cast<float>(vr[lane + 32 * j]);
     m = top;
   }
-  T* o = out + warp * D;
+  T* o = out + ((b * L + i) * H + bh % H) * D;
   for (int j = 0; j < PER; ++j) o[lane + 32 * j] = static_cast<T>(acc[j] / total);
 )";
 
@@ -341,9 +341,12 @@ std::optional<mx::array> attention(const mx::array& q, const mx::array& k, const
     return mx::fast::cuda_kernel("mlx_embed_attention", {"q", "k", "v", "mask"}, {"out"},
                                  replace_all(kAttention, "SCALE", literal(scale)), kHeader);
   });
-  return kernel({q, k, v, mask}, {q.shape()}, {dt}, {(int)threads, 1, 1}, {128, 1, 1},
-                {{"T", dt}, {"M", mask.dtype()}, {"D", d}, {"H", heads}, {"HKV", kv_heads}},
-                std::nullopt, false, {})[0];
+  // Written as [B, L, H, D] and returned as a [B, H, L, D] view of it: merging the heads of
+  // each token afterwards needs no copy.
+  auto out = kernel({q, k, v, mask}, {{b, l, heads, d}}, {dt}, {(int)threads, 1, 1}, {128, 1, 1},
+                    {{"T", dt}, {"M", mask.dtype()}, {"D", d}, {"H", heads}, {"HKV", kv_heads}},
+                    std::nullopt, false, {})[0];
+  return mx::transpose(out, {0, 2, 1, 3});
 }
 
 }  // namespace mlx_embed::gpu_kernels

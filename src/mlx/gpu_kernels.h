@@ -57,6 +57,7 @@ constexpr long kMaxAttentionPairs = 1L << 17;
 
 // softmax(q·kᵀ·scale + mask)·v for q [B, H, L, D], k and v [B, Hkv, L, D] (H a multiple of Hkv),
 // an additive mask [B, 1, L, L] that leaves every row at least one key; in f32, rounded once.
+// The result is a [B, H, L, D] view of a [B, L, H, D] buffer (token rows, heads side by side).
 std::optional<mlx::core::array> attention(const mlx::core::array& q, const mlx::core::array& k,
                                           const mlx::core::array& v, float scale,
                                           const mlx::core::array& mask);

@@ -61,6 +61,9 @@ mx::Shape to_shape(rust::Slice<const int32_t> s) { return mx::Shape(s.begin(), s
 
 ArrayPtr own(mx::array a) { return std::make_unique<mx::array>(std::move(a)); }
 
+// `a` in `dtype`, row-major: the form copy_out reads directly (for_host builds it ahead).
+array host_form(const array& a, mx::Dtype dtype) { return mx::contiguous(mx::astype(a, dtype)); }
+
 template <typename T>
 rust::Vec<T> copy_out(const array& a, mx::Dtype as) {
   array c = a;
@@ -68,7 +71,7 @@ rust::Vec<T> copy_out(const array& a, mx::Dtype as) {
   // everything submitted to its stream since (e.g. the next batch).
   if (c.status() != array::Status::unscheduled) c.wait();
   if (c.status() != array::Status::available || c.dtype() != as || !c.flags().row_contiguous) {
-    c = mx::contiguous(mx::astype(a, as));
+    c = host_form(a, as);
     c.eval();
   }
   rust::Vec<T> out;
@@ -100,7 +103,7 @@ rust::Vec<int32_t> to_i32_vec(const array& a) { return copy_out<int32_t>(a, mx::
 void eval(const array& a) { mx::eval(a); }
 void async_eval(const array& a) { mx::async_eval(a); }
 bool is_available(const array& a) { return a.is_available(); }
-ArrayPtr for_host(const array& a) { return own(mx::contiguous(mx::astype(a, mx::float32))); }
+ArrayPtr for_host(const array& a) { return own(host_form(a, mx::float32)); }
 rust::Vec<rust::String> pending_ops(const array& a) {
   rust::Vec<rust::String> out;
   std::unordered_set<std::uintptr_t> seen;

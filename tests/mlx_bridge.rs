@@ -204,12 +204,12 @@ fn grouped_attention_with_an_additive_mask_matches_its_definition() {
     }
 }
 
-fn grouped_attention_case((h, hkv, l, d): (usize, usize, usize, usize), lengths: [usize; 2]) {
-    let b = 2usize;
-    let q = values(b * h * l * d, 7, -2.0, 2.0);
-    let k = values(b * hkv * l * d, 8, -2.0, 2.0);
-    let v = values(b * hkv * l * d, 9, -2.0, 2.0);
-    let allowed = |bi: usize, i: usize, j: usize| (j <= i && j < lengths[bi]) || i == j;
+fn wide(x: &[f32]) -> Vec<f64> {
+    x.iter().map(|&v| v as f64).collect()
+}
+
+/// An additive mask `[B, 1, L, L]`: 0 where `allowed(b, i, j)`, −∞ elsewhere.
+fn additive_mask_host((b, l): (usize, usize), allowed: &dyn Fn(usize, usize, usize) -> bool) -> Vec<f32> {
     let mut mask = vec![0.0f32; b * l * l];
     for bi in 0..b {
         for i in 0..l {
@@ -220,7 +220,13 @@ fn grouped_attention_case((h, hkv, l, d): (usize, usize, usize, usize), lengths:
             }
         }
     }
-    let scale = 0.25f64;
+    mask
+}
+
+/// softmax(q·kᵀ·scale, keys where `allowed(b, i, j)`)·v for q `[B, H, L, D]`, k and v
+/// `[B, Hkv, L, D]` (query head h reads kv head h / (H / Hkv)), in f64: `[B, H, L, D]`.
+fn attention_host((q, k, v): (&[f64], &[f64], &[f64]), (b, h, hkv, l, d): (usize, usize, usize, usize, usize),
+    allowed: &dyn Fn(usize, usize, usize) -> bool, scale: f64) -> Vec<f64> {
     let mut want = vec![0.0f64; b * h * l * d];
     for bi in 0..b {
         for hi in 0..h {
@@ -230,7 +236,7 @@ fn grouped_attention_case((h, hkv, l, d): (usize, usize, usize, usize), lengths:
                 let logits: Vec<f64> = (0..l)
                     .map(|j| {
                         let kj = &k[((bi * hkv + g) * l + j) * d..][..d];
-                        let dot: f64 = qi.iter().zip(kj).map(|(a, c)| *a as f64 * *c as f64).sum();
+                        let dot: f64 = qi.iter().zip(kj).map(|(a, c)| a * c).sum();
                         if allowed(bi, i, j) { dot * scale } else { f64::NEG_INFINITY }
                     })
                     .collect();
@@ -239,12 +245,24 @@ fn grouped_attention_case((h, hkv, l, d): (usize, usize, usize, usize), lengths:
                 let sum: f64 = e.iter().sum();
                 for (j, ej) in e.iter().enumerate() {
                     for c in 0..d {
-                        want[((bi * h + hi) * l + i) * d + c] += ej / sum * v[((bi * hkv + g) * l + j) * d + c] as f64;
+                        want[((bi * h + hi) * l + i) * d + c] += ej / sum * v[((bi * hkv + g) * l + j) * d + c];
                     }
                 }
             }
         }
     }
+    want
+}
+
+fn grouped_attention_case((h, hkv, l, d): (usize, usize, usize, usize), lengths: [usize; 2]) {
+    let b = 2usize;
+    let q = values(b * h * l * d, 7, -2.0, 2.0);
+    let k = values(b * hkv * l * d, 8, -2.0, 2.0);
+    let v = values(b * hkv * l * d, 9, -2.0, 2.0);
+    let allowed = |bi: usize, i: usize, j: usize| (j <= i && j < lengths[bi]) || i == j;
+    let mask = additive_mask_host((b, l), &allowed);
+    let scale = 0.25f64;
+    let want = attention_host((&wide(&q), &wide(&k), &wide(&v)), (b, h, hkv, l, d), &allowed, scale);
     let arr = |x: &[f32], s: &[usize]| Array::from_f32(x, &s.iter().map(|&n| n as i32).collect::<Vec<_>>()).unwrap();
     let (qa, ka, va, ma) = (arr(&q, &[b, h, l, d]), arr(&k, &[b, hkv, l, d]), arr(&v, &[b, hkv, l, d]), arr(&mask, &[b, 1, l, l]));
     let got = Array::attention(&qa, &ka, &va, scale as f32, &ma).unwrap();
@@ -306,6 +324,68 @@ fn heads_of_a_fused_qkv_projection_are_normed_rotated_and_split() {
                 let err = worst(&host(got), want, 1.0);
                 assert!(err < tol, "case {case} {dt:?} {name}: {err}");
             }
+        }
+    }
+}
+
+#[test]
+fn attention_over_a_fused_qkv_projection_matches_heads_then_attention() {
+    let _g = mlx_lock();
+    // (q heads, kv heads, head size, rotated features, tokens): shapes the one-kernel path takes
+    // on a CUDA device (Qwen3's and Gemma's head sizes among them), one whose keys fit its
+    // shared memory in bf16 but not in f32, one with too many (query, key) pairs for it, and a
+    // head size it does not take.
+    let cases = [(4usize, 2usize, 64usize, 64usize, 7usize), (16, 8, 128, 128, 19), (3, 1, 256, 256, 9),
+        (2, 1, 128, 64, 12), (2, 1, 256, 256, 50), (16, 8, 64, 64, 70), (3, 1, 24, 16, 5)];
+    for (case, (h, hkv, d, dims, l)) in cases.into_iter().enumerate() {
+        let b = 2usize;
+        let s = h + 2 * hkv;
+        let lengths = [l, (l + 1) / 2];
+        let qkv = values(b * l * s * d, 40 + case as u64, -3.0, 3.0);
+        let (qw, kw) = (values(d, 50 + case as u64, 0.5, 1.5), values(d, 60 + case as u64, 0.5, 1.5));
+        let (base, rope_scale, scale) = (10000.0, 0.5, 1.0 / (d as f64).sqrt());
+        // Causal over each row's real tokens; a padding query sees itself.
+        let allowed = |bi: usize, i: usize, j: usize| (j <= i && j < lengths[bi]) || i == j;
+        let [qh, kh, vh] = split_qkv(&qkv, (b, l), (h, hkv, d));
+        let q = head_norm_rope_host(&qh, (b, l, h, d), &qw, dims, base, rope_scale);
+        let k = head_norm_rope_host(&kh, (b, l, hkv, d), &kw, dims, base, rope_scale);
+        let mut v = vec![0.0f64; vh.len()];
+        for (t, row) in vh.chunks(hkv * d).enumerate() {
+            let (bi, p) = (t / l, t % l);
+            for g in 0..hkv {
+                v[((bi * hkv + g) * l + p) * d..][..d].copy_from_slice(&wide(&row[g * d..][..d]));
+            }
+        }
+        let heads = attention_host((&q, &k, &v), (b, h, hkv, l, d), &allowed, scale);
+        // As token rows [B·L, H·D].
+        let mut want = vec![0.0f64; heads.len()];
+        for bi in 0..b {
+            for hi in 0..h {
+                for p in 0..l {
+                    want[((bi * l + p) * h + hi) * d..][..d].copy_from_slice(&heads[((bi * h + hi) * l + p) * d..][..d]);
+                }
+            }
+        }
+        let arr = |x: &[f32], shape: &[usize]| Array::from_f32(x, &shape.iter().map(|&n| n as i32).collect::<Vec<_>>()).unwrap();
+        let (qkv_a, qw_a, kw_a) = (arr(&qkv, &[b * l, s * d]), arr(&qw, &[d]), arr(&kw, &[d]));
+        let mask_a = arr(&additive_mask_host((b, l), &allowed), &[b, 1, l, l]);
+        let dims3 = (h as i32, hkv as i32, d as i32);
+        let bl = (b as i32, l as i32);
+        for dt in [Dtype::Float32, Dtype::Bfloat16] {
+            let cast = |a: &Array| a.astype(dt).unwrap();
+            let (qkv_c, qw_c, kw_c, mask_c) = (cast(&qkv_a), cast(&qw_a), cast(&kw_a), cast(&mask_a));
+            let got = qkv_c.qkv_attention(&qw_c, &kw_c, 1e-6, bl, dims3, dims as i32, (base as f32, rope_scale as f32), scale as f32, &mask_c).unwrap();
+            assert_eq!(got.shape(), vec![(b * l) as i32, (h * d) as i32]);
+            let host = |a: &Array| a.astype(Dtype::Float32).unwrap().to_f32_vec().unwrap();
+            let got = host(&got);
+            let tol = if dt == Dtype::Float32 { 3e-4 } else { 5e-2 };
+            let err = worst(&got, &want, 1.0);
+            assert!(err < tol, "case {case} {dt:?}: {err}");
+            // The same values as the heads made first, then attention, then merged.
+            let (q, k, v) = qkv_c.qkv_heads(&qw_c, &kw_c, 1e-6, bl, dims3, dims as i32, base as f32, rope_scale as f32).unwrap();
+            let apart = Array::attention(&q, &k, &v, scale as f32, &mask_c).unwrap()
+                .transpose(&[0, 2, 1, 3]).unwrap().reshape(&[(b * l) as i32, (h * d) as i32]).unwrap();
+            assert_eq!(got, host(&apart), "case {case} {dt:?}: fused and apart differ");
         }
     }
 }

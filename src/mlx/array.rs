@@ -218,6 +218,15 @@ impl Array {
         }
     }
 
+    /// Attention over the heads of a fused q/k/v projection (as [`Array::qkv_heads`] makes them,
+    /// then [`Array::attention`] with `attn_scale` and the additive `mask` `[B, 1, L, L]`), heads
+    /// merged into token rows: `[B·L, H·D]`. One fused kernel for short sequences on a CUDA device.
+    #[allow(clippy::too_many_arguments)]
+    pub fn qkv_attention(&self, qw: &Array, kw: &Array, eps: f32, (b, l): (i32, i32), (heads, kv_heads, head_dim): (i32, i32, i32),
+        dims: i32, (base, rope_scale): (f32, f32), attn_scale: f32, mask: &Array) -> Result<Array> {
+        wrap(ffi::qkv_attention(self.r(), qw.r(), kw.r(), eps, b, l, heads, kv_heads, head_dim, dims, base, rope_scale, attn_scale, mask.r()))
+    }
+
     /// `act(gate) · up` of a fused gate/up projection `[N, 2·I]` (gate columns first) → `[N, I]`.
     pub fn gated_halves(&self, act: Activation) -> Result<Array> {
         wrap(ffi::gated_halves(self.r(), act))

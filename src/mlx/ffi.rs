@@ -140,6 +140,23 @@ pub(crate) mod ffi {
             base: f32,
             scale: f32,
         ) -> Result<UniquePtr<ArrayList>>;
+        #[allow(clippy::too_many_arguments)]
+        fn qkv_attention(
+            qkv: &array,
+            qw: &array,
+            kw: &array,
+            eps: f32,
+            b: i32,
+            l: i32,
+            heads: i32,
+            kv_heads: i32,
+            head_dim: i32,
+            dims: i32,
+            base: f32,
+            rope_scale: f32,
+            attn_scale: f32,
+            mask: &array,
+        ) -> Result<UniquePtr<array>>;
         fn gated_halves(gu: &array, act: Activation) -> Result<UniquePtr<array>>;
         fn residual_rms_norm(
             x: &array,

@@ -71,8 +71,41 @@ std::string replace_all(std::string s, const std::string& from, const std::strin
   return s;
 }
 
-// One warp per (token, head slot): lane j holds features j, j + 32, …; RoPE pairs feature e with
-// e + HALF, in the same lane since HALF is a multiple of 32.
+// The RMSNorm of one head of D features by `w` (epsilon `eps`), rounded to T as the unfused norm
+// rounds it, then rotated as position `pos` (rotate-half over the first 2·HALF features, angle
+// pos / base^(e / HALF), `log2base` = log2(base)): lane j of a warp holds features j, j + 32, …
+// of `x`; RoPE pairs feature e with e + HALF, in the same lane since HALF is a multiple of 32.
+constexpr const char* kHeadNormRope = R"(
+template <typename T, int D, int HALF>
+__device__ inline void head_norm_rope(const T* src, const T* w, float eps, float pos, float log2base,
+                                      float (&x)[D / 32]) {
+  constexpr int PER = D / 32;
+  const int lane = threadIdx.x % 32;
+  float ss = 0.f;
+  for (int j = 0; j < PER; ++j) {
+    x[j] = static_cast<float>(src[lane + 32 * j]);
+    ss += x[j] * x[j];
+  }
+  ss = warp_sum(ss);
+  const float r = rsqrtf(ss / D + eps);
+  for (int j = 0; j < PER; ++j) {
+    const T n = static_cast<T>(x[j] * r);
+    x[j] = static_cast<float>(static_cast<T>(static_cast<float>(w[lane + 32 * j]) * static_cast<float>(n)));
+  }
+  // Features e and e + HALF turn by the same angle: one sincosf per pair.
+  for (int j = 0; j < HALF / 32; ++j) {
+    const int e = lane + 32 * j;
+    const float inv = exp2f(-(static_cast<float>(e) / static_cast<float>(HALF)) * log2base);
+    float sn, cs;
+    sincosf(pos * inv, &sn, &cs);
+    const float lo = x[j], hi = x[j + HALF / 32];
+    x[j] = lo * cs - hi * sn;
+    x[j + HALF / 32] = lo * sn + hi * cs;
+  }
+}
+)";
+
+// One warp per (token, head slot).
 constexpr const char* kQkvHeads = R"(
   constexpr int S = H + 2 * HKV;
   constexpr int PER = D / 32;
@@ -92,30 +125,8 @@ constexpr const char* kQkvHeads = R"(
     return;
   }
   T* dst = s < H ? q + ((b * H + s) * L + p) * D : k + ((b * HKV + (s - H)) * L + p) * D;
-  const T* w = s < H ? qw : kw;
   float x[PER];
-  float ss = 0.f;
-  for (int j = 0; j < PER; ++j) {
-    x[j] = static_cast<float>(src[lane + 32 * j]);
-    ss += x[j] * x[j];
-  }
-  ss = warp_sum(ss);
-  const float r = rsqrtf(ss / D + EPS);
-  for (int j = 0; j < PER; ++j) {
-    const T n = static_cast<T>(x[j] * r);
-    x[j] = static_cast<float>(static_cast<T>(static_cast<float>(w[lane + 32 * j]) * static_cast<float>(n)));
-  }
-  // Features e and e + HALF turn by the same angle: one sincosf per pair.
-  const float pos = SCALE * static_cast<float>(p);
-  for (int j = 0; j < HALF / 32; ++j) {
-    const int e = lane + 32 * j;
-    const float inv = exp2f(-(static_cast<float>(e) / static_cast<float>(HALF)) * LOG2BASE);
-    float sn, cs;
-    sincosf(pos * inv, &sn, &cs);
-    const float lo = x[j], hi = x[j + HALF / 32];
-    x[j] = lo * cs - hi * sn;
-    x[j + HALF / 32] = lo * sn + hi * cs;
-  }
+  head_norm_rope<T, D, HALF>(src, s < H ? qw : kw, EPS, SCALE * static_cast<float>(p), LOG2BASE, x);
   for (int j = 0; j < PER; ++j) dst[lane + 32 * j] = static_cast<T>(x[j]);
 )";
 
@@ -204,8 +215,37 @@ constexpr const char* kResidualNorm = R"(
   }
 )";
 
-// One warp per query row, its keys in order with a running (online) softmax in f32; lane j
-// holds features j, j + 32, …. The output is laid out [B, L, H, D].
+// Attention of one query row `qv` (rounded to T; lane j holds features j, j + 32, …) over L keys
+// and values (rows `kstride` / `vstride` apart) and an additive mask row: its keys in order with a
+// running (online) softmax in f32; the result, rounded once, goes to `o`.
+constexpr const char* kAttendRow = R"(
+template <typename T, typename M, int D>
+__device__ inline void attend_row(const float (&qv)[D / 32], const T* kb, long kstride, const T* vb,
+                                  long vstride, const M* mr, int L, float scale, T* o) {
+  constexpr int PER = D / 32;
+  const int lane = threadIdx.x % 32;
+  float acc[PER];
+  for (int j = 0; j < PER; ++j) acc[j] = 0.f;
+  float m = -INFINITY, total = 0.f;
+  for (int key = 0; key < L; ++key) {
+    const T* kr = kb + key * kstride;
+    float dot = 0.f;
+    for (int j = 0; j < PER; ++j) dot += qv[j] * static_cast<float>(kr[lane + 32 * j]);
+    const float score = warp_sum(dot) * scale + static_cast<float>(mr[key]);
+    if (score == -INFINITY) continue;
+    const float top = fmaxf(m, score);
+    const float shrink = expf(m - top);
+    const float p = expf(score - top);
+    total = total * shrink + p;
+    const T* vr = vb + key * vstride;
+    for (int j = 0; j < PER; ++j) acc[j] = acc[j] * shrink + p * static_cast<float>(vr[lane + 32 * j]);
+    m = top;
+  }
+  for (int j = 0; j < PER; ++j) o[lane + 32 * j] = static_cast<T>(acc[j] / total);
+}
+)";
+
+// One warp per query row. The output is laid out [B, L, H, D].
 constexpr const char* kAttention = R"(
   constexpr int PER = D / 32;
   const int L = q_shape[2];
@@ -217,33 +257,55 @@ constexpr const char* kAttention = R"(
   const long bh = warp / L;
   const long b = bh / H;
   const long g = b * HKV + (bh % H) / (H / HKV);
-  const T* qr = q + warp * D;
-  const T* kb = k + g * L * D;
-  const T* vb = v + g * L * D;
-  const M* mr = mask + (b * L + i) * L;
-  float qv[PER], acc[PER];
-  for (int j = 0; j < PER; ++j) {
-    qv[j] = static_cast<float>(qr[lane + 32 * j]);
-    acc[j] = 0.f;
-  }
-  float m = -INFINITY, total = 0.f;
-  for (int key = 0; key < L; ++key) {
-    const T* kr = kb + (long)key * D;
-    float dot = 0.f;
-    for (int j = 0; j < PER; ++j) dot += qv[j] * static_cast<float>(kr[lane + 32 * j]);
-    const float score = warp_sum(dot) * SCALE + static_cast<float>(mr[key]);
-    if (score == -INFINITY) continue;
-    const float top = fmaxf(m, score);
-    const float shrink = expf(m - top);
-    const float p = expf(score - top);
-    total = total * shrink + p;
-    const T* vr = vb + (long)key * D;
-    for (int j = 0; j < PER; ++j) acc[j] = acc[j] * shrink + p * static_cast<float>(vr[lane + 32 * j]);
-    m = top;
-  }
-  T* o = out + ((b * L + i) * H + bh % H) * D;
-  for (int j = 0; j < PER; ++j) o[lane + 32 * j] = static_cast<T>(acc[j] / total);
+  float qv[PER];
+  for (int j = 0; j < PER; ++j) qv[j] = static_cast<float>(q[warp * D + lane + 32 * j]);
+  attend_row<T, M, D>(qv, k + g * L * D, D, v + g * L * D, D, mask + (b * L + i) * L, L, SCALE,
+                      out + ((b * L + i) * H + bh % H) * D);
 )";
+
+// `kQkvHeads` and `kAttention` in one kernel for short sequences: a block per (batch row, q head,
+// QROWS query rows). Its warps norm and rotate the keys of the head's kv group into shared memory,
+// then each takes query rows: norm, rotation, attention (values read from the projection as
+// they are). The output is [B·L, H·D] token rows.
+constexpr const char* kQkvAttention = R"(
+  constexpr int S = H + 2 * HKV;
+  constexpr int PER = D / 32;
+  __shared__ alignas(16) unsigned char key_bytes[KCAP * D * sizeof(T)];
+  T* keys = reinterpret_cast<T*>(key_bytes);
+  const int L = qkv_shape[1];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  const int chunks = (L + QROWS - 1) / QROWS;
+  const int chunk = blockIdx.x % chunks;
+  const int h = (blockIdx.x / chunks) % H;
+  const long b = blockIdx.x / chunks / H;
+  const int g = h / (H / HKV);
+  const T* rows = qkv + b * L * (long)(S * D);
+  float x[PER];
+  for (int p = warp; p < L; p += warps) {
+    head_norm_rope<T, D, HALF>(rows + (long)p * S * D + (H + g) * D, kw, EPS, ROPE_SCALE * static_cast<float>(p),
+                               LOG2BASE, x);
+    for (int j = 0; j < PER; ++j) keys[p * D + lane + 32 * j] = static_cast<T>(x[j]);
+  }
+  __syncthreads();
+  const int i = chunk * QROWS + warp;
+  if (warp >= QROWS || i >= L) return;
+  head_norm_rope<T, D, HALF>(rows + (long)i * S * D + h * D, qw, EPS, ROPE_SCALE * static_cast<float>(i),
+                             LOG2BASE, x);
+  for (int j = 0; j < PER; ++j) x[j] = static_cast<float>(static_cast<T>(x[j]));
+  attend_row<T, M, D>(x, keys, D, rows + (H + HKV + g) * D, S * D, mask + (b * L + i) * L, L, ATTN_SCALE,
+                      out + ((b * L + i) * H + h) * D);
+)";
+
+// Whether the kernels taking a fused q/k/v projection apply (see qkv_heads).
+bool heads_fit(const mx::array& qkv, const mx::array& qw, const mx::array& kw, int b, int l, int heads,
+               int kv_heads, int head_dim, int dims) {
+  const auto dt = qkv.dtype();
+  return available() && is_float(dt) && qw.dtype() == dt && kw.dtype() == dt && heads > 0 &&
+         kv_heads > 0 && heads % kv_heads == 0 && qkv.ndim() == 2 && qkv.shape(0) == b * l &&
+         qkv.shape(1) == (heads + 2 * kv_heads) * head_dim && qw.size() == (size_t)head_dim &&
+         kw.size() == (size_t)head_dim && head_dim % 32 == 0 && head_dim <= 512 && dims % 2 == 0 &&
+         dims <= head_dim && (dims / 2) % 32 == 0 && b > 0 && l > 0;
+}
 
 }  // namespace
 
@@ -258,19 +320,16 @@ std::optional<std::vector<mx::array>> qkv_heads(const mx::array& qkv, const mx::
   const int slots = heads + 2 * kv_heads;
   const int half = dims / 2;
   const auto dt = qkv.dtype();
-  const bool fits = available() && is_float(dt) && qw.dtype() == dt && kw.dtype() == dt &&
-                    qkv.ndim() == 2 && qkv.shape(0) == b * l && qkv.shape(1) == slots * head_dim &&
-                    qw.size() == (size_t)head_dim && kw.size() == (size_t)head_dim &&
-                    head_dim % 32 == 0 && head_dim <= 512 && dims % 2 == 0 && dims <= head_dim &&
-                    half % 32 == 0 && b > 0 && l > 0;
   const long threads = (long)b * l * slots * 32;
-  if (!fits || threads > 0x7fffffffL) return std::nullopt;
+  if (!heads_fit(qkv, qw, kw, b, l, heads, kv_heads, head_dim, dims) || threads > 0x7fffffffL) {
+    return std::nullopt;
+  }
   const auto& kernel = cached("qkv " + literal(eps) + literal(base) + literal(scale), [&] {
     std::string src = replace_all(kQkvHeads, "EPS", literal(eps));
     src = replace_all(src, "LOG2BASE", literal(std::log2(base)));
     src = replace_all(src, "SCALE", literal(scale));
     return mx::fast::cuda_kernel("mlx_embed_qkv_heads", {"qkv", "qw", "kw"}, {"q", "k", "v"}, src,
-                                 kHeader);
+                                 std::string(kHeader) + kHeadNormRope);
   });
   auto rows = mx::reshape(qkv, {b, l, slots * head_dim});
   return kernel({rows, qw, kw},
@@ -339,7 +398,8 @@ std::optional<mx::array> attention(const mx::array& q, const mx::array& k, const
   if (!fits || threads > 0x7fffffffL) return std::nullopt;
   const auto& kernel = cached("attention " + literal(scale), [&] {
     return mx::fast::cuda_kernel("mlx_embed_attention", {"q", "k", "v", "mask"}, {"out"},
-                                 replace_all(kAttention, "SCALE", literal(scale)), kHeader);
+                                 replace_all(kAttention, "SCALE", literal(scale)),
+                                 std::string(kHeader) + kAttendRow);
   });
   // Written as [B, L, H, D] and returned as a [B, H, L, D] view of it: merging the heads of
   // each token afterwards needs no copy.
@@ -347,6 +407,38 @@ std::optional<mx::array> attention(const mx::array& q, const mx::array& k, const
                     {{"T", dt}, {"M", mask.dtype()}, {"D", d}, {"H", heads}, {"HKV", kv_heads}},
                     std::nullopt, false, {})[0];
   return mx::transpose(out, {0, 2, 1, 3});
+}
+
+std::optional<mx::array> qkv_attention(const mx::array& qkv, const mx::array& qw, const mx::array& kw,
+                                       float eps, int b, int l, int heads, int kv_heads, int head_dim,
+                                       int dims, float base, float rope_scale, float attn_scale,
+                                       const mx::array& mask) {
+  const auto dt = qkv.dtype();
+  // Keys of one kv head in shared memory: at most 40 KB of the 48 KB a block may hold.
+  const int key_cap = 40960 / (head_dim > 0 ? head_dim * (int)qkv.itemsize() : 1);
+  if (!heads_fit(qkv, qw, kw, b, l, heads, kv_heads, head_dim, dims) || !is_float(mask.dtype()) ||
+      mask.shape() != mx::Shape{b, 1, l, l} || l > key_cap ||
+      (long)b * heads * l * l > kMaxAttentionPairs) {
+    return std::nullopt;
+  }
+  constexpr int rows_per_block = 16;
+  const long blocks = (long)b * heads * ((l + rows_per_block - 1) / rows_per_block);
+  if (blocks * rows_per_block * 32 > 0x7fffffffL) return std::nullopt;
+  const auto& kernel = cached("qkv attention " + literal(eps) + literal(base) + literal(rope_scale) +
+                                  literal(attn_scale), [&] {
+    std::string src = replace_all(kQkvAttention, "ATTN_SCALE", literal(attn_scale));
+    src = replace_all(src, "ROPE_SCALE", literal(rope_scale));
+    src = replace_all(src, "EPS", literal(eps));
+    src = replace_all(src, "LOG2BASE", literal(std::log2(base)));
+    return mx::fast::cuda_kernel("mlx_embed_qkv_attention", {"qkv", "qw", "kw", "mask"}, {"out"}, src,
+                                 std::string(kHeader) + kHeadNormRope + kAttendRow);
+  });
+  auto rows = mx::reshape(qkv, {b, l, (heads + 2 * kv_heads) * head_dim});
+  return kernel({rows, qw, kw, mask}, {{b * l, heads * head_dim}}, {dt},
+                {(int)(blocks * rows_per_block * 32), 1, 1}, {rows_per_block * 32, 1, 1},
+                {{"T", dt}, {"M", mask.dtype()}, {"H", heads}, {"HKV", kv_heads}, {"D", head_dim},
+                 {"HALF", dims / 2}, {"KCAP", key_cap}, {"QROWS", rows_per_block}},
+                std::nullopt, false, {})[0];
 }
 
 }  // namespace mlx_embed::gpu_kernels

@@ -62,4 +62,14 @@ std::optional<mlx::core::array> attention(const mlx::core::array& q, const mlx::
                                           const mlx::core::array& v, float scale,
                                           const mlx::core::array& mask);
 
+// `qkv_heads` then `attention` in one kernel, for the batches `attention` takes whose keys of one
+// kv head fit in a block's shared memory: the attention output as [B·L, H·D] token rows (heads
+// side by side), the same values the two kernels give. `attn_scale` multiplies q·kᵀ;
+// `rope_scale` is qkv_heads' `scale`.
+std::optional<mlx::core::array> qkv_attention(const mlx::core::array& qkv, const mlx::core::array& qw,
+                                              const mlx::core::array& kw, float eps, int b, int l,
+                                              int heads, int kv_heads, int head_dim, int dims,
+                                              float base, float rope_scale, float attn_scale,
+                                              const mlx::core::array& mask);
+
 }  // namespace mlx_embed::gpu_kernels

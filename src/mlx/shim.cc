@@ -209,6 +209,18 @@ std::unique_ptr<ArrayList> qkv_heads(const array& qkv, const array& qw, const ar
   auto v = mx::transpose(part(heads + kv_heads, kv_heads), {0, 2, 1, 3});
   return std::make_unique<ArrayList>(ArrayList{{*q, *k, v}});
 }
+ArrayPtr qkv_attention(const array& qkv, const array& qw, const array& kw, float eps, int32_t b,
+                       int32_t l, int32_t heads, int32_t kv_heads, int32_t head_dim, int32_t dims,
+                       float base, float rope_scale, float attn_scale, const array& mask) {
+  if (auto fused = gpu_kernels::qkv_attention(qkv, qw, kw, eps, b, l, heads, kv_heads, head_dim,
+                                              dims, base, rope_scale, attn_scale, mask)) {
+    return own(std::move(*fused));
+  }
+  auto parts = qkv_heads(qkv, qw, kw, eps, b, l, heads, kv_heads, head_dim, dims, base, rope_scale);
+  auto a = scaled_dot_product_attention(parts->items[0], parts->items[1], parts->items[2],
+                                        attn_scale, mask);
+  return own(mx::reshape(mx::transpose(*a, {0, 2, 1, 3}), {b * l, heads * head_dim}));
+}
 ArrayPtr gated_halves(const array& gu, Activation act) {
   const bool silu = act == Activation::Silu;
   if (auto fused = gpu_kernels::gated_halves(gu, silu ? gpu_kernels::Act::Silu : gpu_kernels::Act::GeluTanh)) {

@@ -92,6 +92,10 @@ std::unique_ptr<ArrayList> qkv_heads(const array& qkv, const array& qw, const ar
 ArrayPtr gated_halves(const array& gu, Activation act);
 std::unique_ptr<ArrayList> residual_rms_norm(const array& x, const array& y, const ArrayList& post,
                                              float post_eps, const array& w, float eps, Dtype out);
+// qkv_heads, then attention with `mask` (additive, [B, 1, L, L]), heads merged: [B·L, H·D].
+ArrayPtr qkv_attention(const array& qkv, const array& qw, const array& kw, float eps, int32_t b,
+                       int32_t l, int32_t heads, int32_t kv_heads, int32_t head_dim, int32_t dims,
+                       float base, float rope_scale, float attn_scale, const array& mask);
 ArrayPtr scaled_dot_product_attention(const array& q, const array& k, const array& v, float scale,
                                       const array& mask);
 ArrayPtr quantized_matmul(const array& x, const array& w, const array& scales, const array& biases,

@@ -74,24 +74,24 @@ impl Attention {
         // 1. Project, split heads: [B·L, H·D] → [B, L, H, D].
         // 2. q and k: norm each head, rotary positions 0..L (batches are right-padded, so every
         //    row starts at 0) → [B, H, L, D]; v → [B, H, L, D].
-        let (q, k, v) = match &self.qkv {
-            Qkv::Fused(proj) => proj.forward(x)?.qkv_heads(
+        // 3. Attention [B, H, L, D] (grouped KV heads broadcast), merge heads → [B·L, H·D].
+        let a = match &self.qkv {
+            Qkv::Fused(proj) => proj.forward(x)?.qkv_attention(
                 &self.q_norm.weight, &self.k_norm.weight, self.q_norm.eps, (b, l), (s.heads, s.kv_heads, s.head_dim),
-                s.head_dim, self.rope_base, self.rope_scale,
+                s.head_dim, (self.rope_base, self.rope_scale), self.scale, mask,
             )?,
             Qkv::Separate { q, k, v } => {
                 let split = |proj: &Linear, n: i32| proj.forward(x)?.reshape(&[b, l, n, s.head_dim]);
                 let rotate = |t: Array, norm: &RmsNorm| norm.forward_rope(&t, s.head_dim, self.rope_base, self.rope_scale);
-                (
+                let (q, k, v) = (
                     rotate(split(q, s.heads)?, &self.q_norm)?,
                     rotate(split(k, s.kv_heads)?, &self.k_norm)?,
                     split(v, s.kv_heads)?.transpose(&[0, 2, 1, 3])?,
-                )
+                );
+                let a = Array::attention(&q, &k, &v, self.scale, mask)?;
+                a.transpose(&[0, 2, 1, 3])?.reshape(&[b * l, s.heads * s.head_dim])?
             }
         };
-        // 3. Attention [B, H, L, D] (grouped KV heads broadcast), merge heads → [B·L, H·D].
-        let a = Array::attention(&q, &k, &v, self.scale, mask)?;
-        let a = a.transpose(&[0, 2, 1, 3])?.reshape(&[b * l, s.heads * s.head_dim])?;
         Ok(self.o_proj.forward(&a)?)
     }
 }

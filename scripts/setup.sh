@@ -13,7 +13,9 @@
 #     (PyPI, scripts/requirements-deploy-check.txt) into .tools/deploy-check, the Prometheus
 #     operator's CRD schemas (npm, scripts/deploy-check/) into .tools/deploy-check/node, kubectl
 #     for `kubectl kustomize` (Debian's kubernetes-client, unpacked into .tools/kubectl) and
-#     systemd-analyze (Debian's systemd).
+#     systemd-analyze (Debian's systemd);
+#   - NVIDIA's runtime compiler with the CUDA headers (PyPI, scripts/requirements-nvrtc-check.txt)
+#     into .tools/nvrtc, on Linux x86_64: a test compiles the CUDA kernels without a GPU.
 # Idempotent: a second run only checks. Usage: scripts/setup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -84,4 +86,15 @@ if [ "$(uname -s)" = Linux ]; then
     rm -rf "$tmp"
   fi
   command -v systemd-analyze >/dev/null || apt_install systemd
+fi
+
+if [ "$(uname -s)-$(uname -m)" = Linux-x86_64 ]; then
+  nvrtc_pins=$(cksum < scripts/requirements-nvrtc-check.txt)
+  if [ "$(cat .tools/nvrtc/.installed 2>/dev/null)" != "$nvrtc_pins" ]; then
+    echo "setup: installing NVRTC and CUDA headers (scripts/requirements-nvrtc-check.txt) into .tools/nvrtc"
+    rm -rf .tools/nvrtc
+    python3 -m pip install -q --disable-pip-version-check --no-deps --only-binary=:all: \
+      --target .tools/nvrtc -r scripts/requirements-nvrtc-check.txt
+    echo "$nvrtc_pins" > .tools/nvrtc/.installed
+  fi
 fi

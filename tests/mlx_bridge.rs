@@ -478,3 +478,34 @@ fn copying_out_a_submitted_array_does_not_wait_for_work_submitted_after_it() {
     big.eval().unwrap();
     assert!(big.is_available());
 }
+
+/// The CUDA kernels' sources compile with NVIDIA's runtime compiler for Ampere and Hopper in
+/// every compute dtype, put together as MLX puts them together (scripts/check-cuda-kernels.py):
+/// MLX compiles them only when a model first runs on an NVIDIA GPU, which these machines lack.
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+#[test]
+fn the_cuda_kernels_compile_for_nvidia_gpus() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new("python3")
+        .arg(root.join("scripts/check-cuda-kernels.py"))
+        .arg(root.join(".tools/nvrtc"))
+        .output()
+        .expect("running python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    // Every kernel the bridge builds was among them.
+    let source = std::fs::read_to_string(root.join("src/mlx/gpu_kernels.cc")).unwrap();
+    let names: std::collections::BTreeSet<&str> = source
+        .split('"')
+        .filter(|s| s.starts_with("mlx_embed_") && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        .collect();
+    assert!(names.len() >= 6, "{names:?}");
+    for name in names {
+        for dtype in ["__nv_bfloat16", "__half", "float"] {
+            for arch in ["compute_80", "compute_90a"] {
+                let line = format!("{name} {dtype} {arch}: ok");
+                assert!(stdout.lines().any(|l| l == line), "no `{line}` in:\n{stdout}");
+            }
+        }
+    }
+}

@@ -23,6 +23,8 @@ namespace {
 
 // Helpers shared by the kernels' sources.
 constexpr const char* kHeader = R"(
+#include <cuda/std/limits>
+
 __device__ inline float warp_sum(float v) {
   for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
@@ -226,13 +228,14 @@ __device__ inline void attend_row(const float (&qv)[D / 32], const T* kb, long k
   const int lane = threadIdx.x % 32;
   float acc[PER];
   for (int j = 0; j < PER; ++j) acc[j] = 0.f;
-  float m = -INFINITY, total = 0.f;
+  const float blocked = -cuda::std::numeric_limits<float>::infinity();
+  float m = blocked, total = 0.f;
   for (int key = 0; key < L; ++key) {
     const T* kr = kb + key * kstride;
     float dot = 0.f;
     for (int j = 0; j < PER; ++j) dot += qv[j] * static_cast<float>(kr[lane + 32 * j]);
     const float score = warp_sum(dot) * scale + static_cast<float>(mr[key]);
-    if (score == -INFINITY) continue;
+    if (score == blocked) continue;
     const float top = fmaxf(m, score);
     const float shrink = expf(m - top);
     const float p = expf(score - top);

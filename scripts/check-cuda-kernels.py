@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""Compiles the CUDA kernels of src/mlx/gpu_kernels.cc with NVRTC, put together the way MLX's
+`fast::cuda_kernel` puts them together (MLX's device header, the kernel's header, its parameters,
+its template arguments as constants, the body), for each compute dtype, for Ampere and Hopper.
+Without this, those sources are compiled only when a model first runs on an NVIDIA GPU.
+
+    python3 scripts/check-cuda-kernels.py [NVRTC_DIR]
+
+NVRTC_DIR holds the pinned NVIDIA wheels of scripts/requirements-nvrtc-check.txt (scripts/setup.sh
+installs them into .tools/nvrtc, the default). Before the kernels, a copy of one with a name
+that does not exist must fail to compile: a check that cannot fail proves nothing. Exits non-zero
+when any kernel fails, printing NVRTC's log.
+"""
+import ctypes
+import pathlib
+import re
+import struct
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SOURCE = ROOT / "src/mlx/gpu_kernels.cc"
+
+# MLX embeds its device headers in libmlx; the kernels use these parts of
+# mlx/backend/cuda/device/utils.cuh (MLX 0.32): the bf16 and f16 types and the Shape of an input.
+UTILS_CUH = """
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda/std/array>
+#include <cuda/std/limits>
+namespace mlx::core::cu {
+using Shape = cuda::std::array<int32_t, 10>;
+using Strides = cuda::std::array<int64_t, 10>;
+}
+"""
+
+
+def literal(v):
+    """A float as the kernels' sources write it (gpu_kernels.cc: `literal`)."""
+    return "__int_as_float((int)0x%08xu)" % struct.unpack("<I", struct.pack("<f", v))[0]
+
+
+def kernels(t):
+    """Every kernel for compute dtype `t` (its CUDA name): (name, header sources, body source,
+    inputs, outputs, template arguments, placeholder replacements), with the values of
+    Qwen3-Embedding-0.6B and EmbeddingGemma-300m where a size matters."""
+    vec = 4 if t == "float" else 8
+    key_cap = 40960 // (256 * (4 if t == "float" else 2))
+    eps, scale = literal(1e-6), literal(0.0625)
+    return [
+        ("mlx_embed_qkv_heads", ["kHeader", "kHeadNormRope"], "kQkvHeads",
+         [("qkv", t), ("qw", t), ("kw", t)], [("q", t), ("k", t), ("v", t)],
+         [("T", t), ("H", 16), ("HKV", 8), ("D", 128), ("HALF", 64)],
+         [("EPS", eps), ("LOG2BASE", literal(19.93)), ("SCALE", literal(1.0))]),
+        ("mlx_embed_gated", ["kHeader"], "kGated", [("gu", t)], [("out", t)],
+         [("T", t), ("I", 3072), ("V", vec), ("GELU", True)], []),
+        ("mlx_embed_residual_norm", ["kHeader"], "kResidualNorm",
+         [("x", "float"), ("y", t), ("w", "float")], [("xo", "float"), ("h", t)],
+         [("T", t), ("U", t), ("E", 1024), ("POST", False)],
+         [("POST_EPS", eps), ("EPS", eps), ("POST_W", "w")]),
+        ("mlx_embed_residual_post_norm", ["kHeader"], "kResidualNorm",
+         [("x", "float"), ("y", t), ("w", "float"), ("pw", t)], [("xo", "float"), ("h", t)],
+         [("T", t), ("U", t), ("E", 768), ("POST", True)],
+         [("POST_EPS", eps), ("EPS", eps), ("POST_W", "pw")]),
+        ("mlx_embed_attention", ["kHeader", "kAttendRow"], "kAttention",
+         [("q", t), ("k", t), ("v", t), ("mask", t)], [("out", t)],
+         [("T", t), ("M", t), ("D", 128), ("H", 16), ("HKV", 8)], [("SCALE", scale)]),
+        ("mlx_embed_qkv_attention", ["kHeader", "kHeadNormRope", "kAttendRow"], "kQkvAttention",
+         [("qkv", t), ("qw", t), ("kw", t), ("mask", t)], [("out", t)],
+         [("T", t), ("M", t), ("H", 3), ("HKV", 1), ("D", 256), ("HALF", 128), ("KCAP", key_cap),
+          ("QROWS", 16)],
+         [("ATTN_SCALE", scale), ("ROPE_SCALE", literal(1.0)), ("EPS", eps),
+          ("LOG2BASE", literal(13.29))]),
+    ]
+
+
+def assemble(raw, name, headers, body, inputs, outputs, targs, replacements):
+    """The source MLX's `cuda_kernel` compiles (mlx/backend/cuda/custom_kernel.cpp)."""
+    body = raw[body]
+    for placeholder, value in replacements:
+        body = body.replace(placeholder, value)
+    params = []
+    for n, t in inputs:
+        params.append("    const %s* %s" % (t, n))
+        if n + "_shape" in body:
+            params.append("    const __grid_constant__ Shape %s_shape" % n)
+    params += ["    %s* %s" % (t, n) for n, t in outputs]
+    consts = []
+    for n, v in targs:
+        if isinstance(v, bool):
+            consts.append("  constexpr bool %s = %s;" % (n, "true" if v else "false"))
+        elif isinstance(v, int):
+            consts.append("  constexpr int %s = %d;" % (n, v))
+        else:
+            consts.append("  using %s = %s;" % (n, v))
+    return ('#include "mlx/backend/cuda/device/utils.cuh"\n\n#include <cooperative_groups.h>\n\n'
+            + "".join(raw[h] for h in headers)
+            + "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n"
+            + "__global__ void %s(\n%s) {\n%s\n\n%s\n}\n\n} // namespace mlx::core::cu\n"
+            % (name, ",\n".join(params), "\n".join(consts), body))
+
+
+class Nvrtc:
+    def __init__(self, root):
+        libs = sorted(root.glob("nvidia/cu*/lib/libnvrtc.so.*"))
+        incs = sorted(root.glob("nvidia/cu*/include"))
+        if not libs or not incs:
+            sys.exit(f"check-cuda-kernels: no NVRTC under {root} (scripts/setup.sh installs it)")
+        # NVRTC opens its builtins by name: loaded first, they are found.
+        for builtins in sorted(root.glob("nvidia/cu*/lib/libnvrtc-builtins.so.*")):
+            ctypes.CDLL(str(builtins), mode=ctypes.RTLD_GLOBAL)
+        self.lib = ctypes.CDLL(str(libs[-1]))
+        inc = incs[-1]
+        self.includes = [f"--include-path={inc}".encode(), f"--include-path={inc / 'cccl'}".encode()]
+
+    def compile(self, label, source, arch):
+        """NVRTC's log, and whether it compiled."""
+        prog = ctypes.c_void_p()
+        headers = (ctypes.c_char_p * 1)(UTILS_CUH.encode())
+        names = (ctypes.c_char_p * 1)(b"mlx/backend/cuda/device/utils.cuh")
+        if self.lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), f"{label}.cu".encode(),
+                                       1, headers, names) != 0:
+            sys.exit("check-cuda-kernels: nvrtcCreateProgram failed")
+        # MLX's options (mlx/backend/cuda/jit_module.cpp): device code by default, the device's
+        # architecture ("a" on Hopper and later).
+        opts = [b"--device-as-default-execution-space", f"--gpu-architecture={arch}".encode()]
+        opts += self.includes
+        result = self.lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+        size = ctypes.c_size_t()
+        self.lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value + 1)
+        self.lib.nvrtcGetProgramLog(prog, log)
+        self.lib.nvrtcDestroyProgram(ctypes.byref(prog))
+        return log.value.decode(errors="replace"), result == 0
+
+
+def main():
+    nvrtc = Nvrtc(pathlib.Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / ".tools/nvrtc")
+    text = SOURCE.read_text()
+    raw = dict(re.findall(r'constexpr const char\* (k\w+) = R"\((.*?)\)";', text, re.S))
+    listed = {part for k in kernels("float") for part in k[1] + [k[2]]}
+    unchecked = sorted(set(raw) - listed)
+    if unchecked:
+        sys.exit(f"check-cuda-kernels: {', '.join(unchecked)} in {SOURCE.name} not checked: add them to kernels()")
+
+    # The check itself: a kernel using a name that does not exist must be refused.
+    name, headers, body, *rest = kernels("float")[0]
+    broken = dict(raw, **{body: raw[body] + "\n  undefined_name_for_the_check = 0;"})
+    log, ok = nvrtc.compile("broken", assemble(broken, name, headers, body, *rest), "compute_90a")
+    if ok or "undefined_name_for_the_check" not in log:
+        sys.exit(f"check-cuda-kernels: a broken kernel compiled, the check proves nothing:\n{log}")
+
+    failed = 0
+    for t in ["__nv_bfloat16", "__half", "float"]:
+        for kernel in kernels(t):
+            source = assemble(raw, *kernel)
+            for arch in ["compute_80", "compute_90a"]:
+                log, ok = nvrtc.compile(kernel[0], source, arch)
+                print(f"{kernel[0]} {t} {arch}: {'ok' if ok else 'FAILED'}")
+                if not ok or "warning" in log:
+                    print(log)
+                failed += not ok
+    if failed:
+        sys.exit(f"check-cuda-kernels: {failed} kernel builds failed")
+
+
+if __name__ == "__main__":
+    main()

@@ -42,7 +42,7 @@ pub struct Options {
     pub api_key: Option<String>,
     /// Print a progress line this often (with the server's RSS when `metrics` is known).
     pub progress: Option<Duration>,
-    /// The server's Prometheus endpoint (host:port), for its resident memory.
+    /// The server's Prometheus endpoint (host:port), for its resident memory and stage times.
     pub metrics: Option<String>,
     pub seed: u64,
 }
@@ -76,6 +76,11 @@ pub struct Report {
     /// Open loop: requests that could not start on time because `max_outstanding` were open.
     pub late_starts: u64,
     pub server_rss_bytes: Option<RssSamples>,
+    /// Mean milliseconds per Embed request in each of the server's stages (`tokenize`, `queue`,
+    /// `launch`, `inference`, `serialize`) over the measured window, from its stage histograms
+    /// (with `metrics`; every client of the model counts, and requests that straddle the
+    /// window's edges count where the server finished them).
+    pub server_stages_ms: Option<BTreeMap<String, f64>>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -309,10 +314,48 @@ pub async fn connect(addr: &str, connections: usize) -> anyhow::Result<Vec<Embed
     Ok(clients)
 }
 
+fn scrape(metrics: &str) -> Option<String> {
+    ureq::get(&format!("http://{metrics}/metrics")).call().ok()?.body_mut().read_to_string().ok()
+}
+
 /// The server's resident memory from its Prometheus endpoint.
 pub fn server_rss(metrics: &str) -> Option<f64> {
-    let text = ureq::get(&format!("http://{metrics}/metrics")).call().ok()?.body_mut().read_to_string().ok()?;
-    text.lines().find_map(|l| l.strip_prefix(crate::metrics::RSS)?.strip_prefix(' ')?.trim().parse().ok())
+    scrape(metrics)?.lines().find_map(|l| l.strip_prefix(crate::metrics::RSS)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Sum (seconds) and count of each stage of `model`'s Embed requests, from an exposition text.
+pub fn stage_totals(text: &str, model: &str) -> BTreeMap<String, (f64, f64)> {
+    let mut totals: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    let prefix = format!("{}_", crate::metrics::STAGE_DURATION);
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(&prefix) else { continue };
+        let (is_sum, rest) = match (rest.strip_prefix("sum{"), rest.strip_prefix("count{")) {
+            (Some(r), _) => (true, r),
+            (_, Some(r)) => (false, r),
+            _ => continue,
+        };
+        let Some((labels, value)) = rest.rsplit_once("} ") else { continue };
+        let Ok(value) = value.trim().parse::<f64>() else { continue };
+        let label = |name: &str| {
+            let start = labels.find(&format!("{name}=\""))? + name.len() + 2;
+            labels[start..].find('"').map(|end| &labels[start..start + end])
+        };
+        if label("model") != Some(model) {
+            continue;
+        }
+        let Some(stage) = label("stage") else { continue };
+        let entry = totals.entry(stage.to_string()).or_default();
+        if is_sum { entry.0 = value } else { entry.1 = value }
+    }
+    totals
+}
+
+/// Mean milliseconds per request in each stage between two readings of [`stage_totals`].
+pub fn stage_means(before: &BTreeMap<String, (f64, f64)>, after: &BTreeMap<String, (f64, f64)>) -> BTreeMap<String, f64> {
+    after.iter().filter_map(|(stage, &(sum, count))| {
+        let (sum0, count0) = before.get(stage).copied().unwrap_or_default();
+        (count > count0).then(|| (stage.clone(), (sum - sum0) / (count - count0) * 1e3))
+    }).collect()
 }
 
 /// Runs the load: warm-up (not counted), then `duration` measured.
@@ -323,6 +366,14 @@ pub async fn run(clients: Vec<EmbeddingServiceClient<Channel>>, options: Options
     let measure_from = started + options.warmup;
     let end = measure_from + options.duration;
     let rss: Arc<Mutex<Vec<(f64, f64)>>> = Arc::default();
+    // The server's stage totals as the measured window opens.
+    let stages_before = options.metrics.clone().map(|m| {
+        let model = options.model.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(measure_from.into()).await;
+            tokio::task::spawn_blocking(move || scrape(&m).map(|t| stage_totals(&t, &model))).await.ok().flatten()
+        })
+    });
 
     // Progress and RSS samples.
     let sampler = {
@@ -418,6 +469,17 @@ pub async fn run(clients: Vec<EmbeddingServiceClient<Channel>>, options: Options
             samples.push((seconds, b));
         }
     }
+    let server_stages_ms = match (stages_before, options.metrics.clone()) {
+        (Some(before), Some(m)) => {
+            let model = options.model.clone();
+            let after = tokio::task::spawn_blocking(move || scrape(&m).map(|t| stage_totals(&t, &model))).await.ok().flatten();
+            match (before.await.ok().flatten(), after) {
+                (Some(b), Some(a)) => Some(stage_means(&b, &a)),
+                _ => None,
+            }
+        }
+        _ => None,
+    };
     let server_rss_bytes = (!samples.is_empty()).then(|| RssSamples {
         start: samples[0].1,
         end: samples[samples.len() - 1].1,
@@ -441,6 +503,7 @@ pub async fn run(clients: Vec<EmbeddingServiceClient<Channel>>, options: Options
         expected_errors: tally.expected,
         late_starts: tally.late,
         server_rss_bytes,
+        server_stages_ms,
     }
 }
 
@@ -474,6 +537,12 @@ impl Report {
             out += &format!("server RSS   start {:.1} MiB, end {:.1} MiB, max {:.1} MiB ({} samples)\n",
                 r.start / 1048576.0, r.end / 1048576.0, r.max / 1048576.0, r.samples.len());
         }
+        if let Some(stages) = self.server_stages_ms.as_ref().filter(|s| !s.is_empty()) {
+            let parts: Vec<String> = crate::metrics::STAGES.iter()
+                .filter_map(|st| stages.get(*st).map(|ms| format!("{st} {ms:.2}")))
+                .collect();
+            out += &format!("server stages, mean ms per request: {}\n", parts.join(" · "));
+        }
         out
     }
 }
@@ -489,6 +558,26 @@ mod tests {
         assert!((l.mean - 50.5).abs() < 1e-9);
         let one = Latency::of(vec![7.0]);
         assert_eq!((one.p50, one.p99), (7.0, 7.0));
+    }
+
+    #[test]
+    fn stage_means_come_from_the_histograms_of_the_model_over_the_window() {
+        let text = |queue_sum: f64, queue_count: u64, other: f64| format!(
+            "# TYPE mlx_embed_stage_duration_seconds histogram\n\
+             mlx_embed_stage_duration_seconds_bucket{{model=\"q\",stage=\"queue\",le=\"0.025\"}} {queue_count}\n\
+             mlx_embed_stage_duration_seconds_sum{{model=\"q\",stage=\"queue\"}} {queue_sum}\n\
+             mlx_embed_stage_duration_seconds_count{{model=\"q\",stage=\"queue\"}} {queue_count}\n\
+             mlx_embed_stage_duration_seconds_sum{{model=\"q\",stage=\"launch\"}} 0.5\n\
+             mlx_embed_stage_duration_seconds_count{{model=\"q\",stage=\"launch\"}} 10\n\
+             mlx_embed_stage_duration_seconds_sum{{model=\"q2\",stage=\"queue\"}} {other}\n\
+             mlx_embed_stage_duration_seconds_count{{model=\"q2\",stage=\"queue\"}} 7\n");
+        let before = stage_totals(&text(1.0, 10, 3.0), "q");
+        assert_eq!(before["queue"], (1.0, 10.0));
+        let after = stage_totals(&text(1.3, 13, 9.0), "q");
+        let means = stage_means(&before, &after);
+        // 0.3 s over 3 requests; the other model and a stage with no new requests are left out.
+        assert!((means["queue"] - 100.0).abs() < 1e-9, "{means:?}");
+        assert_eq!(means.len(), 1, "{means:?}");
     }
 
     #[test]

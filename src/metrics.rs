@@ -63,7 +63,7 @@ pub const REFUSED: &str = "mlx_embed_requests_refused_total";
 pub const BUILD_INFO: &str = "mlx_embed_build_info";
 
 /// The stages of an Embed request.
-pub const STAGES: [&str; 4] = ["tokenize", "queue", "inference", "serialize"];
+pub const STAGES: [&str; 5] = ["tokenize", "queue", "launch", "inference", "serialize"];
 
 /// Latency buckets (seconds): fine steps up to and around the 25 ms target, coarse beyond.
 pub const LATENCY_BUCKETS: [f64; 27] = [
@@ -98,7 +98,7 @@ pub fn install() -> PrometheusHandle {
 
 fn describe() {
     describe_histogram!(REQUEST_DURATION, Unit::Seconds, "End-to-end latency of an RPC, by rpc and model.");
-    describe_histogram!(STAGE_DURATION, Unit::Seconds, "Time of one stage of an Embed request (tokenize, queue, inference, serialize).");
+    describe_histogram!(STAGE_DURATION, Unit::Seconds, "Time of one stage of an Embed request (tokenize, queue, launch, inference, serialize).");
     describe_counter!(REQUESTS, "Finished RPCs by rpc, model and gRPC status code.");
     describe_counter!(ITEMS, "Embed items by model and kind (text, vector).");
     describe_counter!(TOKENS, "Tokens run through the model, without padding.");

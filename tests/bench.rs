@@ -1,5 +1,6 @@
 //! `mlx-embed bench`: against a server it starts (closed loop, the soak workload's every kind of
-//! call) and against a running one (open loop at a fixed rate), reporting JSON that adds up.
+//! call) and against a running one (open loop at a fixed rate, with the server's stage times),
+//! reporting JSON that adds up.
 
 mod common;
 
@@ -58,4 +59,13 @@ fn an_open_loop_against_a_running_server_keeps_its_rate() {
     assert_eq!(r["load"], serde_json::json!({"qps": 40.0}));
     check_latency(&r);
     assert!(r["server_rss_bytes"]["start"].as_f64().unwrap() > 1e6, "{r}");
+    // Where the server's time went, per request, from its stage histograms: inside the latency
+    // the client saw.
+    let stages = r["server_stages_ms"].as_object().unwrap_or_else(|| panic!("no server stages: {r}"));
+    for stage in ["tokenize", "queue", "launch", "inference", "serialize"] {
+        assert!(stages[stage].as_f64().is_some_and(|ms| ms >= 0.0), "{stage}: {r}");
+    }
+    assert!(stages["launch"].as_f64().unwrap() > 0.0 && stages["inference"].as_f64().unwrap() > 0.0, "{r}");
+    let server: f64 = stages.values().map(|v| v.as_f64().unwrap()).sum();
+    assert!(server <= r["latency_ms"]["max"].as_f64().unwrap(), "{r}");
 }

@@ -84,6 +84,26 @@ async fn concurrent_requests_for_two_models_are_batched_and_exact() {
 }
 
 #[tokio::test]
+async fn a_requests_time_splits_into_waiting_launching_and_inference() {
+    let _g = mlx_lock();
+    // A lone text waits `max_wait` for company: that is queue time, not launch time.
+    let wait = Duration::from_millis(60);
+    let engine = Running(EngineHandle::start(vec![spec("q", "qwen3-tiny")], Limits { max_wait: wait, ..limits() }, 100));
+    let ModelStatus::Ready(pre) = ready(&engine, 0).await else { panic!("qwen3-tiny failed to load") };
+    let ids = pre.tokenize("", "how long does a lone query wait", None, Truncation::Right).unwrap().ids;
+    for _ in 0..3 {
+        let t = std::time::Instant::now();
+        let e = engine.embed_timed(0, vec![ids.clone()]).await.unwrap();
+        let elapsed = t.elapsed();
+        assert!(e.queue >= wait - Duration::from_millis(2), "{e:?}");
+        // Building and submitting the graph of a tiny model: well under the batch wait.
+        assert!(e.launch > Duration::ZERO && e.launch < wait, "{e:?}");
+        assert!(e.inference > Duration::ZERO, "{e:?}");
+        assert!(e.queue + e.launch + e.inference <= elapsed, "{e:?} in {elapsed:?}");
+    }
+}
+
+#[tokio::test]
 async fn a_model_that_fails_to_load_is_reported_and_the_others_serve() {
     let _g = mlx_lock();
     let missing = LoadSpec { name: "gone".into(), files: ModelFiles::Folder("/nonexistent".into()), options: LoadOptions::default() };

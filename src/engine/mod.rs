@@ -111,8 +111,12 @@ impl Slot {
 #[derive(Debug)]
 pub struct Embedded {
     pub vectors: Vec<Vec<f32>>,
-    /// From submission to the start of its first text's forward pass (the device free for it).
+    /// From submission until the engine starts building the batch of its first text (waiting
+    /// in the queue and for the batch to fill).
     pub queue: Duration,
+    /// From then until the device turns to that batch: building the batch's graph and handing
+    /// it to the device (and, under load, the batch before it finishing).
+    pub launch: Duration,
     /// From then to its last text's vector.
     pub inference: Duration,
 }
@@ -251,7 +255,7 @@ impl EngineHandle {
     /// [`EngineHandle::embed`], with the time spent queued and in inference.
     pub async fn embed_timed(&self, model: usize, seqs: Vec<Vec<u32>>) -> Result<Embedded, EngineError> {
         if seqs.is_empty() {
-            return Ok(Embedded { vectors: vec![], queue: Duration::ZERO, inference: Duration::ZERO });
+            return Ok(Embedded { vectors: vec![], queue: Duration::ZERO, launch: Duration::ZERO, inference: Duration::ZERO });
         }
         let slot = &self.slots[model];
         if !matches!(*slot.status.borrow(), ModelStatus::Ready(_)) {
@@ -278,6 +282,8 @@ struct Pending {
     reply: oneshot::Sender<Result<Embedded, EngineError>>,
     /// When the request was handed to the engine.
     accepted: Instant,
+    /// When the engine began building the batch of its first text.
+    launched: Option<Instant>,
     /// When its first text's forward pass started.
     started: Option<Instant>,
 }
@@ -465,7 +471,7 @@ impl Engine {
         for (index, ids) in job.seqs.into_iter().enumerate() {
             self.queues[job.model].push(Seq { job: id, index, ids, enqueued: now });
         }
-        self.jobs.insert(id, Pending { out: vec![None; n], remaining: n, reply: job.reply, accepted: job.submitted, started: None });
+        self.jobs.insert(id, Pending { out: vec![None; n], remaining: n, reply: job.reply, accepted: job.submitted, launched: None, started: None });
     }
 
     fn drop_abandoned(&mut self) {
@@ -513,6 +519,12 @@ impl Engine {
     }
 
     fn launch(&mut self, m: usize, batch: Vec<Seq>) {
+        let now = Instant::now();
+        for s in &batch {
+            if let Some(p) = self.jobs.get_mut(&s.job) {
+                p.launched.get_or_insert(now);
+            }
+        }
         self.slots[m].add_queued(-(batch.len() as isize));
         record_batch(&self.slots[m].name, &batch);
         let refs: Vec<&[u32]> = batch.iter().map(|s| s.ids.as_slice()).collect();
@@ -625,7 +637,13 @@ impl Engine {
             let vectors = p.out.into_iter().map(|v| v.expect("every index delivered once")).collect();
             let now = Instant::now();
             let started = p.started.unwrap_or(now);
-            let _ = p.reply.send(Ok(Embedded { vectors, queue: started - p.accepted, inference: now - started }));
+            let launched = p.launched.unwrap_or(started).min(started);
+            let _ = p.reply.send(Ok(Embedded {
+                vectors,
+                queue: launched.saturating_duration_since(p.accepted),
+                launch: started - launched,
+                inference: now - started,
+            }));
         }
     }
 }

@@ -1,7 +1,7 @@
 //! What each RPC leaves behind: its request id, its metrics (latency, status code, stage times)
 //! and its log line, and the stage times in the response metadata, in milliseconds, under the
 //! names text-embeddings-inference uses (`x-tokenization-time`, `x-queue-time`,
-//! `x-inference-time`, plus `x-serialization-time` and `x-total-time`). A call the client
+//! `x-inference-time`, plus `x-launch-time`, `x-serialization-time` and `x-total-time`). A call the client
 //! abandons is recorded as CANCELLED when its handler is dropped.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,6 +19,7 @@ pub struct Timings {
     pub texts: usize,
     pub tokenize: Duration,
     pub queue: Duration,
+    pub launch: Duration,
     pub inference: Duration,
     pub serialize: Duration,
 }
@@ -30,7 +31,8 @@ impl Timings {
         if self.texts == 0 {
             return;
         }
-        for (stage, d) in [("tokenize", self.tokenize), ("queue", self.queue), ("inference", self.inference), ("serialize", self.serialize)] {
+        let stages = [("tokenize", self.tokenize), ("queue", self.queue), ("launch", self.launch), ("inference", self.inference), ("serialize", self.serialize)];
+        for (stage, d) in stages {
             ::metrics::histogram!(metrics::STAGE_DURATION, "model" => model.to_string(), "stage" => stage).record(d.as_secs_f64());
         }
     }
@@ -83,10 +85,11 @@ impl Call {
                     t.record(model);
                     put(md, "x-tokenization-time", &ms(t.tokenize));
                     put(md, "x-queue-time", &ms(t.queue));
+                    put(md, "x-launch-time", &ms(t.launch));
                     put(md, "x-inference-time", &ms(t.inference));
                     put(md, "x-serialization-time", &ms(t.serialize));
                     tracing::debug!(rpc, model, request_id = id, total_ms = %ms(total), tokenize_ms = %ms(t.tokenize),
-                        queue_ms = %ms(t.queue), inference_ms = %ms(t.inference), "ok");
+                        queue_ms = %ms(t.queue), launch_ms = %ms(t.launch), inference_ms = %ms(t.inference), "ok");
                 } else {
                     tracing::debug!(rpc, model, request_id = id, total_ms = %ms(total), "ok");
                 }

@@ -118,7 +118,7 @@ impl Inner {
         let total_tokens: u64 = encoded.iter().map(|e| e.ids.len() as u64).sum();
         let meta: Vec<(u32, bool)> = encoded.iter().map(|e| (e.ids.len() as u32, e.truncated)).collect();
         let embedded = self.engine.embed_timed(idx, encoded.into_iter().map(|e| e.ids).collect()).await?;
-        (timings.queue, timings.inference) = (embedded.queue, embedded.inference);
+        (timings.queue, timings.launch, timings.inference) = (embedded.queue, embedded.launch, embedded.inference);
         let serializing = Instant::now();
         for (((i, _), v), (count, truncated)) in texts.iter().zip(embedded.vectors).zip(meta) {
             out[*i] = Some(convert::encode(crate::models::finish(v, dims, normalize), encoding, count, truncated));

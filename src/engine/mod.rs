@@ -252,7 +252,7 @@ impl EngineHandle {
         Ok(self.embed_timed(model, seqs).await?.vectors)
     }
 
-    /// [`EngineHandle::embed`], with the time spent queued and in inference.
+    /// [`EngineHandle::embed`], with where the time went (queued, launching, in inference).
     pub async fn embed_timed(&self, model: usize, seqs: Vec<Vec<u32>>) -> Result<Embedded, EngineError> {
         if seqs.is_empty() {
             return Ok(Embedded { vectors: vec![], queue: Duration::ZERO, launch: Duration::ZERO, inference: Duration::ZERO });

@@ -115,7 +115,8 @@ pub struct Embedded {
     /// in the queue and for the batch to fill).
     pub queue: Duration,
     /// From then until the device turns to that batch: building the batch's graph and handing
-    /// it to the device (and, under load, the batch before it finishing).
+    /// it to the device (and, under load, the batch before it finishing). On the CPU, MLX
+    /// computes most of a batch as it is handed over.
     pub launch: Duration,
     /// From then to its last text's vector.
     pub inference: Duration,

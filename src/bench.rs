@@ -81,6 +81,9 @@ pub struct Report {
     /// (with `metrics`; every client of the model counts, and requests that straddle the
     /// window's edges count where the server finished them).
     pub server_stages_ms: Option<BTreeMap<String, f64>>,
+    /// Padded batch shapes the server met for the first time during the measured window (with
+    /// `metrics`): each one's first forward builds its kernels, a stall of 50 ms to 1 s on a GPU.
+    pub server_new_shapes: Option<u64>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -323,6 +326,21 @@ pub fn server_rss(metrics: &str) -> Option<f64> {
     scrape(metrics)?.lines().find_map(|l| l.strip_prefix(crate::metrics::RSS)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
+/// What the report takes from the server's metrics, read at both ends of the measured window.
+struct ServerReading {
+    stages: BTreeMap<String, (f64, f64)>,
+    new_shapes: Option<f64>,
+}
+
+fn read_server(metrics: &str, model: &str) -> Option<ServerReading> {
+    let text = scrape(metrics)?;
+    let shapes = format!("{}{{model=\"{model}\"}} ", crate::metrics::NEW_SHAPES);
+    Some(ServerReading {
+        stages: stage_totals(&text, model),
+        new_shapes: text.lines().find_map(|l| l.strip_prefix(&shapes)?.trim().parse().ok()),
+    })
+}
+
 /// Sum (seconds) and count of each stage of `model`'s Embed requests, from an exposition text.
 pub fn stage_totals(text: &str, model: &str) -> BTreeMap<String, (f64, f64)> {
     let mut totals: BTreeMap<String, (f64, f64)> = BTreeMap::new();
@@ -366,12 +384,12 @@ pub async fn run(clients: Vec<EmbeddingServiceClient<Channel>>, options: Options
     let measure_from = started + options.warmup;
     let end = measure_from + options.duration;
     let rss: Arc<Mutex<Vec<(f64, f64)>>> = Arc::default();
-    // The server's stage totals as the measured window opens.
-    let stages_before = options.metrics.clone().map(|m| {
+    // The server's stage totals and shape count as the measured window opens.
+    let server_before = options.metrics.clone().map(|m| {
         let model = options.model.clone();
         tokio::spawn(async move {
             tokio::time::sleep_until(measure_from.into()).await;
-            tokio::task::spawn_blocking(move || scrape(&m).map(|t| stage_totals(&t, &model))).await.ok().flatten()
+            tokio::task::spawn_blocking(move || read_server(&m, &model)).await.ok().flatten()
         })
     });
 
@@ -469,17 +487,17 @@ pub async fn run(clients: Vec<EmbeddingServiceClient<Channel>>, options: Options
             samples.push((seconds, b));
         }
     }
-    let server_stages_ms = match (stages_before, options.metrics.clone()) {
+    let readings = match (server_before, options.metrics.clone()) {
         (Some(before), Some(m)) => {
             let model = options.model.clone();
-            let after = tokio::task::spawn_blocking(move || scrape(&m).map(|t| stage_totals(&t, &model))).await.ok().flatten();
-            match (before.await.ok().flatten(), after) {
-                (Some(b), Some(a)) => Some(stage_means(&b, &a)),
-                _ => None,
-            }
+            let after = tokio::task::spawn_blocking(move || read_server(&m, &model)).await.ok().flatten();
+            before.await.ok().flatten().zip(after)
         }
         _ => None,
     };
+    let server_stages_ms = readings.as_ref().map(|(b, a)| stage_means(&b.stages, &a.stages));
+    let server_new_shapes = readings.as_ref()
+        .and_then(|(b, a)| Some((a.new_shapes? - b.new_shapes?).max(0.0) as u64));
     let server_rss_bytes = (!samples.is_empty()).then(|| RssSamples {
         start: samples[0].1,
         end: samples[samples.len() - 1].1,
@@ -504,6 +522,7 @@ pub async fn run(clients: Vec<EmbeddingServiceClient<Channel>>, options: Options
         late_starts: tally.late,
         server_rss_bytes,
         server_stages_ms,
+        server_new_shapes,
     }
 }
 
@@ -542,6 +561,9 @@ impl Report {
                 .filter_map(|st| stages.get(*st).map(|ms| format!("{st} {ms:.2}")))
                 .collect();
             out += &format!("server stages, mean ms per request: {}\n", parts.join(" · "));
+        }
+        if let Some(n) = self.server_new_shapes {
+            out += &format!("server: {n} batch shapes met for the first time in the window (each builds its kernels)\n");
         }
         out
     }

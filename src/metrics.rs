@@ -41,6 +41,9 @@ pub const IN_FLIGHT: &str = "mlx_embed_requests_in_flight";
 pub const IN_FLIGHT_LIMIT: &str = "mlx_embed_requests_in_flight_limit";
 /// Texts dropped before inference because their caller had gone, by `model`.
 pub const ABANDONED: &str = "mlx_embed_abandoned_texts_total";
+/// Padded batch shapes met for the first time while serving, by `model` (see
+/// `EmbeddingModel::shapes_seen`).
+pub const NEW_SHAPES: &str = "mlx_embed_new_batch_shapes_total";
 /// Forward passes that failed (an MLX error or a panic), by `model`.
 pub const FAILED_BATCHES: &str = "mlx_embed_failed_batches_total";
 /// 1 when the model serves, else 0, by `model`.
@@ -111,6 +114,7 @@ fn describe() {
     describe_gauge!(IN_FLIGHT_LIMIT, "Requests in progress beyond which requests are refused.");
     describe_counter!(ABANDONED, "Texts dropped before inference because their caller had gone.");
     describe_counter!(FAILED_BATCHES, "Forward passes that failed.");
+    describe_counter!(NEW_SHAPES, "Padded batch shapes met for the first time while serving (their first forward builds kernels).");
     describe_gauge!(MODEL_READY, "1 when the model serves, else 0.");
     describe_gauge!(MODEL_LOAD, Unit::Seconds, "How long the last load of the model took.");
     describe_counter!(PULLS, "Fetches of hub models by source and result.");
@@ -166,6 +170,7 @@ pub fn register(s: &Startup<'_>) {
         counter!(TOKENS, "model" => model.clone()).absolute(0);
         counter!(ABANDONED, "model" => model.clone()).absolute(0);
         counter!(FAILED_BATCHES, "model" => model.clone()).absolute(0);
+        counter!(NEW_SHAPES, "model" => model.clone()).absolute(0);
         let _ = histogram!(BATCH_SIZE, "model" => model.clone());
         let _ = histogram!(BATCH_TOKENS, "model" => model.clone());
         let _ = histogram!(BATCH_PADDING, "model" => model.clone());

@@ -66,6 +66,7 @@ fn an_open_loop_against_a_running_server_keeps_its_rate() {
         assert!(stages[stage].as_f64().is_some_and(|ms| ms >= 0.0), "{stage}: {r}");
     }
     assert!(stages["launch"].as_f64().unwrap() > 0.0 && stages["inference"].as_f64().unwrap() > 0.0, "{r}");
+    assert!(r["server_new_shapes"].is_u64(), "{r}");
     let server: f64 = stages.values().map(|v| v.as_f64().unwrap()).sum();
     assert!(server <= r["latency_ms"]["max"].as_f64().unwrap(), "{r}");
 }

@@ -103,6 +103,25 @@ async fn a_requests_time_splits_into_waiting_launching_and_inference() {
     }
 }
 
+#[test]
+fn each_padded_batch_shape_is_counted_once() {
+    let _g = mlx_lock();
+    // At GPU shapes (lengths padded to a multiple of 8, rows to a power of two), as the
+    // new-shape metric counts them while serving.
+    let opts = LoadOptions { dtype: Some(Dtype::Float32), gpu: gpu(), gpu_shapes: Some(true), ..Default::default() };
+    let model = mlx_embed::models::EmbeddingModel::load(&fixtures_dir().join("qwen3-tiny"), opts).unwrap();
+    let seq = |n: usize| -> Vec<u32> { (1..=n as u32).collect() };
+    let run = |rows: &[Vec<u32>]| model.embed_ids(&rows.iter().map(Vec::as_slice).collect::<Vec<_>>()).unwrap();
+    assert_eq!(model.shapes_seen(), 0);
+    run(&[seq(5)]); // 1 × 8
+    run(&[seq(7)]); // 1 × 8 again
+    assert_eq!(model.shapes_seen(), 1);
+    run(&[seq(9)]); // 1 × 16
+    run(&[seq(3), seq(4), seq(5)]); // 4 × 8
+    run(&[seq(8), seq(1), seq(2), seq(6)]); // 4 × 8 again
+    assert_eq!(model.shapes_seen(), 3);
+}
+
 #[tokio::test]
 async fn a_model_that_fails_to_load_is_reported_and_the_others_serve() {
     let _g = mlx_lock();

@@ -38,6 +38,7 @@ fn every_series_exists_before_the_first_request() {
         r#"mlx_embed_stage_duration_seconds_bucket{model="absent",stage="queue",le="0.025"}"#,
         r#"mlx_embed_items_total{model="absent",kind="vector"}"#,
         r#"mlx_embed_batch_size_count{model="absent"}"#,
+        r#"mlx_embed_new_batch_shapes_total{model="absent"}"#,
         r#"mlx_embed_queue_depth{model="absent"}"#,
         r#"mlx_embed_model_ready{model="absent"}"#,
     ] {
@@ -105,6 +106,8 @@ async fn requests_and_items_are_counted_exactly_and_timings_come_back_as_metadat
     // The engine's side: tokens, batches, stages.
     assert!(value(&after, r#"mlx_embed_tokens_total{model="short"}"#).unwrap() > value(&before, r#"mlx_embed_tokens_total{model="short"}"#).unwrap());
     assert!(value(&after, r#"mlx_embed_batch_size_count{model="short"}"#).unwrap() >= 1.0);
+    // Batches of two texts of a few tokens: a shape the load's warm-up did not run.
+    assert!(value(&after, r#"mlx_embed_new_batch_shapes_total{model="short"}"#).unwrap() >= 1.0, "{after}");
     for stage in ["tokenize", "queue", "launch", "inference", "serialize"] {
         let series = format!(r#"mlx_embed_stage_duration_seconds_count{{model="short",stage="{stage}"}}"#);
         assert!(value(&after, &series).unwrap() - value(&before, &series).unwrap() >= 5.0, "{series}");

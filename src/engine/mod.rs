@@ -530,6 +530,8 @@ impl Engine {
         record_batch(&self.slots[m].name, &batch);
         let refs: Vec<&[u32]> = batch.iter().map(|s| s.ids.as_slice()).collect();
         let fault = self.faults[m].take();
+        let shapes = |e: &Engine| e.models[m].as_ref().map_or(0, EmbeddingModel::shapes_seen);
+        let shapes_before = shapes(self);
         let launched = match &self.models[m] {
             Some(model) => match catch_unwind(AssertUnwindSafe(|| match fault {
                 Some(Fault::Panic) => panic!("injected fault"),
@@ -541,6 +543,10 @@ impl Engine {
             },
             None => Err(format!("model `{}` is not loaded", self.slots[m].name)),
         };
+        let new_shapes = shapes(self).saturating_sub(shapes_before);
+        if new_shapes > 0 {
+            metrics::counter!(crate::metrics::NEW_SHAPES, "model" => self.slots[m].name.clone()).increment(new_shapes as u64);
+        }
         match launched {
             Ok(launched) => self.in_flight = Some(InFlight { model: m, batch, launched }),
             Err(why) => self.fail(m, &batch, why),

@@ -5,7 +5,7 @@
 //! stays on the thread that loaded it.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -171,7 +171,12 @@ pub struct EmbeddingModel {
     gpu_shapes: bool,
     /// Compiled encoders by padded batch shape, when compiling.
     compiled: Option<RefCell<CompiledShapes>>,
+    /// The padded batch shapes run so far (up to [`MAX_TRACKED_SHAPES`]).
+    shapes: RefCell<HashSet<(usize, usize)>>,
 }
+
+/// Shapes [`EmbeddingModel::shapes_seen`] tracks at most (16 bytes each).
+const MAX_TRACKED_SHAPES: usize = 65_536;
 
 impl EmbeddingModel {
     /// Loads a model folder in Hugging Face layout. Must run on the thread that will use it.
@@ -261,7 +266,7 @@ impl EmbeddingModel {
             pooling = info.pooling.name(), head = %head.source, "model loaded");
         let min_tokens = opts.compile_min_tokens.unwrap_or(if opts.gpu { DEFAULT_COMPILE_MIN_TOKENS } else { 0 });
         let compiled = compile.then(|| RefCell::new(CompiledShapes::new(min_tokens)));
-        Ok(EmbeddingModel { pre: Arc::new(Preprocessor { info, tokenizer }), encoder, head, gpu: opts.gpu, gpu_shapes: opts.gpu_shapes.unwrap_or(opts.gpu), compiled })
+        Ok(EmbeddingModel { pre: Arc::new(Preprocessor { info, tokenizer }), encoder, head, gpu: opts.gpu, gpu_shapes: opts.gpu_shapes.unwrap_or(opts.gpu), compiled, shapes: RefCell::default() })
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -346,6 +351,11 @@ impl EmbeddingModel {
             Some(_) => padded_shape(self.gpu_shapes, true, rows, len, max_len),
             None => (rows, len),
         };
+        let mut shapes = self.shapes.borrow_mut();
+        if shapes.len() < MAX_TRACKED_SHAPES {
+            shapes.insert((rows, len));
+        }
+        drop(shapes);
         let mut lengths = vec![1i32; rows];
         let mut ids = vec![0i32; rows * len];
         for (row, seq) in batch.iter().enumerate() {
@@ -366,6 +376,13 @@ impl EmbeddingModel {
         }
         let dims = out.shape()[1];
         Ok(out.slice(&[0, 0], &[batch.len() as i32, dims])?)
+    }
+
+    /// How many distinct padded batch shapes (rows × tokens) this model has run, up to 65,536.
+    /// A shape's first forward costs more than the next ones: MLX builds its kernels for it
+    /// (on a GPU, 50 ms to 1 s with a compiled trace, measured on an H100).
+    pub fn shapes_seen(&self) -> usize {
+        self.shapes.borrow().len()
     }
 
     /// Size of the encoder's token table.

@@ -563,7 +563,7 @@ impl Report {
             out += &format!("server stages, mean ms per request: {}\n", parts.join(" · "));
         }
         if let Some(n) = self.server_new_shapes {
-            out += &format!("server: {n} batch shapes met for the first time in the window (each builds its kernels)\n");
+            out += &format!("server: {n} batch shapes met for the first time in the window\n");
         }
         out
     }

@@ -54,6 +54,9 @@ def kernels(t):
          [("EPS", eps), ("LOG2BASE", literal(19.93)), ("SCALE", literal(1.0))]),
         ("mlx_embed_gated", ["kHeader"], "kGated", [("gu", t)], [("out", t)],
          [("T", t), ("I", 3072), ("V", vec), ("GELU", True)], []),
+        # Widths not a multiple of 16 bytes take one feature per thread; SiLU.
+        ("mlx_embed_gated", ["kHeader"], "kGated", [("gu", t)], [("out", t)],
+         [("T", t), ("I", 37), ("V", 1), ("GELU", False)], []),
         ("mlx_embed_residual_norm", ["kHeader"], "kResidualNorm",
          [("x", "float"), ("y", t), ("w", "float")], [("xo", "float"), ("h", t)],
          [("T", t), ("U", t), ("E", 1024), ("POST", False)],

@@ -321,9 +321,14 @@ fn scrape(metrics: &str) -> Option<String> {
     ureq::get(&format!("http://{metrics}/metrics")).call().ok()?.body_mut().read_to_string().ok()
 }
 
+/// The value of one series (name with its labels, as exported) in an exposition text.
+fn series_value(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 /// The server's resident memory from its Prometheus endpoint.
 pub fn server_rss(metrics: &str) -> Option<f64> {
-    scrape(metrics)?.lines().find_map(|l| l.strip_prefix(crate::metrics::RSS)?.strip_prefix(' ')?.trim().parse().ok())
+    series_value(&scrape(metrics)?, crate::metrics::RSS)
 }
 
 /// What the report takes from the server's metrics, read at both ends of the measured window.
@@ -334,10 +339,9 @@ struct ServerReading {
 
 fn read_server(metrics: &str, model: &str) -> Option<ServerReading> {
     let text = scrape(metrics)?;
-    let shapes = format!("{}{{model=\"{model}\"}} ", crate::metrics::NEW_SHAPES);
     Some(ServerReading {
         stages: stage_totals(&text, model),
-        new_shapes: text.lines().find_map(|l| l.strip_prefix(&shapes)?.trim().parse().ok()),
+        new_shapes: series_value(&text, &format!("{}{{model=\"{model}\"}}", crate::metrics::NEW_SHAPES)),
     })
 }
 

@@ -520,12 +520,7 @@ impl Engine {
     }
 
     fn launch(&mut self, m: usize, batch: Vec<Seq>) {
-        let now = Instant::now();
-        for s in &batch {
-            if let Some(p) = self.jobs.get_mut(&s.job) {
-                p.launched.get_or_insert(now);
-            }
-        }
+        note_first(&mut self.jobs, &batch, |p| &mut p.launched);
         self.slots[m].add_queued(-(batch.len() as isize));
         record_batch(&self.slots[m].name, &batch);
         let refs: Vec<&[u32]> = batch.iter().map(|s| s.ids.as_slice()).collect();
@@ -623,12 +618,7 @@ impl Engine {
     /// Notes, for the requests of the batch in flight, when their first forward pass began.
     fn mark_started(&mut self) {
         let Some(f) = &self.in_flight else { return };
-        let now = Instant::now();
-        for s in &f.batch {
-            if let Some(p) = self.jobs.get_mut(&s.job) {
-                p.started.get_or_insert(now);
-            }
-        }
+        note_first(&mut self.jobs, &f.batch, |p| &mut p.started);
     }
 
     fn record_memory(&self) {
@@ -651,6 +641,17 @@ impl Engine {
                 launch: started - launched,
                 inference: now - started,
             }));
+        }
+    }
+}
+
+/// Sets one moment of each request with a text in `batch` (`moment` picks which) to now, unless
+/// an earlier batch of the request set it.
+fn note_first(jobs: &mut HashMap<u64, Pending>, batch: &[Seq], moment: fn(&mut Pending) -> &mut Option<Instant>) {
+    let now = Instant::now();
+    for s in batch {
+        if let Some(p) = jobs.get_mut(&s.job) {
+            moment(p).get_or_insert(now);
         }
     }
 }

@@ -177,11 +177,16 @@ pub struct Batching {
     pub max_wait: Duration,
     /// Sequences waiting per model; beyond it requests are refused (RESOURCE_EXHAUSTED).
     pub max_queue: usize,
+    /// After its last batch the engine thread polls for new work this long before it sleeps, so
+    /// that a request arriving meanwhile starts at once, on a core that is still running (one
+    /// core busy while it lasts). 0s: sleep at once.
+    #[serde(with = "duration")]
+    pub idle_spin: Duration,
 }
 
 impl Default for Batching {
     fn default() -> Self {
-        Batching { max_batch_tokens: 16384, max_batch_size: 64, max_wait: Duration::from_millis(2), max_queue: 8192 }
+        Batching { max_batch_tokens: 16384, max_batch_size: 64, max_wait: Duration::from_millis(2), max_queue: 8192, idle_spin: Duration::ZERO }
     }
 }
 
@@ -423,6 +428,8 @@ mod tests {
         let c = parse(MINIMAL).unwrap();
         assert_eq!(c.listen, "127.0.0.1:50051");
         assert_eq!(c.batching.max_wait, Duration::from_millis(2));
+        assert_eq!(c.batching.idle_spin, Duration::ZERO);
+        assert_eq!(parse(&format!("batching:\n  idle_spin: 2ms\n{MINIMAL}")).unwrap().batching.idle_spin, Duration::from_millis(2));
         assert_eq!(c.models[0].dtype, DtypeChoice::Auto);
         assert_eq!(c.metrics.listen.as_deref(), Some("127.0.0.1:9464"));
         assert_eq!(c.metrics.latency_target, Duration::from_millis(25));

@@ -45,7 +45,7 @@ impl std::ops::Deref for Running {
 }
 
 fn limits() -> Limits {
-    Limits { max_tokens: 4096, max_size: 32, max_wait: Duration::from_millis(20) }
+    Limits { max_tokens: 4096, max_size: 32, max_wait: Duration::from_millis(20), idle_spin: Duration::ZERO }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -101,6 +101,72 @@ async fn a_requests_time_splits_into_waiting_launching_and_inference() {
         assert!(e.inference > Duration::ZERO, "{e:?}");
         assert!(e.queue + e.launch + e.inference <= elapsed, "{e:?} in {elapsed:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_the_device_is_done_with_is_answered_before_the_next_launch() {
+    let _g = mlx_lock();
+    // On the CPU a batch is computed as it is handed over: its requests are answered before the
+    // engine builds the next batch, not after. Launches are slowed down to make the order plain.
+    let engine = Running(EngineHandle::start(vec![spec("q", "qwen3-tiny")], Limits { max_wait: Duration::ZERO, ..limits() }, 100));
+    let ModelStatus::Ready(_) = ready(&engine, 0).await else { panic!("qwen3-tiny failed to load") };
+    let t0 = std::time::Instant::now();
+    let send = |ids: Vec<u32>| {
+        let engine = engine.0.clone();
+        tokio::spawn(async move {
+            let vectors = engine.embed(0, vec![ids]).await;
+            (vectors, t0.elapsed())
+        })
+    };
+    engine.inject_fault(0, Fault::Delay(Duration::from_millis(150)));
+    let first = send(vec![1, 2, 3]);
+    // The first batch is launching (slowly) once no text is queued; the second arrives meanwhile.
+    while engine.queued(0) > 0 || t0.elapsed() < Duration::from_millis(50) {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    engine.inject_fault(0, Fault::Delay(Duration::from_millis(600)));
+    let second = send(vec![4, 5, 6, 7]);
+    let (a, a_done) = first.await.unwrap();
+    let (b, b_done) = second.await.unwrap();
+    assert!(a.is_ok() && b.is_ok(), "{a:?} {b:?}");
+    assert!(a_done + Duration::from_millis(400) < b_done, "first answered at {a_done:?}, second at {b_done:?}");
+}
+
+/// User plus system CPU time of the engine threads alive (one here: tests take turns).
+#[cfg(target_os = "linux")]
+fn engine_cpu() -> Duration {
+    let mut ticks = 0;
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let (Ok(comm), Ok(stat)) = (std::fs::read_to_string(task.path().join("comm")), std::fs::read_to_string(task.path().join("stat"))) else { continue };
+        if comm.trim() == "mlx-engine" {
+            // utime and stime: the 12th and 13th fields after the command name.
+            ticks += stat[stat.rfind(')').unwrap() + 2..].split_whitespace().skip(11).take(2).map(|f| f.parse::<u64>().unwrap()).sum::<u64>();
+        }
+    }
+    Duration::from_millis(ticks * 10) // clock ticks of 10 ms
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn an_idle_engine_polls_for_work_as_long_as_configured_then_sleeps() {
+    let _g = mlx_lock();
+    let spin = Duration::from_millis(400);
+    let engine = Running(EngineHandle::start(vec![spec("q", "qwen3-tiny")], Limits { max_wait: Duration::ZERO, idle_spin: spin, ..limits() }, 100));
+    let ModelStatus::Ready(_) = ready(&engine, 0).await else { panic!("qwen3-tiny failed to load") };
+    let alone = engine.embed(0, vec![vec![1, 2, 3]]).await.unwrap();
+    // Polling: the engine thread keeps a core busy while this one sleeps.
+    let (cpu, t) = (engine_cpu(), std::time::Instant::now());
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let polled = engine_cpu() - cpu;
+    assert!(polled >= Duration::from_millis(150), "{polled:?} of CPU in {:?}", t.elapsed());
+    // Work that arrives while it polls, and after it sleeps, is served.
+    assert_eq!(engine.embed(0, vec![vec![1, 2, 3]]).await.unwrap(), alone);
+    tokio::time::sleep(spin + Duration::from_millis(100)).await;
+    let (cpu, t) = (engine_cpu(), std::time::Instant::now());
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let slept = engine_cpu() - cpu;
+    assert!(slept <= Duration::from_millis(30), "{slept:?} of CPU in {:?} after polling ended", t.elapsed());
+    assert_eq!(engine.embed(0, vec![vec![1, 2, 3]]).await.unwrap(), alone);
 }
 
 #[test]
@@ -181,7 +247,7 @@ async fn a_failing_batch_fails_its_requests_and_the_engine_goes_on() {
 #[tokio::test]
 async fn work_whose_caller_gave_up_is_dropped_before_inference_and_counted() {
     let _g = mlx_lock();
-    let slow = Limits { max_tokens: 4096, max_size: 32, max_wait: Duration::from_millis(300) };
+    let slow = Limits { max_tokens: 4096, max_size: 32, max_wait: Duration::from_millis(300), idle_spin: Duration::ZERO };
     let engine = Running(EngineHandle::start(vec![spec("q", "qwen3-tiny")], slow, 100));
     ready(&engine, 0).await;
     let stats = engine.stats();
@@ -235,7 +301,7 @@ async fn a_model_whose_batches_keep_failing_is_taken_out_of_service_and_the_othe
 #[tokio::test]
 async fn abort_fails_queued_work_and_stops_the_engine() {
     let _g = mlx_lock();
-    let slow = Limits { max_tokens: 4096, max_size: 32, max_wait: Duration::from_secs(30) };
+    let slow = Limits { max_tokens: 4096, max_size: 32, max_wait: Duration::from_secs(30), idle_spin: Duration::ZERO };
     let engine = Running(EngineHandle::start(vec![spec("q", "qwen3-tiny")], slow, 100));
     ready(&engine, 0).await;
     let queued = tokio::spawn({

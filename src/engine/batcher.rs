@@ -23,6 +23,8 @@ pub struct Limits {
     pub max_tokens: usize,
     pub max_size: usize,
     pub max_wait: Duration,
+    /// How long the engine polls for work before sleeping when it runs out (see the config).
+    pub idle_spin: Duration,
 }
 
 /// What the queue should do now.
@@ -114,7 +116,7 @@ mod tests {
         Seq { job, index: 0, ids: vec![1; len], enqueued: at }
     }
 
-    const LIMITS: Limits = Limits { max_tokens: 64, max_size: 4, max_wait: Duration::from_millis(5) };
+    const LIMITS: Limits = Limits { max_tokens: 64, max_size: 4, max_wait: Duration::from_millis(5), idle_spin: Duration::ZERO };
 
     #[test]
     fn a_lone_request_waits_for_company_then_runs() {

@@ -3,9 +3,10 @@
 //! [`EngineHandle`] is the cloneable, `Send` side: it submits tokenized texts for a model and
 //! awaits their vectors. The thread loads the models whose folders it has, then loops: take new
 //! work (and the folders of models downloaded meanwhile, loaded between batches), drop work whose
-//! caller has gone, pick the next model in turn that has a batch ready (`batcher`), start it, and
-//! only then collect the batch started before — so the next batch is built while the device
-//! computes the current one — and answer each request once all its texts are done. A failing
+//! caller has gone, pick the next model in turn that has a batch ready (`batcher`) and start it.
+//! The batch started before is collected first when the device is about done with it, else only
+//! after the new one is started, so that the next batch is built while the device computes a
+//! long one. Each request is answered once all its texts are done. A failing
 //! batch (an MLX error or a panic) fails only the requests in it; the engine goes on. A model whose
 //! batches fail [`RETIRE_AFTER`] times in a row is taken out of service ([`ModelStatus::Failed`],
 //! NOT_SERVING) while the others serve.
@@ -34,6 +35,8 @@ pub enum Fault {
     Error,
     /// The forward pass panics.
     Panic,
+    /// Launching the forward pass takes this much longer (host work before the device starts).
+    Delay(Duration),
 }
 
 /// A model's state, as clients and health checks see it.
@@ -224,6 +227,11 @@ impl EngineHandle {
     }
 
     /// Whether the engine thread has ended (after [`EngineHandle::shutdown`]).
+    /// Texts queued for `model` that no batch has taken yet.
+    pub fn queued(&self, model: usize) -> usize {
+        self.slots[model].queued.load(Ordering::SeqCst)
+    }
+
     pub fn is_stopped(&self) -> bool {
         self.thread.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_none_or(|t| t.is_finished())
     }
@@ -386,7 +394,7 @@ impl Engine {
             // 1. Take new work: block when idle, else until the earliest batch deadline.
             let first = match (open, wait) {
                 (false, _) => None,
-                (true, None) => rx.recv().ok(),
+                (true, None) => recv_after_spinning(&rx, self.limits.idle_spin),
                 (true, Some(d)) => match rx.recv_timeout(d) {
                     Ok(job) => Some(job),
                     Err(mpsc::RecvTimeoutError::Timeout) => None,
@@ -499,7 +507,12 @@ impl Engine {
             match self.queues[m].next(now, limits) {
                 Next::Run(batch) => {
                     self.turn = m + 1;
-                    let previous = self.in_flight.take();
+                    let mut previous = self.in_flight.take();
+                    // A batch the device is about done with is answered before the next launch
+                    // (milliseconds of host time); a long one overlaps it.
+                    if let Some(p) = previous.take_if(|p| !p.launched.overlaps()) {
+                        self.collect(p);
+                    }
                     self.launch(m, batch);
                     if let Some(p) = previous {
                         self.collect(p);
@@ -531,6 +544,10 @@ impl Engine {
             Some(model) => match catch_unwind(AssertUnwindSafe(|| match fault {
                 Some(Fault::Panic) => panic!("injected fault"),
                 Some(Fault::Error) => Err(crate::error::Error::Internal("injected fault".into())),
+                Some(Fault::Delay(d)) => {
+                    std::thread::sleep(d);
+                    model.launch(&refs)
+                }
                 None => model.launch(&refs),
             })) {
                 Ok(r) => r.map_err(|e| e.to_string()),
@@ -643,6 +660,19 @@ impl Engine {
             }));
         }
     }
+}
+
+/// The next message, polling for up to `spin` before blocking (`None`: every sender is gone).
+fn recv_after_spinning(rx: &mpsc::Receiver<Msg>, spin: Duration) -> Option<Msg> {
+    let until = Instant::now() + spin;
+    while Instant::now() < until {
+        match rx.try_recv() {
+            Ok(msg) => return Some(msg),
+            Err(mpsc::TryRecvError::Disconnected) => return None,
+            Err(mpsc::TryRecvError::Empty) => std::hint::spin_loop(),
+        }
+    }
+    rx.recv().ok()
 }
 
 /// Sets one moment of each request with a text in `batch` (`moment` picks which) to now, unless

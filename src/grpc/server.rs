@@ -80,6 +80,7 @@ pub fn start_engine(config: &Config, base: &Path, hub: &HubSettings) -> (EngineH
         max_tokens: config.batching.max_batch_tokens,
         max_size: config.batching.max_batch_size,
         max_wait: config.batching.max_wait,
+        idle_spin: config.batching.idle_spin,
     };
     let engine = EngineHandle::start(specs, limits, config.batching.max_queue);
     // One fetch thread per repository, one fetch per revision.

@@ -291,7 +291,8 @@ impl EmbeddingModel {
         if let Some(out) = &out {
             out.async_eval()?;
         }
-        Ok(Launched { out, rows: batch.len() })
+        let len = batch.iter().map(|s| s.len()).max().unwrap_or(0);
+        Ok(Launched { out, rows: batch.len(), overlaps: overlaps_next_launch(self.gpu, batch.len(), len) })
     }
 
     /// The batch's graph up to the head's output `[B, dims]` as f32 in row-major order (ready
@@ -433,6 +434,17 @@ fn length_groups(sorted: &[usize], group_cost: usize) -> Vec<usize> {
 /// MLX's host work per operation, not by computing (H100, BENCHMARKS.md).
 const GPU_LAUNCH_BOUND_TOKENS: usize = 4096;
 
+/// Padded tokens up to which a GPU batch's device work ends about when its launch does (H100,
+/// `mlx-embed profile`: 0.05–0.9 ms of waiting after 3–5 ms of launching, up to 16×64 tokens;
+/// 32×128 waits ≈ 7 ms).
+const GPU_SHORT_DEVICE_TAIL_TOKENS: usize = 1024;
+
+/// Whether the device still computes a batch of `rows` × `len` tokens long after its launch
+/// (see [`Launched::overlaps`]).
+fn overlaps_next_launch(gpu: bool, rows: usize, len: usize) -> bool {
+    gpu && rows.saturating_mul(len) > GPU_SHORT_DEVICE_TAIL_TOKENS
+}
+
 /// The shape a batch of `rows` × `len` tokens runs at. On a GPU every new shape costs a slow
 /// first forward (50–150 ms measured on an H100, 0.3–1 s compiled: kernel plans and traces), so
 /// batches there run at few shapes: the lengths of launch-bound batches round up to a multiple of
@@ -514,9 +526,18 @@ impl CompiledShapes {
 pub struct Launched {
     out: Option<Array>,
     rows: usize,
+    overlaps: bool,
 }
 
 impl Launched {
+    /// Whether building the next batch while the device computes this one pays: on a GPU, past
+    /// [`GPU_SHORT_DEVICE_TAIL_TOKENS`]. Otherwise the device is done about when the launch
+    /// returns (on the CPU, MLX computes most of a batch while it is handed over), and collecting
+    /// it first answers its requests without waiting for the next batch's launch.
+    pub fn overlaps(&self) -> bool {
+        self.overlaps
+    }
+
     /// Waits for the batch and copies its vectors out (one copy per batch).
     pub fn collect(self) -> Result<Vec<Vec<f32>>> {
         let Some(out) = self.out else { return Ok(vec![]) };
@@ -599,6 +620,15 @@ mod tests {
             ends.push(8);
             assert!(found <= cost(&ends), "{mask:b}");
         }
+    }
+
+    #[test]
+    fn only_long_gpu_batches_overlap_the_next_launch() {
+        // Queries, up to 64 of 16 tokens, are answered before the next launch; documents overlap.
+        assert!(!overlaps_next_launch(true, 1, 16) && !overlaps_next_launch(true, 64, 16) && !overlaps_next_launch(true, 16, 64));
+        assert!(overlaps_next_launch(true, 16, 65) && overlaps_next_launch(true, 64, 256));
+        // On the CPU the batch is done when its launch returns.
+        assert!(!overlaps_next_launch(false, 64, 256));
     }
 
     #[test]

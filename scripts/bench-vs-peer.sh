@@ -11,13 +11,14 @@
 # Knobs (environment): DEVICE (gpu|cpu), DTYPE (bf16|f32), MODELS ("qwen3 gemma"), RUNS
 # ("single open docs"), QPS (open loop, 2000), DURATION (10s), WARM (unmeasured load first, 20s),
 # CONCURRENCY (documents, 16), DOC_BATCH (32), PEER_BATCH (64), PEER_SECONDS (15), the server's
-# BATCH_TOKENS (16384), BATCH_SIZE (64), MAX_WAIT (2ms) and COMPILE_MIN_TOKENS (the default),
-# PEER (1; 0 skips the peer), PYTHON (python3; with torch, transformers, sentence-transformers).
+# BATCH_TOKENS (16384), BATCH_SIZE (64), MAX_WAIT (2ms), IDLE_SPIN (unset: 0s) and
+# COMPILE_MIN_TOKENS (the default), PEER (1; 0 skips the peer), PYTHON (python3; with torch,
+# transformers, sentence-transformers).
 set -euo pipefail
 bin=$1 out=$2
 mkdir -p "$out"
 DEVICE=${DEVICE:-gpu} DTYPE=${DTYPE:-bf16} PEER_SECONDS=${PEER_SECONDS:-15} PYTHON=${PYTHON:-python3}
-WARM=${WARM:-20s} BATCH_TOKENS=${BATCH_TOKENS:-16384} BATCH_SIZE=${BATCH_SIZE:-64} MAX_WAIT=${MAX_WAIT:-2ms}
+WARM=${WARM:-20s} BATCH_TOKENS=${BATCH_TOKENS:-16384} BATCH_SIZE=${BATCH_SIZE:-64} MAX_WAIT=${MAX_WAIT:-2ms} IDLE_SPIN=${IDLE_SPIN:-}
 QPS=${QPS:-2000} DURATION=${DURATION:-10s} CONCURRENCY=${CONCURRENCY:-16}
 DOC_BATCH=${DOC_BATCH:-32} PEER_BATCH=${PEER_BATCH:-64} MODELS=${MODELS:-qwen3 gemma}
 results=$out/results.jsonl
@@ -34,7 +35,7 @@ synth=${SYNTH_DIR:-/tmp/synth}
 config=/tmp/bench-config.yaml
 cat > "$config" <<EOF
 limits: {max_concurrent_requests: 4096, max_items_per_request: 512}
-batching: {max_batch_tokens: $BATCH_TOKENS, max_batch_size: $BATCH_SIZE, max_wait: $MAX_WAIT, max_queue: 65536}
+batching: {max_batch_tokens: $BATCH_TOKENS, max_batch_size: $BATCH_SIZE, max_wait: $MAX_WAIT, max_queue: 65536${IDLE_SPIN:+, idle_spin: $IDLE_SPIN}}
 metrics: {listen: 127.0.0.1:9464}
 models:
 EOF

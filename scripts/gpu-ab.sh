@@ -7,20 +7,22 @@
 # Results: OUT/vectors.txt, OUT/profile.jsonl (label "A qwen3 1"…), OUT/e2e.jsonl (field "build").
 #
 #   scripts/gpu-ab.sh PARTS_DIR BINARY_A BINARY_B OUT
-# Knobs: MODELS ("qwen3 gemma"), SHAPES (profile), ROUNDS (2), DURATION (10s), QPS (2000).
+# Knobs: MODELS ("qwen3 gemma"), SHAPES (profile), ROUNDS (2), DURATION (10s), QPS (2000),
+# STEPS ("vectors profile e2e": a subset runs those alone, to fit one command's time limit).
 set -euo pipefail
 parts=$1 a=$2 b=$3 out=$4
 . "$(dirname "$0")/mlx-cuda-env.sh"
 export MLX_ENABLE_TF32=${MLX_ENABLE_TF32:-0}
 mkdir -p "$out"
-MODELS=${MODELS:-qwen3 gemma} SHAPES=${SHAPES:-1x16,4x32,8x32,16x64,64x256} ROUNDS=${ROUNDS:-2}
+STEPS=${STEPS:-vectors profile e2e} MODELS=${MODELS:-qwen3 gemma} SHAPES=${SHAPES:-1x16,4x32,8x32,16x64,64x256} ROUNDS=${ROUNDS:-2}
 synth=${SYNTH_DIR:-/tmp/synth}
 # shellcheck disable=SC2086
 "$(dirname "$0")/synth-models.sh" "$a" "$synth" bf16 $MODELS > "$out/synth.log" 2>&1
+step() { [[ " $STEPS " == *" $1 "* ]]; }
 
 texts=("a short query about vector search"
   "a longer text about embedding servers: latency, batching, GPUs and the vector stores they feed")
-for m in $MODELS; do
+step vectors && for m in $MODELS; do
   for side in A B; do
     bin=$a; [ $side = A ] || bin=$b
     RUST_LOG=warn "$bin" embed --model-dir "$synth/$m" --device gpu --dtype bf16 "${texts[@]}" > "/tmp/ab-$m-$side.json"
@@ -33,7 +35,7 @@ print(f"{sys.argv[1]}: {len(a)} vectors of {len(a[0])}, largest |A - B| {diff:.3
 PY
 done
 
-for round in $(seq "$ROUNDS"); do
+step profile && for round in $(seq "$ROUNDS"); do
   for side in A B; do
     bin=$a; [ $side = A ] || bin=$b
     for m in $MODELS; do
@@ -46,7 +48,7 @@ for round in $(seq "$ROUNDS"); do
   done
 done
 
-for round in $(seq "$ROUNDS"); do
+step e2e && for round in $(seq "$ROUNDS"); do
   for side in A B; do
     bin=$a; [ $side = A ] || bin=$b
     echo "== $side end to end, round $round"
@@ -58,3 +60,4 @@ for line in open('/tmp/ab-e2e/results.jsonl'):
     r = json.loads(line); r['build'] = sys.argv[1]; print(json.dumps(r))" "$side $round" | tee -a "$out/e2e.jsonl" | cut -c1-240
   done
 done
+true

@@ -86,6 +86,12 @@ struct ProfileArgs {
     json: Option<PathBuf>,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Idle this long between timed forwards, as a server between lone queries (e.g. `1ms`).
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pause: std::time::Duration,
+    /// Pause by spinning instead of sleeping.
+    #[arg(long)]
+    pause_spin: bool,
 }
 
 #[derive(clap::Args)]
@@ -462,7 +468,8 @@ fn profile(args: ProfileArgs) -> Result<()> {
     let info = model.info();
     eprintln!("{} · {} on {} · compile {} · MLX {} · loaded in {:.2?}", args.model_dir.display(), info.dtype,
         if info.gpu { "gpu" } else { "cpu" }, opts.compile.unwrap_or(info.gpu), mlx::version(), started.elapsed());
-    let reports = profile::run(&model, &shapes, args.warmup, args.iterations, args.seed)?;
+    let pause = profile::Pause { time: args.pause, spin: args.pause_spin };
+    let reports = profile::run(&model, &shapes, args.warmup, args.iterations, args.seed, pause)?;
     let json = serde_json::to_string_pretty(&serde_json::json!({
         "model_dir": args.model_dir, "dtype": info.dtype.name(), "gpu": info.gpu,
         "compile": opts.compile.unwrap_or(info.gpu), "mlx": mlx::version(),

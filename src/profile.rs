@@ -3,7 +3,7 @@
 //! handing it to MLX, and waiting for the device, and how many operations one forward issues.
 
 use std::collections::BTreeMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -57,9 +57,34 @@ pub struct ShapeReport {
     pub op_counts: BTreeMap<String, usize>,
 }
 
-/// Times `iterations` forwards of each shape after `warmup` untimed ones. Token ids are drawn
-/// from the model's vocabulary with `seed`; every row is full length.
-pub fn run(model: &EmbeddingModel, shapes: &[Shape], warmup: usize, iterations: usize, seed: u64) -> Result<Vec<ShapeReport>> {
+/// Idle time between timed forwards: a server's engine thread sleeps between lone queries, and a
+/// forward right after a sleep can cost more host time than one right after another.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Pause {
+    pub time: Duration,
+    /// Busy-wait instead of sleeping.
+    pub spin: bool,
+}
+
+impl Pause {
+    fn take(self) {
+        if self.time.is_zero() {
+            return;
+        }
+        if !self.spin {
+            return std::thread::sleep(self.time);
+        }
+        let until = Instant::now() + self.time;
+        while Instant::now() < until {
+            std::hint::spin_loop();
+        }
+    }
+}
+
+/// Times `iterations` forwards of each shape after `warmup` untimed ones, with `pause` before
+/// each timed one (not counted). Token ids are drawn from the model's vocabulary with `seed`;
+/// every row is full length.
+pub fn run(model: &EmbeddingModel, shapes: &[Shape], warmup: usize, iterations: usize, seed: u64, pause: Pause) -> Result<Vec<ShapeReport>> {
     let vocab = model.vocab_size().max(1);
     let mut rng = Rng::new(seed);
     let mut reports = Vec::with_capacity(shapes.len());
@@ -83,7 +108,11 @@ pub fn run(model: &EmbeddingModel, shapes: &[Shape], warmup: usize, iterations: 
         let (mut build, mut submit, mut wait, mut total) = (vec![], vec![], vec![], vec![]);
         let cpu_start = process_cpu_seconds();
         let started = Instant::now();
+        let mut paused = Duration::ZERO;
         for _ in 0..iterations {
+            let p = Instant::now();
+            pause.take();
+            paused += p.elapsed();
             let t0 = Instant::now();
             let out = model.graph(&batch)?.expect("a batch of at least one row");
             let t1 = Instant::now();
@@ -98,7 +127,8 @@ pub fn run(model: &EmbeddingModel, shapes: &[Shape], warmup: usize, iterations: 
             wait.push(ms(t2, t3));
             total.push(ms(t0, t3));
         }
-        let wall = started.elapsed().as_secs_f64();
+        // Over the forwards: the pauses' wall time left out (a spinning pause's CPU time stays in).
+        let wall = (started.elapsed() - paused).as_secs_f64();
         let cpu_per_wall = match (cpu_start, process_cpu_seconds()) {
             (Some(a), Some(b)) if wall > 0.0 => Some((b - a) / wall),
             _ => None,

@@ -1,6 +1,6 @@
 //! `mlx-embed bench`: against a server it starts (closed loop, the soak workload's every kind of
 //! call) and against a running one (open loop at a fixed rate, with the server's stage times),
-//! reporting JSON that adds up.
+//! reporting JSON that adds up; `mlx-embed profile` in process.
 
 mod common;
 
@@ -69,4 +69,28 @@ fn an_open_loop_against_a_running_server_keeps_its_rate() {
     assert!(r["server_new_shapes"].is_u64(), "{r}");
     let server: f64 = stages.values().map(|v| v.as_f64().unwrap()).sum();
     assert!(server <= r["latency_ms"]["max"].as_f64().unwrap(), "{r}");
+}
+
+#[test]
+fn profile_times_each_shape_and_leaves_its_pauses_out() {
+    let t = std::time::Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_mlx-embed"))
+        .args(["profile", "--device", "cpu", "--shapes", "1x8,2x16", "--warmup", "1", "--iterations", "5", "--pause", "40ms", "--json", "-", "--model-dir"])
+        .arg(fixtures_dir().join("qwen3-tiny"))
+        .output()
+        .unwrap();
+    let wall = t.elapsed();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let shapes = r["shapes"].as_array().unwrap();
+    assert_eq!(shapes.iter().map(|s| (s["batch"].as_u64().unwrap(), s["tokens"].as_u64().unwrap())).collect::<Vec<_>>(), [(1, 8), (2, 16)]);
+    for s in shapes {
+        assert_eq!(s["iterations"], 5, "{s}");
+        assert!(s["ops"].as_u64().unwrap() > 0, "{s}");
+        // A tiny model's forward takes a few milliseconds at most: the 40 ms pauses are not in it.
+        let total = &s["total_ms"];
+        assert!(total["p50"].as_f64().unwrap() > 0.0 && total["p50"].as_f64().unwrap() < 40.0, "{total}");
+    }
+    // …but they were taken: ten of them.
+    assert!(wall >= std::time::Duration::from_millis(400), "{wall:?}");
 }

@@ -226,12 +226,12 @@ impl EngineHandle {
         let _ = self.tx.send(Msg::Fault { model, fault });
     }
 
-    /// Whether the engine thread has ended (after [`EngineHandle::shutdown`]).
     /// Texts queued for `model` that no batch has taken yet.
     pub fn queued(&self, model: usize) -> usize {
         self.slots[model].queued.load(Ordering::SeqCst)
     }
 
+    /// Whether the engine thread has ended (after [`EngineHandle::shutdown`]).
     pub fn is_stopped(&self) -> bool {
         self.thread.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_none_or(|t| t.is_finished())
     }

@@ -177,9 +177,10 @@ pub struct Batching {
     pub max_wait: Duration,
     /// Sequences waiting per model; beyond it requests are refused (RESOURCE_EXHAUSTED).
     pub max_queue: usize,
-    /// After its last batch the engine thread polls for new work this long before it sleeps, so
-    /// that a request arriving meanwhile starts at once, on a core that is still running (one
-    /// core busy while it lasts). 0s: sleep at once.
+    /// When it has nothing left to do (no batch queued or running), the engine thread polls for
+    /// new work this long before it sleeps, so that a request arriving meanwhile is taken at once
+    /// by a thread that is still running (one core busy while it lasts; a lone request then
+    /// still waits `max_wait` for company). 0s: sleep at once.
     #[serde(with = "duration")]
     pub idle_spin: Duration,
 }

@@ -86,10 +86,11 @@ struct ProfileArgs {
     json: Option<PathBuf>,
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Idle this long between timed forwards, as a server between lone queries (e.g. `1ms`).
+    /// Idle this long before each timed forward, as a server between lone queries (e.g. `1ms`);
+    /// not counted in the times.
     #[arg(long, default_value = "0s", value_parser = parse_duration)]
     pause: std::time::Duration,
-    /// Pause by spinning instead of sleeping.
+    /// Pause by spinning instead of sleeping (the spinning's CPU time counts in the cpu column).
     #[arg(long)]
     pause_spin: bool,
 }

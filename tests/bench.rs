@@ -75,7 +75,7 @@ fn an_open_loop_against_a_running_server_keeps_its_rate() {
 fn profile_times_each_shape_and_leaves_its_pauses_out() {
     let t = std::time::Instant::now();
     let out = Command::new(env!("CARGO_BIN_EXE_mlx-embed"))
-        .args(["profile", "--device", "cpu", "--shapes", "1x8,2x16", "--warmup", "1", "--iterations", "5", "--pause", "40ms", "--json", "-", "--model-dir"])
+        .args(["profile", "--device", "cpu", "--shapes", "1x8,2x16", "--warmup", "1", "--iterations", "5", "--pause", "100ms", "--json", "-", "--model-dir"])
         .arg(fixtures_dir().join("qwen3-tiny"))
         .output()
         .unwrap();
@@ -87,10 +87,10 @@ fn profile_times_each_shape_and_leaves_its_pauses_out() {
     for s in shapes {
         assert_eq!(s["iterations"], 5, "{s}");
         assert!(s["ops"].as_u64().unwrap() > 0, "{s}");
-        // A tiny model's forward takes a few milliseconds at most: the 40 ms pauses are not in it.
+        // A tiny model's forward takes a few milliseconds: the 100 ms pauses are not in it.
         let total = &s["total_ms"];
-        assert!(total["p50"].as_f64().unwrap() > 0.0 && total["p50"].as_f64().unwrap() < 40.0, "{total}");
+        assert!(total["p50"].as_f64().unwrap() > 0.0 && total["p50"].as_f64().unwrap() < 100.0, "{total}");
     }
-    // …but they were taken: ten of them.
-    assert!(wall >= std::time::Duration::from_millis(400), "{wall:?}");
+    // …but they were taken: ten of them (the whole command takes well under a second without).
+    assert!(wall >= std::time::Duration::from_secs(1), "{wall:?}");
 }

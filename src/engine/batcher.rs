@@ -23,7 +23,8 @@ pub struct Limits {
     pub max_tokens: usize,
     pub max_size: usize,
     pub max_wait: Duration,
-    /// How long the engine polls for work before sleeping when it runs out (see the config).
+    /// How long the engine polls for work before sleeping when it has nothing to do (see the
+    /// config's `batching.idle_spin`).
     pub idle_spin: Duration,
 }
 

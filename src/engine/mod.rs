@@ -219,8 +219,8 @@ impl EngineHandle {
         });
     }
 
-    /// Makes `model`'s next batch fail with `fault`, as an MLX error or a crash inside a forward
-    /// pass would. For testing fault isolation.
+    /// Injects `fault` into `model`'s next batch: it fails as an MLX error or a crash inside a
+    /// forward pass would, or its launch takes longer. For tests (fault isolation, batch order).
     #[doc(hidden)]
     pub fn inject_fault(&self, model: usize, fault: Fault) {
         let _ = self.tx.send(Msg::Fault { model, fault });
@@ -536,6 +536,16 @@ impl Engine {
         note_first(&mut self.jobs, &batch, |p| &mut p.launched);
         self.slots[m].add_queued(-(batch.len() as isize));
         record_batch(&self.slots[m].name, &batch);
+        if self.models[m].is_none() && matches!(*self.slots[m].status.borrow(), ModelStatus::Failed(_)) {
+            // Taken out of service by the batch collected just before this one was built.
+            let error = EngineError::NotReady(self.slots[m].name.clone());
+            for s in &batch {
+                if let Some(p) = self.jobs.remove(&s.job) {
+                    let _ = p.reply.send(Err(error.clone()));
+                }
+            }
+            return;
+        }
         let refs: Vec<&[u32]> = batch.iter().map(|s| s.ids.as_slice()).collect();
         let fault = self.faults[m].take();
         let shapes = |e: &Engine| e.models[m].as_ref().map_or(0, EmbeddingModel::shapes_seen);

@@ -292,7 +292,8 @@ impl EmbeddingModel {
             out.async_eval()?;
         }
         let len = batch.iter().map(|s| s.len()).max().unwrap_or(0);
-        Ok(Launched { out, rows: batch.len(), overlaps: overlaps_next_launch(self.gpu, batch.len(), len) })
+        let (padded_rows, padded_len) = padded_shape(self.gpu_shapes, false, batch.len(), len, self.encoder.dims().max_positions as usize);
+        Ok(Launched { out, rows: batch.len(), overlaps: overlaps_next_launch(self.gpu, padded_rows, padded_len) })
     }
 
     /// The batch's graph up to the head's output `[B, dims]` as f32 in row-major order (ready
@@ -439,8 +440,8 @@ const GPU_LAUNCH_BOUND_TOKENS: usize = 4096;
 /// 32×128 takes 11–15 ms in all).
 const GPU_SHORT_DEVICE_TAIL_TOKENS: usize = 1024;
 
-/// Whether the device still computes a batch of `rows` × `len` tokens long after its launch
-/// (see [`Launched::overlaps`]).
+/// Whether the device still computes a batch padded to `rows` × `len` tokens long after its
+/// launch (see [`Launched::overlaps`]).
 fn overlaps_next_launch(gpu: bool, rows: usize, len: usize) -> bool {
     gpu && rows.saturating_mul(len) > GPU_SHORT_DEVICE_TAIL_TOKENS
 }

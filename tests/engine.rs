@@ -309,6 +309,34 @@ async fn a_model_whose_batches_keep_failing_is_taken_out_of_service_and_the_othe
     assert_eq!(engine.embed(1, vec![vec![2, 7]]).await.unwrap().len(), 1);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_built_as_its_model_is_taken_out_of_service_is_refused_as_not_ready() {
+    let _g = mlx_lock();
+    let engine = Running(EngineHandle::start(vec![spec("q", "qwen3-tiny")], Limits { max_wait: Duration::ZERO, ..limits() }, 100));
+    ready(&engine, 0).await;
+    for _ in 1..RETIRE_AFTER {
+        engine.inject_fault(0, Fault::Error);
+        assert!(matches!(engine.embed(0, vec![vec![5, 560]]).await, Err(EngineError::Failed(_))));
+    }
+    // The last failure shows only when the batch is collected, which happens once the next
+    // batch is ready: that one was built for a model now out of service.
+    engine.inject_fault(0, Fault::DelayThenFail(Duration::from_millis(150)));
+    let handle = engine.0.clone();
+    let mut last = Box::pin(async move { handle.embed(0, vec![vec![5, 560]]).await });
+    std::future::poll_fn(|cx| {
+        assert!(last.as_mut().poll(cx).is_pending());
+        std::task::Poll::Ready(())
+    })
+    .await;
+    while engine.queued(0) > 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let next = engine.embed(0, vec![vec![2, 7]]).await;
+    assert!(matches!(last.await, Err(EngineError::Failed(ref why)) if why.contains("injected")));
+    assert!(matches!(next, Err(EngineError::NotReady(_))), "{next:?}");
+    assert!(matches!(engine.status(0), ModelStatus::Failed(_)));
+}
+
 #[tokio::test]
 async fn abort_fails_queued_work_and_stops_the_engine() {
     let _g = mlx_lock();

@@ -37,6 +37,9 @@ pub enum Fault {
     Panic,
     /// Launching the forward pass takes this much longer (host work before the device starts).
     Delay(Duration),
+    /// Launching takes this much longer, then collecting the batch fails (as an error the device
+    /// reports late would).
+    DelayThenFail(Duration),
 }
 
 /// A model's state, as clients and health checks see it.
@@ -324,6 +327,8 @@ struct InFlight {
     model: usize,
     batch: Vec<Seq>,
     launched: Launched,
+    /// An injected fault to report when it is collected.
+    fails: bool,
 }
 
 /// Runs a loaded model on small batches before it is reported ready: its weights are read
@@ -554,7 +559,7 @@ impl Engine {
             Some(model) => match catch_unwind(AssertUnwindSafe(|| match fault {
                 Some(Fault::Panic) => panic!("injected fault"),
                 Some(Fault::Error) => Err(crate::error::Error::Internal("injected fault".into())),
-                Some(Fault::Delay(d)) => {
+                Some(Fault::Delay(d) | Fault::DelayThenFail(d)) => {
                     std::thread::sleep(d);
                     model.launch(&refs)
                 }
@@ -570,14 +575,18 @@ impl Engine {
             metrics::counter!(crate::metrics::NEW_SHAPES, "model" => self.slots[m].name.clone()).increment(new_shapes as u64);
         }
         match launched {
-            Ok(launched) => self.in_flight = Some(InFlight { model: m, batch, launched }),
+            Ok(launched) => {
+                let fails = matches!(fault, Some(Fault::DelayThenFail(_)));
+                self.in_flight = Some(InFlight { model: m, batch, launched, fails })
+            }
             Err(why) => self.fail(m, &batch, why),
         }
     }
 
     fn collect(&mut self, f: InFlight) {
-        let InFlight { model: m, batch, launched } = f;
+        let InFlight { model: m, batch, launched, fails } = f;
         let result = match catch_unwind(AssertUnwindSafe(|| launched.collect())) {
+            Ok(_) if fails => Err("injected fault".to_string()),
             Ok(r) => r.map_err(|e| e.to_string()),
             Err(_) => Err("inference panicked".to_string()),
         };

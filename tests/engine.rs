@@ -104,6 +104,19 @@ async fn a_requests_time_splits_into_waiting_launching_and_inference() {
     }
 }
 
+/// Polls `request` once, which hands its texts to the engine (counted as queued until a batch
+/// takes them), then waits until a batch has taken them.
+async fn hand_over<F: Future>(engine: &EngineHandle, model: usize, request: &mut std::pin::Pin<Box<F>>) {
+    std::future::poll_fn(|cx| {
+        assert!(request.as_mut().poll(cx).is_pending());
+        std::task::Poll::Ready(())
+    })
+    .await;
+    while engine.queued(model) > 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_the_device_is_done_with_is_answered_before_the_next_launch() {
     let _g = mlx_lock();
@@ -125,16 +138,8 @@ async fn a_batch_the_device_is_done_with_is_answered_before_the_next_launch() {
         let vectors = handle.embed(0, vec![vec![1, 2, 3]]).await;
         (vectors, t0.elapsed())
     });
-    // One poll hands the text to the engine (it counts as queued until a batch takes it); the
-    // first batch is launching, slowly, once none is queued. The second arrives meanwhile.
-    std::future::poll_fn(|cx| {
-        assert!(first.as_mut().poll(cx).is_pending());
-        std::task::Poll::Ready(())
-    })
-    .await;
-    while engine.queued(0) > 0 {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    // The first batch is launching, slowly; the second arrives meanwhile.
+    hand_over(&engine, 0, &mut first).await;
     engine.inject_fault(0, Fault::Delay(Duration::from_millis(600)));
     let second = send(vec![4, 5, 6, 7]);
     let (a, a_done) = first.await;
@@ -323,14 +328,7 @@ async fn a_batch_built_as_its_model_is_taken_out_of_service_is_refused_as_not_re
     engine.inject_fault(0, Fault::DelayThenFail(Duration::from_millis(150)));
     let handle = engine.0.clone();
     let mut last = Box::pin(async move { handle.embed(0, vec![vec![5, 560]]).await });
-    std::future::poll_fn(|cx| {
-        assert!(last.as_mut().poll(cx).is_pending());
-        std::task::Poll::Ready(())
-    })
-    .await;
-    while engine.queued(0) > 0 {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    hand_over(&engine, 0, &mut last).await;
     let next = engine.embed(0, vec![vec![2, 7]]).await;
     assert!(matches!(last.await, Err(EngineError::Failed(ref why)) if why.contains("injected")));
     assert!(matches!(next, Err(EngineError::NotReady(_))), "{next:?}");

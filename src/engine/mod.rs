@@ -541,36 +541,28 @@ impl Engine {
         note_first(&mut self.jobs, &batch, |p| &mut p.launched);
         self.slots[m].add_queued(-(batch.len() as isize));
         record_batch(&self.slots[m].name, &batch);
-        if self.models[m].is_none() && matches!(*self.slots[m].status.borrow(), ModelStatus::Failed(_)) {
-            // Taken out of service by the batch collected just before this one was built.
-            let error = EngineError::NotReady(self.slots[m].name.clone());
-            for s in &batch {
-                if let Some(p) = self.jobs.remove(&s.job) {
-                    let _ = p.reply.send(Err(error.clone()));
-                }
-            }
-            return;
-        }
-        let refs: Vec<&[u32]> = batch.iter().map(|s| s.ids.as_slice()).collect();
         let fault = self.faults[m].take();
-        let shapes = |e: &Engine| e.models[m].as_ref().map_or(0, EmbeddingModel::shapes_seen);
-        let shapes_before = shapes(self);
-        let launched = match &self.models[m] {
-            Some(model) => match catch_unwind(AssertUnwindSafe(|| match fault {
-                Some(Fault::Panic) => panic!("injected fault"),
-                Some(Fault::Error) => Err(crate::error::Error::Internal("injected fault".into())),
-                Some(Fault::Delay(d) | Fault::DelayThenFail(d)) => {
-                    std::thread::sleep(d);
-                    model.launch(&refs)
-                }
-                None => model.launch(&refs),
-            })) {
-                Ok(r) => r.map_err(|e| e.to_string()),
-                Err(_) => Err("inference panicked".to_string()),
-            },
-            None => Err(format!("model `{}` is not loaded", self.slots[m].name)),
+        let Some(model) = &self.models[m] else {
+            // Taken out of service (by the batch collected just before this one was built).
+            let error = EngineError::NotReady(self.slots[m].name.clone());
+            self.answer_err(batch.iter().map(|s| s.job), &error);
+            return;
         };
-        let new_shapes = shapes(self).saturating_sub(shapes_before);
+        let refs: Vec<&[u32]> = batch.iter().map(|s| s.ids.as_slice()).collect();
+        let shapes_before = model.shapes_seen();
+        let launched = match catch_unwind(AssertUnwindSafe(|| match fault {
+            Some(Fault::Panic) => panic!("injected fault"),
+            Some(Fault::Error) => Err(crate::error::Error::Internal("injected fault".into())),
+            Some(Fault::Delay(d) | Fault::DelayThenFail(d)) => {
+                std::thread::sleep(d);
+                model.launch(&refs)
+            }
+            None => model.launch(&refs),
+        })) {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err("inference panicked".to_string()),
+        };
+        let new_shapes = model.shapes_seen().saturating_sub(shapes_before);
         if new_shapes > 0 {
             metrics::counter!(crate::metrics::NEW_SHAPES, "model" => self.slots[m].name.clone()).increment(new_shapes as u64);
         }
@@ -629,9 +621,15 @@ impl Engine {
             self.slots[m].status.send_replace(ModelStatus::Failed(note));
             self.fail_queued_for(m, EngineError::NotReady(name));
         }
-        for s in batch {
-            if let Some(p) = self.jobs.remove(&s.job) {
-                let _ = p.reply.send(Err(EngineError::Failed(why.clone())));
+        self.answer_err(batch.iter().map(|s| s.job), &EngineError::Failed(why));
+    }
+
+    /// Answers each of `jobs` still pending with `error`; their other texts are dropped from the
+    /// queues on the next pass (their job is gone).
+    fn answer_err(&mut self, jobs: impl IntoIterator<Item = u64>, error: &EngineError) {
+        for id in jobs {
+            if let Some(p) = self.jobs.remove(&id) {
+                let _ = p.reply.send(Err(error.clone()));
             }
         }
     }
@@ -644,11 +642,7 @@ impl Engine {
             false
         });
         self.slots[m].add_queued(-(dropped as isize));
-        for id in failed {
-            if let Some(p) = self.jobs.remove(&id) {
-                let _ = p.reply.send(Err(error.clone()));
-            }
-        }
+        self.answer_err(failed, &error);
     }
 
     /// Notes, for the requests of the batch in flight, when their first forward pass began.

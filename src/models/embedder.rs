@@ -291,8 +291,7 @@ impl EmbeddingModel {
         if let Some(out) = &out {
             out.async_eval()?;
         }
-        let len = batch.iter().map(|s| s.len()).max().unwrap_or(0);
-        let (padded_rows, padded_len) = padded_shape(self.gpu_shapes, false, batch.len(), len, self.encoder.dims().max_positions as usize);
+        let (padded_rows, padded_len) = self.padded(batch);
         Ok(Launched { out, rows: batch.len(), overlaps: overlaps_next_launch(self.gpu, padded_rows, padded_len) })
     }
 
@@ -343,11 +342,10 @@ impl EmbeddingModel {
 
     /// [`EmbeddingModel::graph`] for a batch run as one padded forward.
     fn padded_graph(&self, batch: &[&[u32]]) -> Result<Array> {
-        let len = batch.iter().map(|s| s.len()).max().unwrap_or(0);
         // Batches run at a few padded shapes (extra rows of one token, masked key positions):
         // the first forward of a new shape is slow (see `padded_shape`).
         let max_len = self.encoder.dims().max_positions as usize;
-        let (rows, len) = padded_shape(self.gpu_shapes, false, batch.len(), len, max_len);
+        let (rows, len) = self.padded(batch);
         let compiled = self.compiled.as_ref().filter(|c| c.borrow().applies(rows, len));
         let (rows, len) = match compiled {
             Some(_) => padded_shape(self.gpu_shapes, true, rows, len, max_len),
@@ -378,6 +376,13 @@ impl EmbeddingModel {
         }
         let dims = out.shape()[1];
         Ok(out.slice(&[0, 0], &[batch.len() as i32, dims])?)
+    }
+
+    /// The shape `batch` is padded to when it runs as one forward, before a compiled encoder's
+    /// rounding ([`padded_shape`]).
+    fn padded(&self, batch: &[&[u32]]) -> (usize, usize) {
+        let len = batch.iter().map(|s| s.len()).max().unwrap_or(0);
+        padded_shape(self.gpu_shapes, false, batch.len(), len, self.encoder.dims().max_positions as usize)
     }
 
     /// How many distinct padded batch shapes (rows × tokens) this model has run, up to 65,536.

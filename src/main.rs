@@ -93,6 +93,10 @@ struct ProfileArgs {
     /// Pause by spinning instead of sleeping (the spinning's CPU time counts in the cpu column).
     #[arg(long)]
     pause_spin: bool,
+    /// Hand each forward to MLX before collecting the one before, as the server runs large
+    /// batches (tokens/s from wall time; a forward's total runs until it is collected).
+    #[arg(long, conflicts_with = "pause")]
+    overlap: bool,
 }
 
 #[derive(clap::Args)]
@@ -470,10 +474,10 @@ fn profile(args: ProfileArgs) -> Result<()> {
     eprintln!("{} · {} on {} · compile {} · MLX {} · loaded in {:.2?}", args.model_dir.display(), info.dtype,
         if info.gpu { "gpu" } else { "cpu" }, opts.compile.unwrap_or(info.gpu), mlx::version(), started.elapsed());
     let pause = profile::Pause { time: args.pause, spin: args.pause_spin };
-    let reports = profile::run(&model, &shapes, args.warmup, args.iterations, args.seed, pause)?;
+    let reports = profile::run(&model, &shapes, args.warmup, args.iterations, args.seed, pause, args.overlap)?;
     let json = serde_json::to_string_pretty(&serde_json::json!({
         "model_dir": args.model_dir, "dtype": info.dtype.name(), "gpu": info.gpu,
-        "compile": opts.compile.unwrap_or(info.gpu), "mlx": mlx::version(),
+        "compile": opts.compile.unwrap_or(info.gpu), "mlx": mlx::version(), "overlap": args.overlap,
         "shapes": reports,
     }))?;
     match args.json.as_deref() {

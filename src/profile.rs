@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::bench::{Latency, Rng};
 use crate::error::{Error, Result};
+use crate::mlx::Array;
 use crate::models::EmbeddingModel;
 
 /// `batch` rows of `tokens` token ids each.
@@ -84,7 +85,11 @@ impl Pause {
 /// Times `iterations` forwards of each shape after `warmup` untimed ones, with `pause` before
 /// each timed one (not counted). Token ids are drawn from the model's vocabulary with `seed`;
 /// every row is full length.
-pub fn run(model: &EmbeddingModel, shapes: &[Shape], warmup: usize, iterations: usize, seed: u64, pause: Pause) -> Result<Vec<ShapeReport>> {
+///
+/// With `overlap`, each forward is handed to MLX before the one before it is collected, as the
+/// server runs large batches: a forward's `wait` is its collection after the next one's hand-over,
+/// its `total` runs from its build to its collection, and tokens/s comes from the wall time.
+pub fn run(model: &EmbeddingModel, shapes: &[Shape], warmup: usize, iterations: usize, seed: u64, pause: Pause, overlap: bool) -> Result<Vec<ShapeReport>> {
     let vocab = model.vocab_size().max(1);
     let mut rng = Rng::new(seed);
     let mut reports = Vec::with_capacity(shapes.len());
@@ -109,6 +114,15 @@ pub fn run(model: &EmbeddingModel, shapes: &[Shape], warmup: usize, iterations: 
         let cpu_start = process_cpu_seconds();
         let started = Instant::now();
         let mut paused = Duration::ZERO;
+        let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+        // Waits for a forward handed over at `t0` and copies it out: (wait, total).
+        let collect = |out: Array, t0: Instant| -> Result<(f64, f64)> {
+            let w = Instant::now();
+            std::hint::black_box(out.to_f32_vec()?);
+            let done = Instant::now();
+            Ok((ms(w, done), ms(t0, done)))
+        };
+        let mut handed_over: Option<(Array, Instant)> = None;
         for _ in 0..iterations {
             let p = Instant::now();
             pause.take();
@@ -118,14 +132,19 @@ pub fn run(model: &EmbeddingModel, shapes: &[Shape], warmup: usize, iterations: 
             let t1 = Instant::now();
             out.async_eval()?;
             let t2 = Instant::now();
-            let flat = out.to_f32_vec()?;
-            let t3 = Instant::now();
-            std::hint::black_box(flat);
-            let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
             build.push(ms(t0, t1));
             submit.push(ms(t1, t2));
-            wait.push(ms(t2, t3));
-            total.push(ms(t0, t3));
+            let ready = if overlap { handed_over.replace((out, t0)) } else { Some((out, t0)) };
+            if let Some((out, t0)) = ready {
+                let (w, t) = collect(out, t0)?;
+                wait.push(w);
+                total.push(t);
+            }
+        }
+        if let Some((out, t0)) = handed_over {
+            let (w, t) = collect(out, t0)?;
+            wait.push(w);
+            total.push(t);
         }
         // Over the forwards: the pauses' wall time left out (a spinning pause's CPU time stays in).
         let wall = (started.elapsed() - paused).as_secs_f64();

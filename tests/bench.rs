@@ -94,3 +94,35 @@ fn profile_times_each_shape_and_leaves_its_pauses_out() {
     // …but they were taken: ten of them (the whole command takes well under a second without).
     assert!(wall >= std::time::Duration::from_secs(1), "{wall:?}");
 }
+
+#[test]
+fn profile_with_overlap_hands_each_forward_over_before_collecting_the_one_before() {
+    let out = Command::new(env!("CARGO_BIN_EXE_mlx-embed"))
+        .args(["profile", "--device", "cpu", "--shapes", "2x16", "--warmup", "1", "--iterations", "8", "--overlap", "--json", "-", "--model-dir"])
+        .arg(fixtures_dir().join("qwen3-tiny"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["overlap"], true);
+    let s = &r["shapes"][0];
+    assert_eq!(s["iterations"], 8, "{s}");
+    // Each forward but the last is collected after the next one is built and handed over, so the
+    // forwards' times add up to well past the wall time (about twice it here); one after another
+    // they add up to less than it.
+    let sum_of_totals = s["total_ms"]["mean"].as_f64().unwrap() * 8.0;
+    let wall_ms = (2 * 16 * 8) as f64 / s["tokens_per_second"].as_f64().unwrap() * 1e3;
+    assert!(sum_of_totals > 1.3 * wall_ms, "forwards {sum_of_totals:.2} ms in all, wall {wall_ms:.2} ms: {s}");
+}
+
+#[test]
+fn profile_refuses_overlap_with_a_pause() {
+    let out = Command::new(env!("CARGO_BIN_EXE_mlx-embed"))
+        .args(["profile", "--device", "cpu", "--overlap", "--pause", "1ms", "--model-dir"])
+        .arg(fixtures_dir().join("qwen3-tiny"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--overlap") && err.contains("--pause"), "{err}");
+}

@@ -541,13 +541,13 @@ impl Engine {
         note_first(&mut self.jobs, &batch, |p| &mut p.launched);
         self.slots[m].add_queued(-(batch.len() as isize));
         record_batch(&self.slots[m].name, &batch);
-        let fault = self.faults[m].take();
         let Some(model) = &self.models[m] else {
             // Taken out of service (by the batch collected just before this one was built).
             let error = EngineError::NotReady(self.slots[m].name.clone());
             self.answer_err(batch.iter().map(|s| s.job), &error);
             return;
         };
+        let fault = self.faults[m].take();
         let refs: Vec<&[u32]> = batch.iter().map(|s| s.ids.as_slice()).collect();
         let shapes_before = model.shapes_seen();
         let launched = match catch_unwind(AssertUnwindSafe(|| match fault {

@@ -459,6 +459,96 @@ fn a_residual_add_with_the_next_norm_matches_add_then_norm() {
     }
 }
 
+/// `a` rounded to `dt` and back, as f32 values.
+fn held(a: &[f32], shape: &[i32], dt: Dtype) -> Vec<f32> {
+    Array::from_f32(a, shape).unwrap().astype(dt).unwrap().astype(Dtype::Float32).unwrap().to_f32_vec().unwrap()
+}
+
+/// `x · wᵀ` in f64 for x `[n, k]` and w `[out, k]`.
+fn matmul_t_host(x: &[f32], w: &[f32], k: usize) -> Vec<f64> {
+    x.chunks(k)
+        .flat_map(|row| w.chunks(k).map(move |wr| row.iter().zip(wr).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>()))
+        .collect()
+}
+
+// Token rows up to the fused kernels' limit (16) and past it; row widths that do and do not split
+// into 16-byte loads; (n, k, out, skip): the last-but-one case reads x from one element into its
+// buffer (a view off the 16-byte alignment).
+const MATMUL_CASES: [(usize, usize, usize, usize); 5] = [(1, 64, 300, 0), (16, 40, 64, 0), (5, 37, 300, 0), (16, 64, 40, 1), (17, 64, 64, 0)];
+
+/// x `[n, k]` from `xs[skip..]` (a view when `skip` > 0) and w `[out, k]`, in `dt`, with their values as held.
+fn matmul_inputs(xs: &[f32], ws: &[f32], (n, k, out, skip): (usize, usize, usize, usize), dt: Dtype) -> (Array, Array, Vec<f32>, Vec<f32>) {
+    let flat = Array::from_f32(xs, &[xs.len() as i32]).unwrap().astype(dt).unwrap();
+    let x = flat.slice(&[skip as i32], &[xs.len() as i32]).unwrap().reshape(&[n as i32, k as i32]).unwrap();
+    let w = Array::from_f32(ws, &[out as i32, k as i32]).unwrap().astype(dt).unwrap();
+    (x, w, held(&xs[skip..], &[(n * k) as i32], dt), held(ws, &[(out * k) as i32], dt))
+}
+
+#[test]
+fn a_few_rows_through_a_fused_gate_up_projection_match_the_projection_then_the_activation() {
+    let _g = mlx_lock();
+    for (case, (n, k, inter, skip)) in MATMUL_CASES.into_iter().enumerate() {
+        let xs = values(n * k + skip, 70 + case as u64, -1.0, 1.0);
+        let ws = values(2 * inter * k, 80 + case as u64, -0.5, 0.5);
+        for dt in [Dtype::Float32, Dtype::Bfloat16] {
+            let (x, w, x_held, w_held) = matmul_inputs(&xs, &ws, (n, k, 2 * inter, skip), dt);
+            let wt = w.transpose(&[1, 0]).unwrap();
+            let proj = matmul_t_host(&x_held, &w_held, k);
+            for (act, gelu) in [(Activation::Silu, false), (Activation::GeluTanh, true)] {
+                let want: Vec<f64> = (0..n * inter)
+                    .map(|idx| {
+                        let (t, i) = (idx / inter, idx % inter);
+                        let (g, u) = (proj[t * 2 * inter + i], proj[t * 2 * inter + inter + i]);
+                        let a = if gelu { 0.5 * g * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (g + 0.044715 * g * g * g)).tanh()) } else { g / (1.0 + (-g).exp()) };
+                        a * u
+                    })
+                    .collect();
+                let got = x.gated_matmul((&w, &wt), act).unwrap();
+                assert_eq!(got.shape(), vec![n as i32, inter as i32]);
+                let got = got.astype(Dtype::Float32).unwrap().to_f32_vec().unwrap();
+                let (tol, floor) = if dt == Dtype::Float32 { (1e-4, 1e-2) } else { (3e-2, 1e-1) };
+                let err = worst(&got, &want, floor);
+                assert!(err < tol, "case {case} {dt:?} {act:?}: {err}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_block_output_projection_with_the_residual_add_and_next_norm_matches_them_apart() {
+    let _g = mlx_lock();
+    // On a GPU the fused kernel's last block finishes each call and leaves its counter for the
+    // next: every call after the first shows whether it did.
+    for (case, (n, k, e, skip)) in MATMUL_CASES.into_iter().enumerate() {
+        let xs = values(n * k + skip, 90 + case as u64, -1.0, 1.0);
+        let ws = values(e * k, 100 + case as u64, -0.5, 0.5);
+        let r = values(n * e, 110 + case as u64, -4.0, 4.0);
+        let (nw, pw) = (values(e, 120, 0.5, 1.5), values(e, 121, 0.5, 1.5));
+        let arr = |v: &[f32], shape: &[usize]| Array::from_f32(v, &shape.iter().map(|d| *d as i32).collect::<Vec<_>>()).unwrap();
+        let (ra, nwa, pwa) = (arr(&r, &[n, e]), arr(&nw, &[e]), arr(&pw, &[e]));
+        for dt in [Dtype::Float32, Dtype::Bfloat16] {
+            let (x, w, x_held, w_held) = matmul_inputs(&xs, &ws, (n, k, e, skip), dt);
+            let wt = w.transpose(&[1, 0]).unwrap();
+            let y: Vec<f32> = matmul_t_host(&x_held, &w_held, k).iter().map(|v| *v as f32).collect();
+            let y_held = held(&y, &[(n * e) as i32], dt);
+            let pw_dt = pwa.astype(dt).unwrap();
+            for post in [false, true] {
+                let added: Vec<f64> = if post { rms_norm_rows(&y_held, &pw, 1e-5) } else { y_held.iter().map(|v| *v as f64).collect() };
+                let sum: Vec<f64> = r.iter().zip(&added).map(|(a, b)| *a as f64 + b).collect();
+                let sum32: Vec<f32> = sum.iter().map(|v| *v as f32).collect();
+                let want_h = rms_norm_rows(&sum32, &nw, 1e-6);
+                let (xo, h) = ra.residual_matmul_norm(&x, (&w, &wt), post.then_some((&pw_dt, 1e-5)), &nwa, 1e-6, dt).unwrap();
+                assert_eq!((xo.dtype().unwrap(), h.dtype().unwrap()), (Dtype::Float32, dt));
+                assert_eq!((xo.shape(), h.shape()), (vec![n as i32, e as i32], vec![n as i32, e as i32]));
+                let tol = if dt == Dtype::Float32 { 1e-4 } else { 3e-2 };
+                let err_x = worst(&xo.to_f32_vec().unwrap(), &sum, 1.0);
+                let err_h = worst(&h.astype(Dtype::Float32).unwrap().to_f32_vec().unwrap(), &want_h, 1.0);
+                assert!(err_x < tol && err_h < tol, "case {case} {dt:?} post {post}: stream {err_x}, norm {err_h}");
+            }
+        }
+    }
+}
+
 #[test]
 fn copying_out_a_submitted_array_does_not_wait_for_work_submitted_after_it() {
     let _g = mlx_lock();

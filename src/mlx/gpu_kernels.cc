@@ -14,6 +14,7 @@
 #include "mlx/backend/cuda/cuda.h"
 #include "mlx/fast.h"
 #include "mlx/ops.h"
+#include "mlx/transforms.h"
 
 namespace mlx_embed::gpu_kernels {
 
@@ -132,6 +133,22 @@ constexpr const char* kQkvHeads = R"(
   for (int j = 0; j < PER; ++j) dst[lane + 32 * j] = static_cast<T>(x[j]);
 )";
 
+// act(g) · u for a gate and an up value in the compute dtype: the activation in f32, rounded to T
+// before the product (as the reference's activation function returns it), the product rounded.
+constexpr const char* kGateAct = R"(
+template <typename T, bool GELU>
+__device__ inline T gate_act(T g, T u) {
+  const float x = static_cast<float>(g);
+  float a;
+  if (GELU) {
+    a = 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+  } else {
+    a = x / (1.0f + expf(-x));
+  }
+  return static_cast<T>(static_cast<float>(static_cast<T>(a)) * static_cast<float>(u));
+}
+)";
+
 // Each thread takes V consecutive features of one token (V · sizeof(T) is 16 bytes, or V is 1),
 // with 16-byte loads and stores where the buffers are aligned for them.
 constexpr const char* kGated = R"(
@@ -156,16 +173,7 @@ constexpr const char* kGated = R"(
       u[j] = gr[I + j];
     }
   }
-  for (int j = 0; j < V; ++j) {
-    const float x = static_cast<float>(g[j]);
-    float a;
-    if (GELU) {
-      a = 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
-    } else {
-      a = x / (1.0f + expf(-x));
-    }
-    r[j] = static_cast<T>(static_cast<float>(static_cast<T>(a)) * static_cast<float>(u[j]));
-  }
+  for (int j = 0; j < V; ++j) r[j] = gate_act<T, GELU>(g[j], u[j]);
   if (aligned) {
     *reinterpret_cast<uint4*>(o) = *reinterpret_cast<const uint4*>(r);
   } else {
@@ -214,6 +222,158 @@ constexpr const char* kResidualNorm = R"(
       xo[row * E + e] = s[j];
       h[row * E + e] = static_cast<U>(w[e] * (s[j] * r2));
     }
+  }
+)";
+
+// x·wᵀ for the n ≤ NMAX rows of x [n, K] and R rows of w (`wr`, K features each), summed in f32
+// as a matmul in the compute dtype accumulates: lane j of a warp takes the V-wide chunks j,
+// j + 32, … of each row (16-byte loads when V > 1); every lane gets every sum.
+constexpr const char* kRowDots = R"(
+template <typename T, int V>
+__device__ inline void load_chunk(const T* p, float (&out)[V]) {
+  if constexpr (V > 1) {
+    alignas(16) T v[V];
+    *reinterpret_cast<uint4*>(v) = *reinterpret_cast<const uint4*>(p);
+#pragma unroll
+    for (int j = 0; j < V; ++j) out[j] = static_cast<float>(v[j]);
+  } else {
+    out[0] = static_cast<float>(*p);
+  }
+}
+
+template <typename T, int NMAX, int R, int V>
+__device__ inline void row_dots(const T* x, int n, int K, const T* const (&wr)[R], float (&acc)[R][NMAX]) {
+  // TILE chunks of each weight row are loaded before they are used, so that a warp has that many
+  // loads in flight rather than one.
+  constexpr int TILE = 4;
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int m = 0; m < NMAX; ++m) acc[r][m] = 0.f;
+  for (int k0 = lane * V; k0 < K; k0 += 32 * V * TILE) {
+    float w[TILE][R][V];
+#pragma unroll
+    for (int t = 0; t < TILE; ++t) {
+      const int k = k0 + t * 32 * V;
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        if (k < K) {
+          load_chunk<T, V>(wr[r] + k, w[t][r]);
+        } else {
+#pragma unroll
+          for (int j = 0; j < V; ++j) w[t][r][j] = 0.f;
+        }
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < NMAX; ++m) {
+      if (m < n) {
+#pragma unroll
+        for (int t = 0; t < TILE; ++t) {
+          const int k = k0 + t * 32 * V;
+          if (k < K) {
+            float xv[V];
+            load_chunk<T, V>(x + (long)m * K + k, xv);
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+#pragma unroll
+              for (int j = 0; j < V; ++j) acc[r][m] = fmaf(w[t][r][j], xv[j], acc[r][m]);
+          }
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int m = 0; m < NMAX; ++m) acc[r][m] = warp_sum(acc[r][m]);
+}
+
+// row_dots with 16-byte loads where x and w allow them (K a multiple of V is the caller's).
+template <typename T, int NMAX, int R, int V>
+__device__ inline void row_dots_any(const T* x, const T* w, int n, int K, const T* const (&wr)[R],
+                                    float (&acc)[R][NMAX]) {
+  const bool wide = V > 1 && ((reinterpret_cast<unsigned long>(x) | reinterpret_cast<unsigned long>(w)) & 15) == 0;
+  if (wide) {
+    row_dots<T, NMAX, R, V>(x, n, K, wr, acc);
+  } else {
+    row_dots<T, NMAX, R, 1>(x, n, K, wr, acc);
+  }
+}
+)";
+
+// A fused gate/up projection `w` [2·I, K] (gate rows first) of the n ≤ NMAX rows of x [n, K], then
+// act(gate) · up: [n, I]. One warp per output feature c (weight rows c and I + c); lane m
+// writes row m. The projections are rounded to T as a matmul's output is.
+constexpr const char* kGatedMatmul = R"(
+  const int n = x_shape[0];
+  const long c = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (c >= I) return;
+  const T* const wr[2] = {w + c * K, w + (I + c) * K};
+  float acc[2][NMAX];
+  row_dots_any<T, NMAX, 2, V>(x, w, n, K, wr, acc);
+#pragma unroll
+  for (int m = 0; m < NMAX; ++m) {
+    if (m < n && lane == m) {
+      out[(long)m * I + c] = gate_act<T, GELU>(static_cast<T>(acc[0][m]), static_cast<T>(acc[1][m]));
+    }
+  }
+)";
+
+// A block's output projection y = x·wᵀ (x [n, K], n ≤ NMAX; w [E, K]) with kResidualNorm after it:
+// the new residual stream xo = r + post(y) (f32) and its norm h = nw · rms(xo) in U. One warp per
+// output feature c writes y (rounded to T) to xo, plus r there unless a post-norm is to come; the
+// last block to finish (each bumps `count`, which wraps back to 0 once all have) then finishes
+// the rows, a warp per row: the post-norm and the residual add (POST), the next norm.
+constexpr const char* kResidualMatmulNorm = R"(
+  __shared__ bool last;
+  const int n = x_shape[0];
+  const long c = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  const int tid = threadIdx.x;
+  if (c < E) {
+    const T* const wr[1] = {w + c * K};
+    float acc[1][NMAX];
+    row_dots_any<T, NMAX, 1, V>(x, w, n, K, wr, acc);
+#pragma unroll
+    for (int m = 0; m < NMAX; ++m) {
+      if (m < n && lane == m) {
+        const float y = static_cast<float>(static_cast<T>(acc[0][m]));
+        xo[(long)m * E + c] = POST ? y : r[(long)m * E + c] + y;
+      }
+    }
+  }
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) last = atomicInc(const_cast<unsigned int*>(count), gridDim.x - 1) == gridDim.x - 1;
+  __syncthreads();
+  if (!last) return;
+  // A warp per row: sums over the row's features, reduced in the warp.
+  for (int m = tid / 32; m < n; m += blockDim.x / 32) {
+    float* xr = xo + (long)m * E;
+    const float* rr = r + (long)m * E;
+    U* hr = h + (long)m * E;
+    float ss = 0.f;
+    for (int e = lane; e < E; e += 32) {
+      const float v = __ldcg(xr + e);
+      ss += v * v;
+    }
+    ss = warp_sum(ss);
+    if (POST) {
+      const float q = rsqrtf(ss / E + POST_EPS);
+      ss = 0.f;
+      for (int e = lane; e < E; e += 32) {
+        const T normed = static_cast<T>(__ldcg(xr + e) * q);
+        const float s = rr[e] + static_cast<float>(static_cast<T>(static_cast<float>(POST_W[e]) * static_cast<float>(normed)));
+        xr[e] = s;
+        ss += s * s;
+      }
+      ss = warp_sum(ss);
+    }
+    const float q2 = rsqrtf(ss / E + EPS);
+    for (int e = lane; e < E; e += 32) hr[e] = static_cast<U>(nw[e] * (__ldcg(xr + e) * q2));
   }
 )";
 
@@ -350,7 +510,8 @@ std::optional<mx::array> gated_halves(const mx::array& gu, Act act) {
   const long threads = (long)n * (inter / vec);
   if (threads == 0 || threads > 0x7fffffffL) return std::nullopt;
   const auto& kernel = cached("gated", [] {
-    return mx::fast::cuda_kernel("mlx_embed_gated", {"gu"}, {"out"}, kGated, kHeader);
+    return mx::fast::cuda_kernel("mlx_embed_gated", {"gu"}, {"out"}, kGated,
+                                 std::string(kHeader) + kGateAct);
   });
   return kernel({gu}, {{n, inter}}, {dt}, {(int)threads, 1, 1}, {256, 1, 1},
                 {{"T", dt}, {"I", inter}, {"V", vec}, {"GELU", act == Act::GeluTanh}}, std::nullopt, false,
@@ -383,6 +544,82 @@ std::optional<std::vector<mx::array>> residual_rms_norm(const mx::array& x, cons
   return kernel(inputs, {{n, e}, {n, e}}, {mx::float32, out}, {n * 256, 1, 1}, {256, 1, 1},
                 {{"T", dt}, {"U", out}, {"E", e}, {"POST", post != nullptr}}, std::nullopt, false,
                 {});
+}
+
+namespace {
+
+// Whether x [n, K] times the rows of w [N, K] takes the matmul kernels: n ≤ kMaxMatmulRows.
+bool matmul_fits(const mx::array& x, const mx::array& w) {
+  return available() && is_float(x.dtype()) && w.dtype() == x.dtype() && x.ndim() == 2 &&
+         w.ndim() == 2 && x.shape(1) == w.shape(1) && x.shape(1) > 0 && x.shape(0) > 0 &&
+         x.shape(0) <= kMaxMatmulRows && (long)w.shape(0) * 32 <= 0x7fffffffL;
+}
+
+// Features per 16-byte load for rows of `k` features of `x`'s dtype, or 1 where rows do not split.
+int chunk(const mx::array& x, int k) {
+  const int v = 16 / (int)x.itemsize();
+  return k % v == 0 ? v : 1;
+}
+
+// A counter at 0 in device memory for kernels whose last block finishes the work
+// (kResidualMatmulNorm): each launch leaves it at 0 again. Kernels on one stream run one after
+// another, so one counter serves them all; it lives as long as the process. The counter is the
+// first word of 2 MB of its own: MLX may hand out managed memory for a small array, whose page
+// can be shared with data the host reads, and each block's atomic on such a page cost the device
+// microseconds.
+const mx::array& block_counter() {
+  static const mx::array* counter = [] {
+    auto* c = new mx::array(mx::contiguous(mx::zeros({1 << 19}, mx::uint32)));
+    mx::eval(*c);
+    return c;
+  }();
+  return *counter;
+}
+
+}  // namespace
+
+std::optional<mx::array> gated_matmul(const mx::array& x, const mx::array& w, Act act) {
+  if (!matmul_fits(x, w) || w.shape(0) % 2 != 0) return std::nullopt;
+  const auto dt = x.dtype();
+  const int n = x.shape(0), k = x.shape(1), inter = w.shape(0) / 2;
+  const auto& kernel = cached("gated matmul", [] {
+    return mx::fast::cuda_kernel("mlx_embed_gated_matmul", {"x", "w"}, {"out"}, kGatedMatmul,
+                                 std::string(kHeader) + kGateAct + kRowDots);
+  });
+  return kernel({x, w}, {{n, inter}}, {dt}, {inter * 32, 1, 1}, {256, 1, 1},
+                {{"T", dt}, {"NMAX", kMaxMatmulRows}, {"K", k}, {"I", inter}, {"V", chunk(x, k)},
+                 {"GELU", act == Act::GeluTanh}},
+                std::nullopt, false, {})[0];
+}
+
+std::optional<std::vector<mx::array>> residual_matmul_norm(const mx::array& r, const mx::array& x,
+                                                           const mx::array& w, const mx::array* post,
+                                                           float post_eps, const mx::array& nw,
+                                                           float eps, mx::Dtype out) {
+  if (!matmul_fits(x, w) || !is_float(out)) return std::nullopt;
+  const auto dt = x.dtype();
+  const int n = x.shape(0), k = x.shape(1), e = w.shape(0);
+  const bool fits = r.dtype() == mx::float32 && r.shape() == mx::Shape{n, e} && nw.dtype() == mx::float32 &&
+                    nw.size() == (size_t)e &&
+                    (!post || (post->dtype() == dt && post->size() == (size_t)e));
+  if (!fits) return std::nullopt;
+  const auto key = std::string(post ? "residual matmul post " : "residual matmul ") + literal(post_eps) +
+                   literal(eps);
+  const auto& kernel = cached(key, [&] {
+    std::string src = replace_all(kResidualMatmulNorm, "POST_EPS", literal(post_eps));
+    src = replace_all(src, "EPS", literal(eps));
+    src = replace_all(src, "POST_W", post ? "pw" : "nw");
+    std::vector<std::string> names{"x", "w", "r", "nw", "count"};
+    if (post) names.push_back("pw");
+    return mx::fast::cuda_kernel(post ? "mlx_embed_residual_matmul_post_norm" : "mlx_embed_residual_matmul_norm",
+                                 names, {"xo", "h"}, src, std::string(kHeader) + kRowDots);
+  });
+  std::vector<mx::array> inputs{x, w, r, nw, block_counter()};
+  if (post) inputs.push_back(*post);
+  return kernel(inputs, {{n, e}, {n, e}}, {mx::float32, out}, {e * 32, 1, 1}, {256, 1, 1},
+                {{"T", dt}, {"U", out}, {"NMAX", kMaxMatmulRows}, {"K", k}, {"E", e},
+                 {"V", chunk(x, k)}, {"POST", post != nullptr}},
+                std::nullopt, false, {});
 }
 
 std::optional<mx::array> attention(const mx::array& q, const mx::array& k, const mx::array& v,

@@ -26,16 +26,30 @@ impl QuantizedWeight {
 }
 
 pub enum Linear {
-    /// `wt` is the weight transposed, `[in, out]`.
-    Dense { wt: Array, bias: Option<Array> },
+    /// `w` is the weight as stored, `[out, in]`; `wt` a transposed view of it, `[in, out]`.
+    Dense { w: Array, wt: Array, bias: Option<Array> },
     Quantized { q: QuantizedWeight, bias: Option<Array> },
 }
 
 impl Linear {
+    /// A dense layer of the weight `w` `[out, in]`.
+    pub fn dense(w: Array, bias: Option<Array>) -> Result<Linear> {
+        Ok(Linear::Dense { wt: w.transpose(&[1, 0])?, w, bias })
+    }
+
+    /// The weight's rows `[out, in]` and their transposed view, for a dense layer without a bias
+    /// (what the kernels that fuse a matmul with what follows it take).
+    pub fn rows(&self) -> Option<(&Array, &Array)> {
+        match self {
+            Linear::Dense { w, wt, bias: None } => Some((w, wt)),
+            _ => None,
+        }
+    }
+
     /// `[…, in] → […, out]`.
     pub fn forward(&self, x: &Array) -> Result<Array> {
         let (y, bias) = match self {
-            Linear::Dense { wt, bias } => (x.matmul(wt)?, bias),
+            Linear::Dense { wt, bias, .. } => (x.matmul(wt)?, bias),
             Linear::Quantized { q, bias } => (q.matmul_t(x)?, bias),
         };
         match bias {
@@ -67,13 +81,11 @@ impl Linear {
                 let mut rows = Vec::with_capacity(parts.len());
                 for p in parts {
                     match p {
-                        // `wt` is a transposed view of the stored [out, in] rows.
-                        Linear::Dense { wt, .. } => rows.push(wt.transpose(&[1, 0])?),
+                        Linear::Dense { w, .. } => rows.push(w),
                         Linear::Quantized { .. } => return Ok(None),
                     }
                 }
-                let w = concat(&rows.iter().collect::<Vec<_>>(), 0)?;
-                Linear::Dense { wt: w.transpose(&[1, 0])?, bias }
+                Linear::dense(concat(&rows, 0)?, bias)?
             }
             Linear::Quantized { q: q0, .. } => {
                 let mut qs = Vec::with_capacity(parts.len());
@@ -98,7 +110,10 @@ impl Linear {
 
     fn eval(&self) -> Result<()> {
         match self {
-            Linear::Dense { wt, .. } => wt.eval()?,
+            Linear::Dense { w, wt, .. } => {
+                w.eval()?;
+                wt.eval()?;
+            }
             Linear::Quantized { q, .. } => {
                 for a in [&q.w, &q.scales, &q.biases] {
                     a.eval()?;
@@ -189,6 +204,18 @@ impl RmsNorm {
     pub fn residual(&self, x: &Array, y: &Array, post: Option<&RmsNorm>) -> Result<(Array, Array)> {
         let w = self.weight_for(x)?;
         x.residual_rms_norm(y, post.map(|p| (&p.weight, p.eps)), w, self.eps, self.weight.dtype()?)
+    }
+
+    /// [`RmsNorm::residual`] of `proj(a)`, a block's output projection: on a CUDA device one
+    /// kernel for a few token rows when `proj` is dense without a bias.
+    pub fn residual_of(&self, x: &Array, proj: &Linear, a: &Array, post: Option<&RmsNorm>) -> Result<(Array, Array)> {
+        match proj.rows() {
+            Some(rows) => {
+                let w = self.weight_for(x)?;
+                x.residual_matmul_norm(a, rows, post.map(|p| (&p.weight, p.eps)), w, self.eps, self.weight.dtype()?)
+            }
+            None => self.residual(x, &proj.forward(a)?, post),
+        }
     }
 
     /// The norm in f32 whatever the compute dtype (the final norm, before pooling).

@@ -232,10 +232,10 @@ impl Weights {
                 return Ok(Linear::Quantized { q, bias });
             }
             let w = kernel_check::dequantize_on_cpu(&q, self.compute, self.gpu)?;
-            return Ok(Linear::Dense { wt: w.transpose(&[1, 0])?, bias });
+            return Ok(Linear::dense(w, bias)?);
         }
         let w = self.tensor(&format!("{module}.weight"), &[out_dim, in_dim])?;
-        Ok(Linear::Dense { wt: w.transpose(&[1, 0])?, bias })
+        Ok(Linear::dense(w, bias)?)
     }
 
     /// An embedding table `[vocab, hidden]` at `module`.

@@ -232,29 +232,26 @@ impl Array {
         wrap(ffi::gated_halves(self.r(), act))
     }
 
-    /// `self + post(y)` (the residual stream, f32, plus a block's output `y`, normed by `post`
-    /// = (weight, eps) first when given) and that sum's RMSNorm by `weight`, returned in `out`.
-    pub fn residual_rms_norm(&self, y: &Array, post: Option<(&Array, f32)>, weight: &Array, eps: f32, out: Dtype) -> Result<(Array, Array)> {
-        let (list, post_eps) = post_list(post, eps);
-        let res = ffi::residual_rms_norm(self.r(), y.r(), list.as_ref().expect("new list"), post_eps, weight.r(), eps, out)?;
-        stream_and_norm(&res)
-    }
-
-    /// [`Array::residual_rms_norm`] of `a · wt`, a block's output projection (`wt` `[K, E]`, a view
-    /// of the rows `w` `[E, K]`): one kernel for a few token rows on a CUDA device.
-    #[allow(clippy::too_many_arguments)]
-    pub fn residual_matmul_norm(&self, a: &Array, (w, wt): (&Array, &Array), post: Option<(&Array, f32)>, weight: &Array,
-        eps: f32, out: Dtype) -> Result<(Array, Array)> {
-        let (list, post_eps) = post_list(post, eps);
-        let res = ffi::residual_matmul_norm(self.r(), a.r(), w.r(), wt.r(), list.as_ref().expect("new list"), post_eps,
-            weight.r(), eps, out)?;
-        stream_and_norm(&res)
-    }
-
     /// [`Array::gated_halves`] of `self · wt`, a fused gate/up projection (`wt` `[K, 2·I]`, a view of
     /// the rows `w` `[2·I, K]`): one kernel for a few token rows on a CUDA device.
     pub fn gated_matmul(&self, (w, wt): (&Array, &Array), act: Activation) -> Result<Array> {
         wrap(ffi::gated_matmul(self.r(), w.r(), wt.r(), act))
+    }
+
+    /// `self + post(y)` (the residual stream, f32, plus a block's output `y`, normed by `post`
+    /// = (weight, eps) first when given) and that sum's RMSNorm by `weight`, returned in `out`.
+    pub fn residual_rms_norm(&self, y: &Array, post: Option<(&Array, f32)>, weight: &Array, eps: f32, out: Dtype) -> Result<(Array, Array)> {
+        let mut list = ffi::array_list_new();
+        if let Some((w, _)) = post {
+            ffi::array_list_push(list.pin_mut(), w.r());
+        }
+        let post_eps = post.map_or(eps, |(_, e)| e);
+        let res = ffi::residual_rms_norm(self.r(), y.r(), list.as_ref().expect("new list"), post_eps, weight.r(), eps, out)?;
+        let mut v = unlist(&res)?;
+        match (v.pop(), v.pop()) {
+            (Some(h), Some(x)) => Ok((x, h)),
+            _ => Err(MlxError("residual_rms_norm returned fewer than two arrays".into())),
+        }
     }
 
     /// Fused attention `softmax(q·kᵀ·scale + mask)·v` over `[B, H, L, D]` (grouped KV heads
@@ -339,25 +336,6 @@ impl Compiled {
 }
 
 /// The arrays of a list returned by the bridge.
-/// The post-norm weight of a residual kernel as the bridge takes it (a list of none or one), and
-/// its epsilon (`eps` where there is none).
-fn post_list(post: Option<(&Array, f32)>, eps: f32) -> (UniquePtr<ffi::ArrayList>, f32) {
-    let mut list = ffi::array_list_new();
-    if let Some((w, _)) = post {
-        ffi::array_list_push(list.pin_mut(), w.r());
-    }
-    (list, post.map_or(eps, |(_, e)| e))
-}
-
-/// The (stream, norm) pair a residual kernel returns.
-fn stream_and_norm(list: &UniquePtr<ffi::ArrayList>) -> Result<(Array, Array)> {
-    let mut v = unlist(list)?;
-    match (v.pop(), v.pop()) {
-        (Some(h), Some(x)) => Ok((x, h)),
-        _ => Err(MlxError("a residual norm returned fewer than two arrays".into())),
-    }
-}
-
 fn unlist(list: &UniquePtr<ffi::ArrayList>) -> Result<Vec<Array>> {
     let list = list.as_ref().ok_or_else(|| MlxError("the bridge returned no list".into()))?;
     (0..ffi::array_list_len(list)).map(|i| wrap(ffi::array_list_get(list, i))).collect()

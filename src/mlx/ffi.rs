@@ -159,18 +159,6 @@ pub(crate) mod ffi {
         ) -> Result<UniquePtr<array>>;
         fn gated_halves(gu: &array, act: Activation) -> Result<UniquePtr<array>>;
         fn gated_matmul(x: &array, w: &array, wt: &array, act: Activation) -> Result<UniquePtr<array>>;
-        #[allow(clippy::too_many_arguments)]
-        fn residual_matmul_norm(
-            r: &array,
-            a: &array,
-            w: &array,
-            wt: &array,
-            post: &ArrayList,
-            post_eps: f32,
-            nw: &array,
-            eps: f32,
-            out: Dtype,
-        ) -> Result<UniquePtr<ArrayList>>;
         fn residual_rms_norm(
             x: &array,
             y: &array,

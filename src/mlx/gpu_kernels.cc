@@ -14,7 +14,6 @@
 #include "mlx/backend/cuda/cuda.h"
 #include "mlx/fast.h"
 #include "mlx/ops.h"
-#include "mlx/transforms.h"
 
 namespace mlx_embed::gpu_kernels {
 
@@ -322,61 +321,6 @@ constexpr const char* kGatedMatmul = R"(
   }
 )";
 
-// A block's output projection y = x·wᵀ (x [n, K], n ≤ NMAX; w [E, K]) with kResidualNorm after it:
-// the new residual stream xo = r + post(y) (f32) and its norm h = nw · rms(xo) in U. One warp per
-// output feature c writes y (rounded to T) to xo, plus r there unless a post-norm is to come; the
-// last block to finish (each bumps `count`, which wraps back to 0 once all have) then finishes
-// the rows, a warp per row: the post-norm and the residual add (POST), the next norm.
-constexpr const char* kResidualMatmulNorm = R"(
-  __shared__ bool last;
-  const int n = x_shape[0];
-  const long c = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
-  const int lane = threadIdx.x % 32;
-  const int tid = threadIdx.x;
-  if (c < E) {
-    const T* const wr[1] = {w + c * K};
-    float acc[1][NMAX];
-    row_dots_any<T, NMAX, 1, V>(x, w, n, K, wr, acc);
-#pragma unroll
-    for (int m = 0; m < NMAX; ++m) {
-      if (m < n && lane == m) {
-        const float y = static_cast<float>(static_cast<T>(acc[0][m]));
-        xo[(long)m * E + c] = POST ? y : r[(long)m * E + c] + y;
-      }
-    }
-  }
-  __threadfence();
-  __syncthreads();
-  if (tid == 0) last = atomicInc(const_cast<unsigned int*>(count), gridDim.x - 1) == gridDim.x - 1;
-  __syncthreads();
-  if (!last) return;
-  // A warp per row: sums over the row's features, reduced in the warp.
-  for (int m = tid / 32; m < n; m += blockDim.x / 32) {
-    float* xr = xo + (long)m * E;
-    const float* rr = r + (long)m * E;
-    U* hr = h + (long)m * E;
-    float ss = 0.f;
-    for (int e = lane; e < E; e += 32) {
-      const float v = __ldcg(xr + e);
-      ss += v * v;
-    }
-    ss = warp_sum(ss);
-    if (POST) {
-      const float q = rsqrtf(ss / E + POST_EPS);
-      ss = 0.f;
-      for (int e = lane; e < E; e += 32) {
-        const T normed = static_cast<T>(__ldcg(xr + e) * q);
-        const float s = rr[e] + static_cast<float>(static_cast<T>(static_cast<float>(POST_W[e]) * static_cast<float>(normed)));
-        xr[e] = s;
-        ss += s * s;
-      }
-      ss = warp_sum(ss);
-    }
-    const float q2 = rsqrtf(ss / E + EPS);
-    for (int e = lane; e < E; e += 32) hr[e] = static_cast<U>(nw[e] * (__ldcg(xr + e) * q2));
-  }
-)";
-
 // Attention of one query row `qv` (rounded to T; lane j holds features j, j + 32, …) over L keys
 // and values (rows `kstride` / `vstride` apart) and an additive mask row: its keys in order with a
 // running (online) softmax in f32; the result, rounded once, goes to `o`.
@@ -561,21 +505,6 @@ int chunk(const mx::array& x, int k) {
   return k % v == 0 ? v : 1;
 }
 
-// A counter at 0 in device memory for kernels whose last block finishes the work
-// (kResidualMatmulNorm): each launch leaves it at 0 again. Kernels on one stream run one after
-// another, so one counter serves them all; it lives as long as the process. The counter is the
-// first word of 2 MB of its own: MLX may hand out managed memory for a small array, whose page
-// can be shared with data the host reads, and each block's atomic on such a page cost the device
-// microseconds.
-const mx::array& block_counter() {
-  static const mx::array* counter = [] {
-    auto* c = new mx::array(mx::contiguous(mx::zeros({1 << 19}, mx::uint32)));
-    mx::eval(*c);
-    return c;
-  }();
-  return *counter;
-}
-
 }  // namespace
 
 std::optional<mx::array> gated_matmul(const mx::array& x, const mx::array& w, Act act) {
@@ -590,36 +519,6 @@ std::optional<mx::array> gated_matmul(const mx::array& x, const mx::array& w, Ac
                 {{"T", dt}, {"NMAX", kMaxMatmulRows}, {"K", k}, {"I", inter}, {"V", chunk(x, k)},
                  {"GELU", act == Act::GeluTanh}},
                 std::nullopt, false, {})[0];
-}
-
-std::optional<std::vector<mx::array>> residual_matmul_norm(const mx::array& r, const mx::array& x,
-                                                           const mx::array& w, const mx::array* post,
-                                                           float post_eps, const mx::array& nw,
-                                                           float eps, mx::Dtype out) {
-  if (!matmul_fits(x, w) || !is_float(out)) return std::nullopt;
-  const auto dt = x.dtype();
-  const int n = x.shape(0), k = x.shape(1), e = w.shape(0);
-  const bool fits = r.dtype() == mx::float32 && r.shape() == mx::Shape{n, e} && nw.dtype() == mx::float32 &&
-                    nw.size() == (size_t)e &&
-                    (!post || (post->dtype() == dt && post->size() == (size_t)e));
-  if (!fits) return std::nullopt;
-  const auto key = std::string(post ? "residual matmul post " : "residual matmul ") + literal(post_eps) +
-                   literal(eps);
-  const auto& kernel = cached(key, [&] {
-    std::string src = replace_all(kResidualMatmulNorm, "POST_EPS", literal(post_eps));
-    src = replace_all(src, "EPS", literal(eps));
-    src = replace_all(src, "POST_W", post ? "pw" : "nw");
-    std::vector<std::string> names{"x", "w", "r", "nw", "count"};
-    if (post) names.push_back("pw");
-    return mx::fast::cuda_kernel(post ? "mlx_embed_residual_matmul_post_norm" : "mlx_embed_residual_matmul_norm",
-                                 names, {"xo", "h"}, src, std::string(kHeader) + kRowDots);
-  });
-  std::vector<mx::array> inputs{x, w, r, nw, block_counter()};
-  if (post) inputs.push_back(*post);
-  return kernel(inputs, {{n, e}, {n, e}}, {mx::float32, out}, {e * 32, 1, 1}, {256, 1, 1},
-                {{"T", dt}, {"U", out}, {"NMAX", kMaxMatmulRows}, {"K", k}, {"E", e},
-                 {"V", chunk(x, k)}, {"POST", post != nullptr}},
-                std::nullopt, false, {});
 }
 
 std::optional<mx::array> attention(const mx::array& q, const mx::array& k, const mx::array& v,

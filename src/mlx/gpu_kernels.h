@@ -49,9 +49,9 @@ std::optional<std::vector<mlx::core::array>> residual_rms_norm(
     const mlx::core::array& x, const mlx::core::array& y, const mlx::core::array* post,
     float post_eps, const mlx::core::array& w, float eps, mlx::core::Dtype out);
 
-// Token rows up to which `gated_matmul` and `residual_matmul_norm` apply: each does a matmul in
-// the kernel that uses its output, saving MLX one operation (≈ 10 µs of host time on an H100);
-// their warps sum on CUDA cores, which costs less device time than that only for a few rows.
+// Token rows up to which `gated_matmul` applies: it does a matmul in the kernel that uses its
+// output, saving MLX one operation (≈ 10 µs of host time on an H100); its warps sum on CUDA
+// cores, which costs less device time than that only for a few rows.
 constexpr int kMaxMatmulRows = 16;
 
 // x [n, K] times the rows of a fused gate/up projection `w` [2·I, K] (gate rows first), then
@@ -59,14 +59,6 @@ constexpr int kMaxMatmulRows = 16;
 // rounds them. For n ≤ kMaxMatmulRows; `std::nullopt` where the kernel does not apply.
 std::optional<mlx::core::array> gated_matmul(const mlx::core::array& x, const mlx::core::array& w,
                                              Act act);
-
-// `residual_rms_norm(r, x·wᵀ, post, post_eps, nw, eps, out)` in one kernel: x [n, K] (n ≤
-// kMaxMatmulRows), w [E, K] in x's dtype, the product rounded to that dtype as a matmul rounds it;
-// r the f32 residual stream [n, E]. Returns the new stream and its norm.
-std::optional<std::vector<mlx::core::array>> residual_matmul_norm(
-    const mlx::core::array& r, const mlx::core::array& x, const mlx::core::array& w,
-    const mlx::core::array* post, float post_eps, const mlx::core::array& nw, float eps,
-    mlx::core::Dtype out);
 
 // Batches with at most this many (query, key) pairs over all heads take `attention`, whose warps
 // walk their keys one after the other; larger ones MLX's (cuDNN's) fused attention, faster once

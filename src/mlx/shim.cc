@@ -251,17 +251,6 @@ ArrayPtr gated_matmul(const array& x, const array& w, const array& wt, Activatio
   if (auto fused = gpu_kernels::gated_matmul(x, w, kind)) return own(std::move(*fused));
   return gated_halves(mx::matmul(x, wt), act);
 }
-std::unique_ptr<ArrayList> residual_matmul_norm(const array& r, const array& a, const array& w,
-                                                const array& wt, const ArrayList& post,
-                                                float post_eps, const array& nw, float eps,
-                                                Dtype out) {
-  if (post.items.size() > 1) throw std::invalid_argument("at most one post-norm weight");
-  const array* pw = post.items.empty() ? nullptr : &post.items[0];
-  if (auto fused = gpu_kernels::residual_matmul_norm(r, a, w, pw, post_eps, nw, eps, to_mlx(out))) {
-    return std::make_unique<ArrayList>(ArrayList{std::move(*fused)});
-  }
-  return residual_rms_norm(r, mx::matmul(a, wt), post, post_eps, nw, eps, out);
-}
 ArrayPtr rope(const array& x, int32_t dims, bool traditional, float base, float scale,
               int32_t offset) {
   return own(mx::fast::rope(x, dims, traditional, base, scale, offset));

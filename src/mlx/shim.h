@@ -95,12 +95,6 @@ std::unique_ptr<ArrayList> residual_rms_norm(const array& x, const array& y, con
 // gated_halves(x · wt), wt a [K, 2·I] view of the rows `w` [2·I, K]: one kernel for a few rows
 // on a CUDA device.
 ArrayPtr gated_matmul(const array& x, const array& w, const array& wt, Activation act);
-// residual_rms_norm(r, a · wt, …), wt a [K, E] view of the rows `w` [E, K]: one kernel for a few
-// rows on a CUDA device.
-std::unique_ptr<ArrayList> residual_matmul_norm(const array& r, const array& a, const array& w,
-                                                const array& wt, const ArrayList& post,
-                                                float post_eps, const array& nw, float eps,
-                                                Dtype out);
 // qkv_heads, then attention with `mask` (additive, [B, 1, L, L]), heads merged: [B·L, H·D].
 ArrayPtr qkv_attention(const array& qkv, const array& qw, const array& kw, float eps, int32_t b,
                        int32_t l, int32_t heads, int32_t kv_heads, int32_t head_dim, int32_t dims,

@@ -25,9 +25,7 @@ enum Qkv {
 
 pub struct Attention {
     qkv: Qkv,
-    /// Heads merged `[B·L, H·D]` → `[B·L, hidden]`: left to the caller, which adds it to the
-    /// residual stream (see [`RmsNorm::residual_of`]).
-    pub o_proj: Linear,
+    o_proj: Linear,
     q_norm: RmsNorm,
     k_norm: RmsNorm,
     shape: AttentionShape,
@@ -69,16 +67,15 @@ impl Attention {
         })
     }
 
-    /// The `B·L` token rows `[B·L, hidden]` of a batch of `b` rows of `l` tokens → the attention's
-    /// heads merged, `[B·L, H·D]`, before the output projection `o_proj`; `mask` is additive,
-    /// `[B, 1, L, L]` (see [`additive_mask`](crate::models::layers::additive_mask)).
-    pub fn heads(&self, x: &Array, (b, l): (i32, i32), mask: &Array) -> Result<Array> {
+    /// The `B·L` token rows `[B·L, hidden]` of a batch of `b` rows of `l` tokens → `[B·L, hidden]`;
+    /// `mask` is additive, `[B, 1, L, L]` (see [`additive_mask`](crate::models::layers::additive_mask)).
+    pub fn forward(&self, x: &Array, (b, l): (i32, i32), mask: &Array) -> Result<Array> {
         let s = self.shape;
         // 1. Project, split heads: [B·L, H·D] → [B, L, H, D].
         // 2. q and k: norm each head, rotary positions 0..L (batches are right-padded, so every
         //    row starts at 0) → [B, H, L, D]; v → [B, H, L, D].
         // 3. Attention [B, H, L, D] (grouped KV heads broadcast), merge heads → [B·L, H·D].
-        Ok(match &self.qkv {
+        let a = match &self.qkv {
             Qkv::Fused(proj) => proj.forward(x)?.qkv_attention(
                 &self.q_norm.weight, &self.k_norm.weight, self.q_norm.eps, (b, l), (s.heads, s.kv_heads, s.head_dim),
                 s.head_dim, (self.rope_base, self.rope_scale), self.scale, mask,
@@ -94,7 +91,8 @@ impl Attention {
                 let a = Array::attention(&q, &k, &v, self.scale, mask)?;
                 a.transpose(&[0, 2, 1, 3])?.reshape(&[b * l, s.heads * s.head_dim])?
             }
-        })
+        };
+        Ok(self.o_proj.forward(&a)?)
     }
 }
 
@@ -107,8 +105,7 @@ enum GateUp {
 /// `down(act(gate(x)) · up(x))`.
 pub struct GatedMlp {
     gate_up: GateUp,
-    /// Left to the caller, which adds it to the residual stream (see [`RmsNorm::residual_of`]).
-    pub down: Linear,
+    down: Linear,
     act: Activation,
 }
 
@@ -127,15 +124,15 @@ impl GatedMlp {
         })
     }
 
-    /// `act(gate(x)) · up(x)`, the input of `down`: on a CUDA device one kernel for a few token
-    /// rows when gate and up are one dense projection.
-    pub fn hidden(&self, x: &Array) -> Result<Array> {
-        Ok(match &self.gate_up {
+    pub fn forward(&self, x: &Array) -> Result<Array> {
+        let g = match &self.gate_up {
+            // On a CUDA device one kernel for a few token rows.
             GateUp::Fused(proj) => match proj.rows() {
                 Some(rows) => x.gated_matmul(rows, self.act)?,
                 None => proj.forward(x)?.gated_halves(self.act)?,
             },
             GateUp::Separate { gate, up } => gate.forward(x)?.gated(&up.forward(x)?, self.act)?,
-        })
+        };
+        Ok(self.down.forward(&g)?)
     }
 }

@@ -197,12 +197,12 @@ impl Encoder for Gemma3 {
         let mut h = self.layers[0].input_norm.forward(&x)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let mask = if layer.sliding { local } else { full };
-            let a = layer.attn.heads(&h, (b, l), mask)?;
-            (x, h) = layer.pre_ff_norm.residual_of(&x, &layer.attn.o_proj, &a, Some(&layer.post_attn_norm))?;
-            let m = layer.mlp.hidden(&h)?;
+            let a = layer.attn.forward(&h, (b, l), mask)?;
+            (x, h) = layer.pre_ff_norm.residual(&x, &a, Some(&layer.post_attn_norm))?;
+            let m = layer.mlp.forward(&h)?;
             match self.layers.get(i + 1) {
-                Some(next) => (x, h) = next.input_norm.residual_of(&x, &layer.mlp.down, &m, Some(&layer.post_ff_norm))?,
-                None => x = x.add(&layer.post_ff_norm.forward(&layer.mlp.down.forward(&m)?)?)?,
+                Some(next) => (x, h) = next.input_norm.residual(&x, &m, Some(&layer.post_ff_norm))?,
+                None => x = x.add(&layer.post_ff_norm.forward(&m)?)?,
             }
         }
         // 3. Final norm, in f32 for pooling: [B, L, hidden].

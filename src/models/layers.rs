@@ -38,7 +38,7 @@ impl Linear {
     }
 
     /// The weight's rows `[out, in]` and their transposed view, for a dense layer without a bias
-    /// (what the kernels that fuse a matmul with what follows it take).
+    /// (what a kernel fusing the matmul with what follows it takes).
     pub fn rows(&self) -> Option<(&Array, &Array)> {
         match self {
             Linear::Dense { w, wt, bias: None } => Some((w, wt)),
@@ -204,18 +204,6 @@ impl RmsNorm {
     pub fn residual(&self, x: &Array, y: &Array, post: Option<&RmsNorm>) -> Result<(Array, Array)> {
         let w = self.weight_for(x)?;
         x.residual_rms_norm(y, post.map(|p| (&p.weight, p.eps)), w, self.eps, self.weight.dtype()?)
-    }
-
-    /// [`RmsNorm::residual`] of `proj(a)`, a block's output projection: on a CUDA device one
-    /// kernel for a few token rows when `proj` is dense without a bias.
-    pub fn residual_of(&self, x: &Array, proj: &Linear, a: &Array, post: Option<&RmsNorm>) -> Result<(Array, Array)> {
-        match proj.rows() {
-            Some(rows) => {
-                let w = self.weight_for(x)?;
-                x.residual_matmul_norm(a, rows, post.map(|p| (&p.weight, p.eps)), w, self.eps, self.weight.dtype()?)
-            }
-            None => self.residual(x, &proj.forward(a)?, post),
-        }
     }
 
     /// The norm in f32 whatever the compute dtype (the final norm, before pooling).

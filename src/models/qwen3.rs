@@ -120,12 +120,12 @@ impl Encoder for Qwen3 {
         //    the norm that follows it.
         let mut h = self.layers[0].input_norm.forward(&x)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let a = layer.attn.heads(&h, (b, l), mask)?;
-            (x, h) = layer.post_norm.residual_of(&x, &layer.attn.o_proj, &a, None)?;
-            let m = layer.mlp.hidden(&h)?;
+            let a = layer.attn.forward(&h, (b, l), mask)?;
+            (x, h) = layer.post_norm.residual(&x, &a, None)?;
+            let m = layer.mlp.forward(&h)?;
             match self.layers.get(i + 1) {
-                Some(next) => (x, h) = next.input_norm.residual_of(&x, &layer.mlp.down, &m, None)?,
-                None => x = x.add(&layer.mlp.down.forward(&m)?)?,
+                Some(next) => (x, h) = next.input_norm.residual(&x, &m, None)?,
+                None => x = x.add(&m)?,
             }
         }
         // 3. Final norm, in f32 for pooling: [B, L, hidden].

@@ -5,7 +5,8 @@
 // an elementwise operation, ≈ 10 µs for a matmul, ≈ 25 µs for attention, measured on an H100),
 // not by the device. These kernels each replace several MLX operations of a layer (the per-head
 // norms, rotary embedding and head split of a fused q/k/v projection; the activation of a fused
-// gate/up projection; the residual add with the next norm), or one costly to issue (attention
+// gate/up projection, for a few token rows with that matmul too; the residual add with the next
+// norm), or one costly to issue (attention
 // over short sequences). Where they do not apply (no CUDA device, an unsupported shape or dtype)
 // the shim builds the same function from MLX operations.
 #pragma once

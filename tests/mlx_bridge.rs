@@ -471,9 +471,9 @@ fn matmul_t_host(x: &[f32], w: &[f32], k: usize) -> Vec<f64> {
         .collect()
 }
 
-// Token rows up to the fused kernels' limit (16) and past it; row widths that do and do not split
-// into 16-byte loads; (n, k, out, skip): the last-but-one case reads x from one element into its
-// buffer (a view off the 16-byte alignment).
+// (token rows, features in, features out, skip): rows up to the fused kernel's limit (16) and past
+// it; widths that do and do not split into 16-byte loads; the last-but-one case reads x from one
+// element into its buffer (a view off the 16-byte alignment).
 const MATMUL_CASES: [(usize, usize, usize, usize); 5] = [(1, 64, 300, 0), (16, 40, 64, 0), (5, 37, 300, 0), (16, 64, 40, 1), (17, 64, 64, 0)];
 
 /// x `[n, k]` from `xs[skip..]` (a view when `skip` > 0) and w `[out, k]`, in `dt`, with their values as held.

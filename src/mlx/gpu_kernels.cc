@@ -53,6 +53,19 @@ std::string literal(float v) {
 
 bool is_float(mx::Dtype d) { return d == mx::float32 || d == mx::bfloat16 || d == mx::float16; }
 
+// Features per 16-byte load for rows of `k` features of `x`'s dtype, or 1 where rows do not split.
+int chunk(const mx::array& x, int k) {
+  const int v = 16 / (int)x.itemsize();
+  return k % v == 0 ? v : 1;
+}
+
+// Whether x [n, K] times the rows of w [N, K] takes the fused matmul kernel: n ≤ kMaxMatmulRows.
+bool matmul_fits(const mx::array& x, const mx::array& w) {
+  return available() && is_float(x.dtype()) && w.dtype() == x.dtype() && x.ndim() == 2 &&
+         w.ndim() == 2 && x.shape(1) == w.shape(1) && x.shape(1) > 0 && x.shape(0) > 0 &&
+         x.shape(0) <= kMaxMatmulRows && (long)w.shape(0) * 32 <= 0x7fffffffL;
+}
+
 // The kernel function for `key` (its name and every value written into its source), made by
 // `make` on first use: building a custom kernel's source costs host time at every call otherwise.
 template <typename Make>
@@ -450,7 +463,7 @@ std::optional<mx::array> gated_halves(const mx::array& gu, Act act) {
   const auto dt = gu.dtype();
   if (!available() || !is_float(dt) || gu.ndim() != 2 || gu.shape(1) % 2 != 0) return std::nullopt;
   const int n = gu.shape(0), inter = gu.shape(1) / 2;
-  const int vec = inter % (16 / (int)gu.itemsize()) == 0 ? 16 / (int)gu.itemsize() : 1;
+  const int vec = chunk(gu, inter);
   const long threads = (long)n * (inter / vec);
   if (threads == 0 || threads > 0x7fffffffL) return std::nullopt;
   const auto& kernel = cached("gated", [] {
@@ -489,23 +502,6 @@ std::optional<std::vector<mx::array>> residual_rms_norm(const mx::array& x, cons
                 {{"T", dt}, {"U", out}, {"E", e}, {"POST", post != nullptr}}, std::nullopt, false,
                 {});
 }
-
-namespace {
-
-// Whether x [n, K] times the rows of w [N, K] takes the matmul kernels: n ≤ kMaxMatmulRows.
-bool matmul_fits(const mx::array& x, const mx::array& w) {
-  return available() && is_float(x.dtype()) && w.dtype() == x.dtype() && x.ndim() == 2 &&
-         w.ndim() == 2 && x.shape(1) == w.shape(1) && x.shape(1) > 0 && x.shape(0) > 0 &&
-         x.shape(0) <= kMaxMatmulRows && (long)w.shape(0) * 32 <= 0x7fffffffL;
-}
-
-// Features per 16-byte load for rows of `k` features of `x`'s dtype, or 1 where rows do not split.
-int chunk(const mx::array& x, int k) {
-  const int v = 16 / (int)x.itemsize();
-  return k % v == 0 ? v : 1;
-}
-
-}  // namespace
 
 std::optional<mx::array> gated_matmul(const mx::array& x, const mx::array& w, Act act) {
   if (!matmul_fits(x, w) || w.shape(0) % 2 != 0) return std::nullopt;

@@ -40,6 +40,9 @@ def literal(v):
     return "__int_as_float((int)0x%08xu)" % struct.unpack("<I", struct.pack("<f", v))[0]
 
 
+NORM_HEADERS = ["kHeader", "kGateAct", "kRowDots", "kStageRows"]
+
+
 def kernels(t):
     """Every kernel for compute dtype `t` (its CUDA name): (name, header sources, body source,
     inputs, outputs, template arguments, placeholder replacements), with the values of
@@ -72,6 +75,25 @@ def kernels(t):
          [("x", "float"), ("y", t), ("w", "float"), ("pw", t)], [("xo", "float"), ("h", t)],
          [("T", t), ("U", t), ("E", 768), ("POST", True)],
          [("POST_EPS", eps), ("EPS", eps), ("POST_W", "pw")]),
+        # The norm of the stream alone (the first layer), then q/k/v rows (Qwen3).
+        ("mlx_embed_norm_matmul", NORM_HEADERS, "kNormMatmul",
+         [("x", "float"), ("nw", "float"), ("w", t)], [("out", t)],
+         [("T", t), ("NMAX", 16 if t != "float" else 12), ("E", 1024), ("O", 4096), ("V", vec),
+          ("ADD", False), ("POST", False), ("GATE", False), ("GELU", False)],
+         [("STAGE", "x, (const T*)nullptr, (const T*)nullptr, nw, (float*)nullptr"),
+          ("POST_EPS", eps), ("EPS", eps)]),
+        # A block's output added, normed first (Gemma), then gate/up rows and GELU.
+        ("mlx_embed_residual_norm_matmul", NORM_HEADERS, "kNormMatmul",
+         [("x", "float"), ("y", t), ("pw", t), ("nw", "float"), ("w", t)], [("xo", "float"), ("out", t)],
+         [("T", t), ("NMAX", 16), ("E", 768), ("O", 1152), ("V", vec),
+          ("ADD", True), ("POST", True), ("GATE", True), ("GELU", True)],
+         [("STAGE", "x, y, pw, nw, xo"), ("POST_EPS", eps), ("EPS", eps)]),
+        # Rows not a multiple of 16 bytes, an odd number of outputs, no post-norm.
+        ("mlx_embed_residual_norm_matmul", NORM_HEADERS, "kNormMatmul",
+         [("x", "float"), ("y", t), ("nw", "float"), ("w", t)], [("xo", "float"), ("out", t)],
+         [("T", t), ("NMAX", 16), ("E", 37), ("O", 41), ("V", 1),
+          ("ADD", True), ("POST", False), ("GATE", False), ("GELU", False)],
+         [("STAGE", "x, y, (const T*)nullptr, nw, xo"), ("POST_EPS", eps), ("EPS", eps)]),
         ("mlx_embed_attention", ["kHeader", "kAttendRow"], "kAttention",
          [("q", t), ("k", t), ("v", t), ("mask", t)], [("out", t)],
          [("T", t), ("M", t), ("D", 128), ("H", 16), ("HKV", 8)], [("SCALE", scale)]),

@@ -254,6 +254,31 @@ impl Array {
         }
     }
 
+    /// [`Array::residual_rms_norm`] of the stream `self` and `y` (with its post-norm), or `self`
+    /// and its RMSNorm when `y` is `None`, then that norm (in `out`) times `rows`ᵀ (the rows
+    /// `[N, E]` and a `[E, N]` view of them), and with `gate` [`Array::gated_halves`] of the
+    /// product: (the stream, the product). One kernel for a few token rows on a CUDA device.
+    pub fn norm_matmul(&self, y: Option<(&Array, Option<(&Array, f32)>)>, weight: &Array, eps: f32, out: Dtype,
+        (rows, rows_t): (&Array, &Array), gate: Option<Activation>) -> Result<(Array, Array)> {
+        let (mut ys, mut post) = (ffi::array_list_new(), ffi::array_list_new());
+        let mut post_eps = eps;
+        if let Some((y, p)) = y {
+            ffi::array_list_push(ys.pin_mut(), y.r());
+            if let Some((w, e)) = p {
+                ffi::array_list_push(post.pin_mut(), w.r());
+                post_eps = e;
+            }
+        }
+        let (ys, post) = (ys.as_ref().expect("new list"), post.as_ref().expect("new list"));
+        let act = gate.unwrap_or(Activation::Silu);
+        let res = ffi::norm_matmul(self.r(), ys, post, post_eps, weight.r(), eps, out, rows.r(), rows_t.r(), gate.is_some(), act)?;
+        let mut v = unlist(&res)?;
+        match (v.pop(), v.pop()) {
+            (Some(p), Some(x)) => Ok((x, p)),
+            _ => Err(MlxError("norm_matmul returned fewer than two arrays".into())),
+        }
+    }
+
     /// Fused attention `softmax(q·kᵀ·scale + mask)·v` over `[B, H, L, D]` (grouped KV heads
     /// allowed). `mask` is boolean (true = may attend) and broadcasts to `[B, H, L, L]`.
     pub fn attention(q: &Array, k: &Array, v: &Array, scale: f32, mask: &Array) -> Result<Array> {

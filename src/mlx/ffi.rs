@@ -168,6 +168,20 @@ pub(crate) mod ffi {
             eps: f32,
             out: Dtype,
         ) -> Result<UniquePtr<ArrayList>>;
+        #[allow(clippy::too_many_arguments)]
+        fn norm_matmul(
+            x: &array,
+            y: &ArrayList,
+            post: &ArrayList,
+            post_eps: f32,
+            w: &array,
+            eps: f32,
+            out: Dtype,
+            rows: &array,
+            rows_t: &array,
+            gated: bool,
+            act: Activation,
+        ) -> Result<UniquePtr<ArrayList>>;
         fn scaled_dot_product_attention(
             q: &array,
             k: &array,

@@ -4,6 +4,7 @@
 // the source as exact bit patterns. MLX compiles each distinct source once.
 #include "mlx-embed/src/mlx/gpu_kernels.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -334,6 +335,88 @@ constexpr const char* kGatedMatmul = R"(
   }
 )";
 
+// The rows of the residual stream x [n, E] (f32) plus a block's output y (compute dtype T, first
+// RMS-normed by `pw` when POST), or x alone when !ADD, each RMS-normed by `nw` (f32) and rounded
+// to T into `xs` [n, E], with kResidualNorm's arithmetic: a warp per row, lane j holding features
+// j, j + 32, …. Block 0 also writes the sums (the new stream) to `xo`.
+constexpr const char* kStageRows = R"(
+template <typename T, int E, bool ADD, bool POST>
+__device__ inline void stage_rows(const float* x, const T* y, const T* pw, const float* nw, float* xo,
+                                  float eps, float post_eps, int n, T* xs) {
+  constexpr int PER = (E + 31) / 32;
+  const int lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  for (int m = threadIdx.x / 32; m < n; m += warps) {
+    const float* xr = x + (long)m * E;
+    float s[PER];
+    float ss = 0.f;
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {
+      const int e = lane + 32 * j;
+      s[j] = ADD && e < E ? static_cast<float>(y[(long)m * E + e]) : 0.f;
+      ss += s[j] * s[j];
+    }
+    if (POST) {
+      const float r = rsqrtf(warp_sum(ss) / E + post_eps);
+#pragma unroll
+      for (int j = 0; j < PER; ++j) {
+        const int e = lane + 32 * j;
+        if (e < E) {
+          const T h = static_cast<T>(s[j] * r);
+          s[j] = static_cast<float>(static_cast<T>(static_cast<float>(pw[e]) * static_cast<float>(h)));
+        }
+      }
+    }
+    ss = 0.f;
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {
+      const int e = lane + 32 * j;
+      s[j] = e < E ? xr[e] + s[j] : 0.f;
+      ss += s[j] * s[j];
+    }
+    const float r = rsqrtf(warp_sum(ss) / E + eps);
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {
+      const int e = lane + 32 * j;
+      if (e < E) {
+        if (ADD && blockIdx.x == 0) xo[(long)m * E + e] = s[j];
+        xs[m * E + e] = static_cast<T>(nw[e] * (s[j] * r));
+      }
+    }
+  }
+}
+)";
+
+// kStageRows into shared memory, then those n ≤ NMAX normed rows times the rows of w [·, E]: a
+// warp per pair of weight rows at a time (GATE: gate row f and up row O + f, act(gate) · up to
+// output feature f; else output features 2f and 2f + 1), lane m writing row m of out [n, O].
+// The projections are rounded to T as a matmul's output is. STAGE is the inputs kStageRows takes.
+constexpr const char* kNormMatmul = R"(
+  __shared__ alignas(16) T xs[NMAX * E];
+  const int n = x_shape[0];
+  stage_rows<T, E, ADD, POST>(STAGE, EPS, POST_EPS, n, xs);
+  __syncthreads();
+  const int lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  const long pairs = GATE ? O : (O + 1) / 2;
+  for (long f = (long)blockIdx.x * warps + threadIdx.x / 32; f < pairs; f += (long)gridDim.x * warps) {
+    const long c0 = GATE ? f : 2 * f;
+    const long c1 = GATE ? O + f : (2 * f + 1 < O ? 2 * f + 1 : 2 * f);
+    const T* const wr[2] = {w + c0 * E, w + c1 * E};
+    float acc[2][NMAX];
+    row_dots_any<T, NMAX, 2, V>(xs, w, n, E, wr, acc);
+#pragma unroll
+    for (int m = 0; m < NMAX; ++m) {
+      if (m < n && lane == m) {
+        if (GATE) {
+          out[(long)m * O + f] = gate_act<T, GELU>(static_cast<T>(acc[0][m]), static_cast<T>(acc[1][m]));
+        } else {
+          out[(long)m * O + c0] = static_cast<T>(acc[0][m]);
+          if (c1 != c0) out[(long)m * O + c1] = static_cast<T>(acc[1][m]);
+        }
+      }
+    }
+  }
+)";
+
 // Attention of one query row `qv` (rounded to T; lane j holds features j, j + 32, …) over L keys
 // and values (rows `kstride` / `vstride` apart) and an additive mask row: its keys in order with a
 // running (online) softmax in f32; the result, rounded once, goes to `o`.
@@ -386,13 +469,14 @@ constexpr const char* kAttention = R"(
 // `kQkvHeads` and `kAttention` in one kernel for short sequences: a block per (batch row, q head,
 // QROWS query rows). Its warps norm and rotate the keys of the head's kv group into shared memory,
 // then each takes query rows: norm, rotation, attention (values read from the projection as
-// they are). The output is [B·L, H·D] token rows.
+// they are). The projection comes as [B·L, (H + 2·HKV)·D] token rows, L read from the mask's
+// shape (no reshape for MLX to issue); the output is [B·L, H·D] token rows.
 constexpr const char* kQkvAttention = R"(
   constexpr int S = H + 2 * HKV;
   constexpr int PER = D / 32;
   __shared__ alignas(16) unsigned char key_bytes[KCAP * D * sizeof(T)];
   T* keys = reinterpret_cast<T*>(key_bytes);
-  const int L = qkv_shape[1];
+  const int L = mask_shape[3];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
   const int chunks = (L + QROWS - 1) / QROWS;
   const int chunk = blockIdx.x % chunks;
@@ -517,6 +601,62 @@ std::optional<mx::array> gated_matmul(const mx::array& x, const mx::array& w, Ac
                 std::nullopt, false, {})[0];
 }
 
+std::optional<std::vector<mx::array>> norm_matmul(const mx::array& x, const mx::array* y,
+                                                  const mx::array* post, float post_eps,
+                                                  const mx::array& w, float eps,
+                                                  const mx::array& rows, std::optional<Act> gate) {
+  const auto dt = rows.dtype();
+  if (!available() || !is_float(dt) || x.dtype() != mx::float32 || w.dtype() != mx::float32 ||
+      x.ndim() != 2 || rows.ndim() != 2 || x.shape(1) != rows.shape(1) || x.shape(0) == 0 ||
+      w.size() != (size_t)x.shape(1) || (y && (y->dtype() != dt || y->shape() != x.shape())) ||
+      (post && (!y || post->dtype() != dt || post->size() != w.size())) ||
+      (gate && rows.shape(0) % 2 != 0) || rows.shape(0) == 0 || x.shape(1) > kMaxNormWidth) {
+    return std::nullopt;
+  }
+  const int n = x.shape(0), e = x.shape(1);
+  const int cap = std::min(kMaxMatmulRows, kNormShared / (e * (int)rows.itemsize()));
+  const int o = gate ? rows.shape(0) / 2 : rows.shape(0);
+  const long pairs = gate ? o : (o + 1L) / 2;
+  if (n > cap || (long)rows.shape(0) * e > 0x7fffffffL) return std::nullopt;
+  const bool add = y != nullptr;
+  const auto key = std::string("norm matmul ") + (add ? "add " : "") + (post ? "post " : "") +
+                   literal(post_eps) + literal(eps);
+  const auto& kernel = cached(key, [&] {
+    std::string src = replace_all(kNormMatmul, "STAGE",
+                                  add ? std::string("x, y, ") + (post ? "pw" : "(const T*)nullptr") + ", nw, xo"
+                                      : "x, (const T*)nullptr, (const T*)nullptr, nw, (float*)nullptr");
+    src = replace_all(src, "POST_EPS", literal(post_eps));
+    src = replace_all(src, "EPS", literal(eps));
+    std::vector<std::string> names{"x"};
+    if (add) names.push_back("y");
+    if (post) names.push_back("pw");
+    names.insert(names.end(), {"nw", "w"});
+    std::vector<std::string> outs{"out"};
+    if (add) outs.insert(outs.begin(), "xo");
+    return mx::fast::cuda_kernel(add ? "mlx_embed_residual_norm_matmul" : "mlx_embed_norm_matmul", names,
+                                 outs, src, std::string(kHeader) + kGateAct + kRowDots + kStageRows);
+  });
+  std::vector<mx::array> inputs{x};
+  if (add) inputs.push_back(*y);
+  if (post) inputs.push_back(*post);
+  inputs.insert(inputs.end(), {w, rows});
+  std::vector<mx::Shape> shapes{{n, o}};
+  std::vector<mx::Dtype> dtypes{dt};
+  if (add) {
+    shapes.insert(shapes.begin(), {n, e});
+    dtypes.insert(dtypes.begin(), mx::float32);
+  }
+  constexpr int warps = 8;
+  const long blocks = std::min<long>((pairs + warps - 1) / warps, kNormBlocks);
+  auto out = kernel(inputs, shapes, dtypes, {(int)(blocks * warps * 32), 1, 1}, {warps * 32, 1, 1},
+                    {{"T", dt}, {"NMAX", cap}, {"E", e}, {"O", o}, {"V", chunk(rows, e)}, {"ADD", add},
+                     {"POST", post != nullptr}, {"GATE", gate.has_value()},
+                     {"GELU", gate == Act::GeluTanh}},
+                    std::nullopt, false, {});
+  if (!add) out.insert(out.begin(), x);
+  return out;
+}
+
 std::optional<mx::array> attention(const mx::array& q, const mx::array& k, const mx::array& v,
                                    float scale, const mx::array& mask) {
   const auto dt = q.dtype();
@@ -568,8 +708,7 @@ std::optional<mx::array> qkv_attention(const mx::array& qkv, const mx::array& qw
     return mx::fast::cuda_kernel("mlx_embed_qkv_attention", {"qkv", "qw", "kw", "mask"}, {"out"}, src,
                                  std::string(kHeader) + kHeadNormRope + kAttendRow);
   });
-  auto rows = mx::reshape(qkv, {b, l, (heads + 2 * kv_heads) * head_dim});
-  return kernel({rows, qw, kw, mask}, {{b * l, heads * head_dim}}, {dt},
+  return kernel({qkv, qw, kw, mask}, {{b * l, heads * head_dim}}, {dt},
                 {(int)(blocks * rows_per_block * 32), 1, 1}, {rows_per_block * 32, 1, 1},
                 {{"T", dt}, {"M", mask.dtype()}, {"H", heads}, {"HKV", kv_heads}, {"D", head_dim},
                  {"HALF", dims / 2}, {"KCAP", key_cap}, {"QROWS", rows_per_block}},

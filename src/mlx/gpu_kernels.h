@@ -61,6 +61,23 @@ constexpr int kMaxMatmulRows = 16;
 std::optional<mlx::core::array> gated_matmul(const mlx::core::array& x, const mlx::core::array& w,
                                              Act act);
 
+// `residual_rms_norm(x, y, post, post_eps, w, eps, rows' dtype)` (without `y`, x and the RMSNorm
+// of x), then the norm times `rows`ᵀ ([N, E], stored as the weight's rows), and with `gate`
+// `gated_halves` of that: the stream and the product, the norm and the product rounded to rows'
+// dtype as the operations apart round them. One kernel for n ≤ kMaxMatmulRows token rows whose
+// norms fit in a block's shared memory (kNormShared bytes) and E ≤ kMaxNormWidth: each block norms
+// every row itself, so MLX issues one operation in place of the norm and the matmul.
+constexpr int kNormShared = 48 * 1024;
+constexpr int kMaxNormWidth = 8192;
+// Blocks (of eight warps) the kernel runs at most, each staging the norms: two per SM of an H100.
+constexpr long kNormBlocks = 264;
+std::optional<std::vector<mlx::core::array>> norm_matmul(const mlx::core::array& x,
+                                                         const mlx::core::array* y,
+                                                         const mlx::core::array* post,
+                                                         float post_eps, const mlx::core::array& w,
+                                                         float eps, const mlx::core::array& rows,
+                                                         std::optional<Act> gate);
+
 // Batches with at most this many (query, key) pairs over all heads take `attention`, whose warps
 // walk their keys one after the other; larger ones MLX's (cuDNN's) fused attention, faster once
 // the device, not the host, bounds the time (on an H100, Qwen3 shapes: 8×32 tokens, 2^17 pairs,

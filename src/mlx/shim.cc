@@ -251,6 +251,31 @@ ArrayPtr gated_matmul(const array& x, const array& w, const array& wt, Activatio
   if (auto fused = gpu_kernels::gated_matmul(x, w, kind)) return own(std::move(*fused));
   return gated_halves(mx::matmul(x, wt), act);
 }
+std::unique_ptr<ArrayList> norm_matmul(const array& x, const ArrayList& y, const ArrayList& post,
+                                       float post_eps, const array& w, float eps, Dtype out,
+                                       const array& rows, const array& rows_t, bool gated,
+                                       Activation act) {
+  if (y.items.size() > 1 || post.items.size() > y.items.size()) {
+    throw std::invalid_argument("norm_matmul takes at most one output to add, normed first only if given");
+  }
+  const array* ya = y.items.empty() ? nullptr : &y.items[0];
+  const array* pw = post.items.empty() ? nullptr : &post.items[0];
+  const auto kind = act == Activation::Silu ? gpu_kernels::Act::Silu : gpu_kernels::Act::GeluTanh;
+  if (rows.dtype() == to_mlx(out)) {
+    auto fused = gpu_kernels::norm_matmul(x, ya, pw, post_eps, w, eps, rows,
+                                          gated ? std::optional(kind) : std::nullopt);
+    if (fused) return std::make_unique<ArrayList>(ArrayList{std::move(*fused)});
+  }
+  std::vector<array> parts;
+  if (ya) {
+    parts = residual_rms_norm(x, *ya, post, post_eps, w, eps, out)->items;
+  } else {
+    auto normed = *rms_norm(x, w, eps);
+    parts = {x, normed.dtype() == to_mlx(out) ? normed : mx::astype(normed, to_mlx(out))};
+  }
+  parts[1] = gated ? *gated_matmul(parts[1], rows, rows_t, act) : mx::matmul(parts[1], rows_t);
+  return std::make_unique<ArrayList>(ArrayList{std::move(parts)});
+}
 ArrayPtr rope(const array& x, int32_t dims, bool traditional, float base, float scale,
               int32_t offset) {
   return own(mx::fast::rope(x, dims, traditional, base, scale, offset));

@@ -95,6 +95,13 @@ std::unique_ptr<ArrayList> residual_rms_norm(const array& x, const array& y, con
 // gated_halves(x · wt), wt a [K, 2·I] view of the rows `w` [2·I, K]: one kernel for a few rows
 // on a CUDA device.
 ArrayPtr gated_matmul(const array& x, const array& w, const array& wt, Activation act);
+// residual_rms_norm(x, y, post, post_eps, w, eps, out) (x and the norm of x when `y` is empty),
+// then the norm times `rows_t` ([E, N], a view of the rows `rows`), and gated_halves of that when
+// `gated`: [stream, product]. One kernel for a few rows on a CUDA device.
+std::unique_ptr<ArrayList> norm_matmul(const array& x, const ArrayList& y, const ArrayList& post,
+                                       float post_eps, const array& w, float eps, Dtype out,
+                                       const array& rows, const array& rows_t, bool gated,
+                                       Activation act);
 // qkv_heads, then attention with `mask` (additive, [B, 1, L, L]), heads merged: [B·L, H·D].
 ArrayPtr qkv_attention(const array& qkv, const array& qw, const array& kw, float eps, int32_t b,
                        int32_t l, int32_t heads, int32_t kv_heads, int32_t head_dim, int32_t dims,

@@ -4,7 +4,7 @@
 use crate::error::Result;
 use crate::mlx::Array;
 pub use crate::mlx::Activation;
-use crate::models::layers::{Linear, RmsNorm};
+use crate::models::layers::{Linear, RmsNorm, Stream};
 use crate::models::weights::Weights;
 
 /// Shapes of one attention block.
@@ -67,32 +67,42 @@ impl Attention {
         })
     }
 
-    /// The `B·L` token rows `[B·L, hidden]` of a batch of `b` rows of `l` tokens → `[B·L, hidden]`;
-    /// `mask` is additive, `[B, 1, L, L]` (see [`additive_mask`](crate::models::layers::additive_mask)).
-    pub fn forward(&self, x: &Array, (b, l): (i32, i32), mask: &Array) -> Result<Array> {
-        let s = self.shape;
+    /// The stream `s` normed by `norm` (`[B·L, hidden]` token rows of a batch of `b` rows of `l`
+    /// tokens) through the block: (the stream with its pending output added, the block's output
+    /// `[B·L, hidden]`). `mask` is additive, `[B, 1, L, L]` (see
+    /// [`additive_mask`](crate::models::layers::additive_mask)).
+    pub fn forward(&self, norm: &RmsNorm, s: &Stream, (b, l): (i32, i32), mask: &Array) -> Result<(Array, Array)> {
+        let sh = self.shape;
         // 1. Project, split heads: [B·L, H·D] → [B, L, H, D].
         // 2. q and k: norm each head, rotary positions 0..L (batches are right-padded, so every
         //    row starts at 0) → [B, H, L, D]; v → [B, H, L, D].
         // 3. Attention [B, H, L, D] (grouped KV heads broadcast), merge heads → [B·L, H·D].
-        let a = match &self.qkv {
-            Qkv::Fused(proj) => proj.forward(x)?.qkv_attention(
-                &self.q_norm.weight, &self.k_norm.weight, self.q_norm.eps, (b, l), (s.heads, s.kv_heads, s.head_dim),
-                s.head_dim, (self.rope_base, self.rope_scale), self.scale, mask,
-            )?,
+        let attend = |qkv: Array| qkv.qkv_attention(
+            &self.q_norm.weight, &self.k_norm.weight, self.q_norm.eps, (b, l), (sh.heads, sh.kv_heads, sh.head_dim),
+            sh.head_dim, (self.rope_base, self.rope_scale), self.scale, mask,
+        );
+        let (x, a) = match &self.qkv {
+            Qkv::Fused(proj) => match norm.project(s, proj, None)? {
+                Some((x, qkv)) => (x, attend(qkv)?),
+                None => {
+                    let (x, h) = norm.resolve(s)?;
+                    (x, attend(proj.forward(&h)?)?)
+                }
+            },
             Qkv::Separate { q, k, v } => {
-                let split = |proj: &Linear, n: i32| proj.forward(x)?.reshape(&[b, l, n, s.head_dim]);
-                let rotate = |t: Array, norm: &RmsNorm| norm.forward_rope(&t, s.head_dim, self.rope_base, self.rope_scale);
+                let (x, h) = norm.resolve(s)?;
+                let split = |proj: &Linear, n: i32| proj.forward(&h)?.reshape(&[b, l, n, sh.head_dim]);
+                let rotate = |t: Array, norm: &RmsNorm| norm.forward_rope(&t, sh.head_dim, self.rope_base, self.rope_scale);
                 let (q, k, v) = (
-                    rotate(split(q, s.heads)?, &self.q_norm)?,
-                    rotate(split(k, s.kv_heads)?, &self.k_norm)?,
-                    split(v, s.kv_heads)?.transpose(&[0, 2, 1, 3])?,
+                    rotate(split(q, sh.heads)?, &self.q_norm)?,
+                    rotate(split(k, sh.kv_heads)?, &self.k_norm)?,
+                    split(v, sh.kv_heads)?.transpose(&[0, 2, 1, 3])?,
                 );
                 let a = Array::attention(&q, &k, &v, self.scale, mask)?;
-                a.transpose(&[0, 2, 1, 3])?.reshape(&[b * l, s.heads * s.head_dim])?
+                (x, a.transpose(&[0, 2, 1, 3])?.reshape(&[b * l, sh.heads * sh.head_dim])?)
             }
         };
-        Ok(self.o_proj.forward(&a)?)
+        Ok((x, self.o_proj.forward(&a)?))
     }
 }
 
@@ -124,15 +134,24 @@ impl GatedMlp {
         })
     }
 
-    pub fn forward(&self, x: &Array) -> Result<Array> {
-        let g = match &self.gate_up {
-            // On a CUDA device one kernel for a few token rows.
-            GateUp::Fused(proj) => match proj.rows() {
-                Some(rows) => x.gated_matmul(rows, self.act)?,
-                None => proj.forward(x)?.gated_halves(self.act)?,
+    /// The stream `s` normed by `norm` through the block: (the stream with its pending output
+    /// added, the block's output).
+    pub fn forward(&self, norm: &RmsNorm, s: &Stream) -> Result<(Array, Array)> {
+        let (x, g) = match &self.gate_up {
+            // On a CUDA device one kernel for a few token rows: the norm, the projection and
+            // the activation.
+            GateUp::Fused(proj) => match norm.project(s, proj, Some(self.act))? {
+                Some(done) => done,
+                None => {
+                    let (x, h) = norm.resolve(s)?;
+                    (x, proj.forward(&h)?.gated_halves(self.act)?)
+                }
             },
-            GateUp::Separate { gate, up } => gate.forward(x)?.gated(&up.forward(x)?, self.act)?,
+            GateUp::Separate { gate, up } => {
+                let (x, h) = norm.resolve(s)?;
+                (x, gate.forward(&h)?.gated(&up.forward(&h)?, self.act)?)
+            }
         };
-        Ok(self.down.forward(&g)?)
+        Ok((x, self.down.forward(&g)?))
     }
 }

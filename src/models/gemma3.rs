@@ -12,7 +12,7 @@ use serde::Deserialize;
 use crate::error::{Error, Result};
 use crate::mlx::{Array, Dtype};
 use crate::models::attention::{Activation, Attention, AttentionShape, GatedMlp};
-use crate::models::layers::{additive_mask, attention_mask, Embedding, MaskKind, RmsNorm};
+use crate::models::layers::{additive_mask, attention_mask, Embedding, MaskKind, RmsNorm, Stream};
 use crate::models::rope::rope_for;
 use crate::models::weights::Weights;
 use crate::models::{check_positive, Encoder, EncoderDims};
@@ -191,20 +191,17 @@ impl Encoder for Gemma3 {
         let (b, l) = (dims[0], dims[1]);
         // 1. Scaled embeddings: [B, L] → [B·L, hidden] (token rows; matmuls take them as they
         //    are); the residual stream is kept in f32.
-        let mut x = self.embed.forward(&ids.reshape(&[b * l])?)?.multiply(&self.embed_scale)?.astype(Dtype::Float32)?;
-        // 2. Sandwich-norm blocks: x += post_norm(block(pre_norm(x))); each residual add done
-        //    with the norm that follows it.
-        let mut h = self.layers[0].input_norm.forward(&x)?;
-        for (i, layer) in self.layers.iter().enumerate() {
+        let x = self.embed.forward(&ids.reshape(&[b * l])?)?.multiply(&self.embed_scale)?.astype(Dtype::Float32)?;
+        // 2. Sandwich-norm blocks: x += post_norm(block(pre_norm(x))); each residual add done by
+        //    the block that norms the sum.
+        let mut s = Stream { x, pending: None };
+        for layer in &self.layers {
             let mask = if layer.sliding { local } else { full };
-            let a = layer.attn.forward(&h, (b, l), mask)?;
-            (x, h) = layer.pre_ff_norm.residual(&x, &a, Some(&layer.post_attn_norm))?;
-            let m = layer.mlp.forward(&h)?;
-            match self.layers.get(i + 1) {
-                Some(next) => (x, h) = next.input_norm.residual(&x, &m, Some(&layer.post_ff_norm))?,
-                None => x = x.add(&layer.post_ff_norm.forward(&m)?)?,
-            }
+            let (x, a) = layer.attn.forward(&layer.input_norm, &s, (b, l), mask)?;
+            let (x, m) = layer.mlp.forward(&layer.pre_ff_norm, &Stream { x, pending: Some((a, Some(&layer.post_attn_norm))) })?;
+            s = Stream { x, pending: Some((m, Some(&layer.post_ff_norm))) };
         }
+        let x = s.sum()?;
         // 3. Final norm, in f32 for pooling: [B, L, hidden].
         Ok(self.norm.forward_f32(&x)?.reshape(&[b, l, self.config.hidden_size])?)
     }

@@ -1,7 +1,7 @@
 //! Layers shared by the model files: linear (dense or MLX-quantized), embedding tables, RMSNorm,
 //! activations and attention masks.
 
-use crate::mlx::{Array, Dtype, Result};
+use crate::mlx::{Activation, Array, Dtype, Result};
 
 /// An MLX affine-quantized matrix `[rows, cols]`: `value = scale · q + bias` per group of
 /// `group_size` columns, q packed `32 / bits` to a uint32 word, lowest bits first.
@@ -206,9 +206,46 @@ impl RmsNorm {
         x.residual_rms_norm(y, post.map(|p| (&p.weight, p.eps)), w, self.eps, self.weight.dtype()?)
     }
 
+    /// The stream with its pending output added, and this norm of it in the compute dtype (the
+    /// input of the block that follows).
+    pub fn resolve(&self, s: &Stream) -> Result<(Array, Array)> {
+        match &s.pending {
+            None => Ok((s.x.clone(), self.forward(&s.x)?)),
+            Some((y, post)) => self.residual(&s.x, y, *post),
+        }
+    }
+
+    /// [`RmsNorm::resolve`], then `proj` of the norm (with `gate`, `act(gate) · up` of its two
+    /// halves): (the stream, the projection). One kernel for a few token rows on a CUDA device;
+    /// `None` where `proj` is not dense without a bias.
+    pub fn project(&self, s: &Stream, proj: &Linear, gate: Option<Activation>) -> Result<Option<(Array, Array)>> {
+        let Some(rows) = proj.rows() else { return Ok(None) };
+        let y = s.pending.as_ref().map(|(y, post)| (y, post.map(|p| (&p.weight, p.eps))));
+        Ok(Some(s.x.norm_matmul(y, self.weight_for(&s.x)?, self.eps, self.weight.dtype()?, rows, gate)?))
+    }
+
     /// The norm in f32 whatever the compute dtype (the final norm, before pooling).
     pub fn forward_f32(&self, x: &Array) -> Result<Array> {
         x.astype(Dtype::Float32)?.rms_norm(&self.weight_f32, self.eps)
+    }
+}
+
+/// The residual stream between blocks: `x` (f32) and the output of the block before, with the
+/// norm it takes before it is added (Gemma's sandwich norms), not added yet: the block that
+/// follows adds it when it norms its input ([`RmsNorm::resolve`], [`RmsNorm::project`]).
+pub struct Stream<'a> {
+    pub x: Array,
+    pub pending: Option<(Array, Option<&'a RmsNorm>)>,
+}
+
+impl Stream<'_> {
+    /// `x + post(y)`: the stream with its pending output added.
+    pub fn sum(&self) -> Result<Array> {
+        match &self.pending {
+            None => Ok(self.x.clone()),
+            Some((y, None)) => self.x.add(y),
+            Some((y, Some(post))) => self.x.add(&post.forward(y)?),
+        }
     }
 }
 

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use crate::error::{Error, Result};
 use crate::mlx::{Array, Dtype};
 use crate::models::attention::{Activation, Attention, AttentionShape, GatedMlp};
-use crate::models::layers::{additive_mask, attention_mask, Embedding, MaskKind, RmsNorm};
+use crate::models::layers::{additive_mask, attention_mask, Embedding, MaskKind, RmsNorm, Stream};
 use crate::models::rope::rope_for;
 use crate::models::weights::Weights;
 use crate::models::{check_positive, Encoder, EncoderDims};
@@ -115,19 +115,16 @@ impl Encoder for Qwen3 {
         let (b, l) = (dims[0], dims[1]);
         // 1. Embed: [B, L] → [B·L, hidden] (token rows; matmuls take them as they are); the
         //    residual stream is kept in f32.
-        let mut x = self.embed.forward(&ids.reshape(&[b * l])?)?.astype(Dtype::Float32)?;
-        // 2. Pre-norm blocks: x += attn(norm(x)); x += mlp(norm(x)); each residual add done with
-        //    the norm that follows it.
-        let mut h = self.layers[0].input_norm.forward(&x)?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let a = layer.attn.forward(&h, (b, l), mask)?;
-            (x, h) = layer.post_norm.residual(&x, &a, None)?;
-            let m = layer.mlp.forward(&h)?;
-            match self.layers.get(i + 1) {
-                Some(next) => (x, h) = next.input_norm.residual(&x, &m, None)?,
-                None => x = x.add(&m)?,
-            }
+        let x = self.embed.forward(&ids.reshape(&[b * l])?)?.astype(Dtype::Float32)?;
+        // 2. Pre-norm blocks: x += attn(norm(x)); x += mlp(norm(x)); each residual add done by
+        //    the block that norms the sum.
+        let mut s = Stream { x, pending: None };
+        for layer in &self.layers {
+            let (x, a) = layer.attn.forward(&layer.input_norm, &s, (b, l), mask)?;
+            let (x, m) = layer.mlp.forward(&layer.post_norm, &Stream { x, pending: Some((a, None)) })?;
+            s = Stream { x, pending: Some((m, None)) };
         }
+        let x = s.sum()?;
         // 3. Final norm, in f32 for pooling: [B, L, hidden].
         Ok(self.norm.forward_f32(&x)?.reshape(&[b, l, self.config.hidden_size])?)
     }

@@ -6,9 +6,9 @@
 // not by the device. These kernels each replace several MLX operations of a layer (the per-head
 // norms, rotary embedding and head split of a fused q/k/v projection; the activation of a fused
 // gate/up projection, for a few token rows with that matmul too; the residual add with the next
-// norm), or one costly to issue (attention
-// over short sequences). Where they do not apply (no CUDA device, an unsupported shape or dtype)
-// the shim builds the same function from MLX operations.
+// norm, for a few token rows inside the projection that takes that norm), or one costly to issue
+// (attention over short sequences). Where they do not apply (no CUDA device, an unsupported shape
+// or dtype) the shim builds the same function from MLX operations.
 #pragma once
 
 #include <optional>

@@ -241,17 +241,10 @@ impl Array {
     /// `self + post(y)` (the residual stream, f32, plus a block's output `y`, normed by `post`
     /// = (weight, eps) first when given) and that sum's RMSNorm by `weight`, returned in `out`.
     pub fn residual_rms_norm(&self, y: &Array, post: Option<(&Array, f32)>, weight: &Array, eps: f32, out: Dtype) -> Result<(Array, Array)> {
-        let mut list = ffi::array_list_new();
-        if let Some((w, _)) = post {
-            ffi::array_list_push(list.pin_mut(), w.r());
-        }
         let post_eps = post.map_or(eps, |(_, e)| e);
-        let res = ffi::residual_rms_norm(self.r(), y.r(), list.as_ref().expect("new list"), post_eps, weight.r(), eps, out)?;
-        let mut v = unlist(&res)?;
-        match (v.pop(), v.pop()) {
-            (Some(h), Some(x)) => Ok((x, h)),
-            _ => Err(MlxError("residual_rms_norm returned fewer than two arrays".into())),
-        }
+        let post = list_of(post.map(|(w, _)| w));
+        let res = ffi::residual_rms_norm(self.r(), y.r(), &post, post_eps, weight.r(), eps, out)?;
+        pair(&res, "residual_rms_norm")
     }
 
     /// [`Array::residual_rms_norm`] of the stream `self` and `y` (with its post-norm), or `self`
@@ -260,23 +253,12 @@ impl Array {
     /// product: (the stream, the product). One kernel for a few token rows on a CUDA device.
     pub fn norm_matmul(&self, y: Option<(&Array, Option<(&Array, f32)>)>, weight: &Array, eps: f32, out: Dtype,
         (rows, rows_t): (&Array, &Array), gate: Option<Activation>) -> Result<(Array, Array)> {
-        let (mut ys, mut post) = (ffi::array_list_new(), ffi::array_list_new());
-        let mut post_eps = eps;
-        if let Some((y, p)) = y {
-            ffi::array_list_push(ys.pin_mut(), y.r());
-            if let Some((w, e)) = p {
-                ffi::array_list_push(post.pin_mut(), w.r());
-                post_eps = e;
-            }
-        }
-        let (ys, post) = (ys.as_ref().expect("new list"), post.as_ref().expect("new list"));
+        let post = y.and_then(|(_, p)| p);
+        let post_eps = post.map_or(eps, |(_, e)| e);
+        let (ys, post) = (list_of(y.map(|(y, _)| y)), list_of(post.map(|(w, _)| w)));
         let act = gate.unwrap_or(Activation::Silu);
-        let res = ffi::norm_matmul(self.r(), ys, post, post_eps, weight.r(), eps, out, rows.r(), rows_t.r(), gate.is_some(), act)?;
-        let mut v = unlist(&res)?;
-        match (v.pop(), v.pop()) {
-            (Some(p), Some(x)) => Ok((x, p)),
-            _ => Err(MlxError("norm_matmul returned fewer than two arrays".into())),
-        }
+        let res = ffi::norm_matmul(self.r(), &ys, &post, post_eps, weight.r(), eps, out, rows.r(), rows_t.r(), gate.is_some(), act)?;
+        pair(&res, "norm_matmul")
     }
 
     /// Fused attention `softmax(q·kᵀ·scale + mask)·v` over `[B, H, L, D]` (grouped KV heads
@@ -350,13 +332,27 @@ impl Compiled {
     /// Runs the function on `inputs` (tracing it first for shapes not seen before). The outputs
     /// are lazy like any other array.
     pub fn call(&self, inputs: &[Array]) -> Result<Vec<Array>> {
-        let mut list = ffi::array_list_new();
-        for a in inputs {
-            ffi::array_list_push(list.pin_mut(), a.r());
-        }
         let f = self.raw.as_ref().expect("Compiled is never null");
-        let out = ffi::call_compiled(f, list.as_ref().expect("new list"))?;
+        let out = ffi::call_compiled(f, &list_of(inputs))?;
         unlist(&out)
+    }
+}
+
+/// A bridge list of `arrays`, in order.
+fn list_of<'a>(arrays: impl IntoIterator<Item = &'a Array>) -> UniquePtr<ffi::ArrayList> {
+    let mut list = ffi::array_list_new();
+    for a in arrays {
+        ffi::array_list_push(list.pin_mut(), a.r());
+    }
+    list
+}
+
+/// The two arrays of a list returned by `what` through the bridge.
+fn pair(list: &UniquePtr<ffi::ArrayList>, what: &str) -> Result<(Array, Array)> {
+    let mut v = unlist(list)?;
+    match (v.pop(), v.pop()) {
+        (Some(second), Some(first)) => Ok((first, second)),
+        _ => Err(MlxError(format!("{what} returned fewer than two arrays"))),
     }
 }
 

@@ -82,13 +82,10 @@ impl Attention {
             sh.head_dim, (self.rope_base, self.rope_scale), self.scale, mask,
         );
         let (x, a) = match &self.qkv {
-            Qkv::Fused(proj) => match norm.project(s, proj, None)? {
-                Some((x, qkv)) => (x, attend(qkv)?),
-                None => {
-                    let (x, h) = norm.resolve(s)?;
-                    (x, attend(proj.forward(&h)?)?)
-                }
-            },
+            Qkv::Fused(proj) => {
+                let (x, qkv) = norm.project(s, proj, None)?;
+                (x, attend(qkv)?)
+            }
             Qkv::Separate { q, k, v } => {
                 let (x, h) = norm.resolve(s)?;
                 let split = |proj: &Linear, n: i32| proj.forward(&h)?.reshape(&[b, l, n, sh.head_dim]);
@@ -140,13 +137,7 @@ impl GatedMlp {
         let (x, g) = match &self.gate_up {
             // On a CUDA device one kernel for a few token rows: the norm, the projection and
             // the activation.
-            GateUp::Fused(proj) => match norm.project(s, proj, Some(self.act))? {
-                Some(done) => done,
-                None => {
-                    let (x, h) = norm.resolve(s)?;
-                    (x, proj.forward(&h)?.gated_halves(self.act)?)
-                }
-            },
+            GateUp::Fused(proj) => norm.project(s, proj, Some(self.act))?,
             GateUp::Separate { gate, up } => {
                 let (x, h) = norm.resolve(s)?;
                 (x, gate.forward(&h)?.gated(&up.forward(&h)?, self.act)?)

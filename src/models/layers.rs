@@ -216,12 +216,19 @@ impl RmsNorm {
     }
 
     /// [`RmsNorm::resolve`], then `proj` of the norm (with `gate`, `act(gate) · up` of its two
-    /// halves): (the stream, the projection). One kernel for a few token rows on a CUDA device;
-    /// `None` where `proj` is not dense without a bias.
-    pub fn project(&self, s: &Stream, proj: &Linear, gate: Option<Activation>) -> Result<Option<(Array, Array)>> {
-        let Some(rows) = proj.rows() else { return Ok(None) };
-        let y = s.pending.as_ref().map(|(y, post)| (y, post.map(|p| (&p.weight, p.eps))));
-        Ok(Some(s.x.norm_matmul(y, self.weight_for(&s.x)?, self.eps, self.weight.dtype()?, rows, gate)?))
+    /// halves): (the stream, the projection). One kernel for a few token rows on a CUDA device
+    /// where `proj` is dense without a bias.
+    pub fn project(&self, s: &Stream, proj: &Linear, gate: Option<Activation>) -> Result<(Array, Array)> {
+        if let Some(rows) = proj.rows() {
+            let y = s.pending.as_ref().map(|(y, post)| (y, post.map(|p| (&p.weight, p.eps))));
+            return s.x.norm_matmul(y, self.weight_for(&s.x)?, self.eps, self.weight.dtype()?, rows, gate);
+        }
+        let (x, h) = self.resolve(s)?;
+        let p = proj.forward(&h)?;
+        Ok((x, match gate {
+            Some(act) => p.gated_halves(act)?,
+            None => p,
+        }))
     }
 
     /// The norm in f32 whatever the compute dtype (the final norm, before pooling).

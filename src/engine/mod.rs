@@ -568,6 +568,9 @@ impl Engine {
         }
         match launched {
             Ok(launched) => {
+                let (build, submit) = launched.host_times();
+                tracing::debug!(model = %self.slots[m].name, rows = batch.len(), build_ms = build.as_secs_f64() * 1e3,
+                    submit_ms = submit.as_secs_f64() * 1e3, "batch launched");
                 let fails = matches!(fault, Some(Fault::DelayThenFail(_)));
                 self.in_flight = Some(InFlight { model: m, batch, launched, fails })
             }

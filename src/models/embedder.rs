@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -287,12 +288,20 @@ impl EmbeddingModel {
     /// Builds the batch's graph and starts computing it without waiting ([`Launched::collect`]
     /// waits and copies the vectors out).
     pub fn launch(&self, batch: &[&[u32]]) -> Result<Launched> {
+        let started = Instant::now();
         let out = self.graph(batch)?;
+        let built = Instant::now();
         if let Some(out) = &out {
             out.async_eval()?;
         }
         let (padded_rows, padded_len) = self.padded(batch);
-        Ok(Launched { out, rows: batch.len(), overlaps: overlaps_next_launch(self.gpu, padded_rows, padded_len) })
+        Ok(Launched {
+            out,
+            rows: batch.len(),
+            overlaps: overlaps_next_launch(self.gpu, padded_rows, padded_len),
+            build: built - started,
+            submit: built.elapsed(),
+        })
     }
 
     /// The batch's graph up to the head's output `[B, dims]` as f32 in row-major order (ready
@@ -533,6 +542,8 @@ pub struct Launched {
     out: Option<Array>,
     rows: usize,
     overlaps: bool,
+    build: Duration,
+    submit: Duration,
 }
 
 impl Launched {
@@ -542,6 +553,11 @@ impl Launched {
     /// it first answers its requests without waiting for the next batch's launch.
     pub fn overlaps(&self) -> bool {
         self.overlaps
+    }
+
+    /// Host time spent building the batch's graph, then handing it to MLX to compute.
+    pub fn host_times(&self) -> (Duration, Duration) {
+        (self.build, self.submit)
     }
 
     /// Waits for the batch and copies its vectors out (one copy per batch).

@@ -25,6 +25,10 @@ pub struct Config {
     /// Address the gRPC server listens on.
     #[serde(default = "default_listen")]
     pub listen: String,
+    /// Threads that run the gRPC and metrics connections (request decoding, response encoding,
+    /// TLS). The engine has a thread of its own and tokenizing runs on a pool of its own.
+    #[serde(default = "default_io_threads")]
+    pub io_threads: usize,
     #[serde(default)]
     pub limits: Limits,
     #[serde(default)]
@@ -131,6 +135,13 @@ impl Default for MetricsConfig {
 
 fn default_listen() -> String {
     "127.0.0.1:50051".into()
+}
+
+/// Two: one thread per core (tokio's default) left lone queries 0.5–1.3 ms slower at P95 on a
+/// 16-core GPU host, as idle threads woken for each request compete with the engine thread,
+/// and served 2,000 queries/s no better (BENCHMARKS.md, "The allocator and the I/O threads").
+fn default_io_threads() -> usize {
+    2
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -304,6 +315,7 @@ impl Config {
     /// Checks values serde cannot: returns the field path and the problem.
     fn validate(&self) -> Result<(), (String, String)> {
         let positive = [
+            ("io_threads", self.io_threads),
             ("limits.max_items_per_request", self.limits.max_items_per_request),
             ("limits.max_message_bytes", self.limits.max_message_bytes),
             ("limits.max_concurrent_requests", self.limits.max_concurrent_requests),
@@ -428,6 +440,8 @@ mod tests {
     fn a_minimal_config_gets_defaults() {
         let c = parse(MINIMAL).unwrap();
         assert_eq!(c.listen, "127.0.0.1:50051");
+        assert_eq!(c.io_threads, 2);
+        assert_eq!(parse(&format!("io_threads: 8\n{MINIMAL}")).unwrap().io_threads, 8);
         assert_eq!(c.batching.max_wait, Duration::from_millis(2));
         assert_eq!(c.batching.idle_spin, Duration::ZERO);
         assert_eq!(parse(&format!("batching:\n  idle_spin: 2ms\n{MINIMAL}")).unwrap().batching.idle_spin, Duration::from_millis(2));
@@ -480,6 +494,8 @@ mod tests {
         assert!(err.contains("limits.max_items_per_request") && err.starts_with("cfg.yaml:2:"), "{err}");
         let err = parse(&format!("listen: nowhere\n{MINIMAL}")).unwrap_err().to_string();
         assert!(err.contains("listen") && err.starts_with("cfg.yaml:1:"), "{err}");
+        let err = parse(&format!("io_threads: 0\n{MINIMAL}")).unwrap_err().to_string();
+        assert!(err.contains("io_threads") && err.contains("greater than 0"), "{err}");
     }
 
     #[test]

@@ -360,7 +360,11 @@ fn serve(args: ServeArgs) -> Result<()> {
         config.metrics.listen = Some(listen);
     }
     let hub = hub_settings();
-    let runtime = tokio::runtime::Runtime::new()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.io_threads)
+        .thread_name("mlx-embed-io")
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&config.listen)
             .await

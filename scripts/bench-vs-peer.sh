@@ -13,7 +13,8 @@
 # CONCURRENCY (documents, 16), DOC_BATCH (32), PEER_BATCH (64), PEER_SECONDS (15), the server's
 # BATCH_TOKENS (16384), BATCH_SIZE (64), MAX_WAIT (2ms), IDLE_SPIN (unset: 0s) and
 # COMPILE_MIN_TOKENS (the default), PEER (1; 0 skips the peer), PYTHON (python3; with torch,
-# transformers, sentence-transformers).
+# transformers, sentence-transformers), STAGES (1: the server logs each call's stage times as
+# JSON and OUT/stages.txt gets their P50 / P95 per run, from scripts/stage-times.py).
 set -euo pipefail
 bin=$1 out=$2
 mkdir -p "$out"
@@ -44,7 +45,9 @@ for m in $MODELS; do
 done
 
 scrape() { python3 -c "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9464/metrics').read().decode())"; }
-OPENBLAS_THREAD_TIMEOUT=${OPENBLAS_THREAD_TIMEOUT:-4} "$bin" serve --config "$config" --listen 127.0.0.1:50051 --metrics-listen 127.0.0.1:9464 2>>"$out/server.log" &
+server_env=()
+[ "${STAGES:-0}" != 1 ] || server_env=(RUST_LOG=info,mlx_embed::grpc::observe=debug,mlx_embed::engine=debug MLX_EMBED_LOG_FORMAT=json)
+env ${server_env[@]+"${server_env[@]}"} OPENBLAS_THREAD_TIMEOUT=${OPENBLAS_THREAD_TIMEOUT:-4} "$bin" serve --config "$config" --listen 127.0.0.1:50051 --metrics-listen 127.0.0.1:9464 2>>"$out/server.log" &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
 for _ in $(seq 600); do
@@ -77,6 +80,7 @@ done
 scrape > "$out/metrics.txt"
 [ "$DEVICE" != gpu ] || nvidia-smi --query-gpu=memory.used --format=csv,noheader | sed 's/^/gpu memory used with the server up: /' | tee -a "$out/server.log"
 kill $server; wait $server 2>/dev/null || true
+[ "${STAGES:-0}" != 1 ] || "$(dirname "$0")/stage-times.py" "$out/server.log" "$results" | tee "$out/stages.txt"
 
 for m in $MODELS; do
   [ "${PEER:-1}" = 1 ] || break

@@ -62,6 +62,9 @@ pub struct Report {
     pub load: Load,
     pub batch: usize,
     pub seconds: f64,
+    /// When the measured window opened, in seconds since the Unix epoch: the server's log lines
+    /// (each request's stage times at debug level) and metrics of the window can be matched to it.
+    pub window_opened_unix_s: f64,
     pub requests: u64,
     pub items: u64,
     pub tokens: u64,
@@ -386,6 +389,7 @@ pub async fn run(clients: Vec<EmbeddingServiceClient<Channel>>, options: Options
     let tally = Arc::new(Mutex::new(Tally::default()));
     let started = Instant::now();
     let measure_from = started + options.warmup;
+    let window_opened = std::time::SystemTime::now() + options.warmup;
     let end = measure_from + options.duration;
     let rss: Arc<Mutex<Vec<(f64, f64)>>> = Arc::default();
     // The server's stage totals and shape count as the measured window opens.
@@ -514,6 +518,7 @@ pub async fn run(clients: Vec<EmbeddingServiceClient<Channel>>, options: Options
         load: options.load,
         batch: options.batch,
         seconds,
+        window_opened_unix_s: window_opened.duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()),
         requests: tally.requests,
         items: tally.items,
         tokens: tally.tokens,

@@ -49,7 +49,10 @@ fn an_open_loop_against_a_running_server_keeps_its_rate() {
     let dir = tempfile::tempdir().unwrap();
     let (mut child, addr, log) = spawn_serve(&config(dir.path()), |_| {});
     let metrics = metrics_addr(&log);
+    let unix_now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    let before = unix_now();
     let r = bench(&["--addr", &addr, "--metrics-addr", &metrics, "--qps", "40", "--warmup", "500ms", "--duration", "2s"]);
+    let after = unix_now();
     child.kill().unwrap();
     child.wait().unwrap();
     assert_eq!(r["errors"], serde_json::json!({}), "{r}");
@@ -57,6 +60,9 @@ fn an_open_loop_against_a_running_server_keeps_its_rate() {
     let requests = r["requests"].as_u64().unwrap();
     assert!((40..=81).contains(&requests), "{r}");
     assert_eq!(r["load"], serde_json::json!({"qps": 40.0}));
+    // The window opened after the warm-up and lasted its 2 s before the run returned.
+    let opened = r["window_opened_unix_s"].as_f64().unwrap();
+    assert!(opened >= before + 0.5 && opened + 2.0 <= after, "{before} {after}: {r}");
     check_latency(&r);
     assert!(r["server_rss_bytes"]["start"].as_f64().unwrap() > 1e6, "{r}");
     // Where the server's time went, per request, from its stage histograms: inside the latency

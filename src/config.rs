@@ -137,9 +137,10 @@ fn default_listen() -> String {
     "127.0.0.1:50051".into()
 }
 
-/// Two: one thread per core (tokio's default) left lone queries 0.5–1.3 ms slower at P95 on a
-/// 16-core GPU host, as idle threads woken for each request compete with the engine thread,
-/// and served 2,000 queries/s no better (BENCHMARKS.md, "The allocator and the I/O threads").
+/// Two: with one thread per core (tokio's default) lone queries' P95 was 0.1–1.9 ms higher in
+/// three comparisons on two 16-core GPU hosts, the engine thread's launch slower with the other
+/// threads about, and 2,000 queries/s were served no better (BENCHMARKS.md, "The allocator and
+/// the I/O threads").
 fn default_io_threads() -> usize {
     2
 }

@@ -22,8 +22,8 @@ use mlx_embed::registry::{self, Display, HubSettings, Resolved};
 
 // mimalloc serves every allocation of the process: with its `override` feature the binary also
 // exports `malloc` and `free`, so MLX's C++ code and the CUDA libraries use it too. Under glibc's
-// malloc the engine thread took 0.7 ms longer to launch a lone query on an H100 host
-// (BENCHMARKS.md, "The allocator").
+// malloc the engine thread took 0.6–1.4 ms longer to launch a lone query on H100 hosts
+// (BENCHMARKS.md, "The allocator and the I/O threads").
 #[cfg(target_os = "linux")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -81,6 +81,11 @@ rust::Vec<T> copy_out(const array& a, mx::Dtype as) {
   return out;
 }
 
+// The GPU kernels' name for `act`.
+gpu_kernels::Act gpu_act(Activation act) {
+  return act == Activation::Silu ? gpu_kernels::Act::Silu : gpu_kernels::Act::GeluTanh;
+}
+
 }  // namespace
 
 ArrayPtr from_f32(rust::Slice<const float> data, rust::Slice<const int32_t> shape) {
@@ -222,8 +227,7 @@ ArrayPtr qkv_attention(const array& qkv, const array& qw, const array& kw, float
   return own(mx::reshape(mx::transpose(*a, {0, 2, 1, 3}), {b * l, heads * head_dim}));
 }
 ArrayPtr gated_halves(const array& gu, Activation act) {
-  const bool silu = act == Activation::Silu;
-  if (auto fused = gpu_kernels::gated_halves(gu, silu ? gpu_kernels::Act::Silu : gpu_kernels::Act::GeluTanh)) {
+  if (auto fused = gpu_kernels::gated_halves(gu, gpu_act(act))) {
     return own(std::move(*fused));
   }
   if (gu.ndim() != 2 || gu.shape(1) % 2 != 0) throw std::invalid_argument("gated_halves takes [N, 2·I]");
@@ -247,8 +251,7 @@ std::unique_ptr<ArrayList> residual_rms_norm(const array& x, const array& y, con
   return std::make_unique<ArrayList>(ArrayList{{added, normed}});
 }
 ArrayPtr gated_matmul(const array& x, const array& w, const array& wt, Activation act) {
-  const auto kind = act == Activation::Silu ? gpu_kernels::Act::Silu : gpu_kernels::Act::GeluTanh;
-  if (auto fused = gpu_kernels::gated_matmul(x, w, kind)) return own(std::move(*fused));
+  if (auto fused = gpu_kernels::gated_matmul(x, w, gpu_act(act))) return own(std::move(*fused));
   return gated_halves(mx::matmul(x, wt), act);
 }
 std::unique_ptr<ArrayList> norm_matmul(const array& x, const ArrayList& y, const ArrayList& post,
@@ -260,10 +263,9 @@ std::unique_ptr<ArrayList> norm_matmul(const array& x, const ArrayList& y, const
   }
   const array* ya = y.items.empty() ? nullptr : &y.items[0];
   const array* pw = post.items.empty() ? nullptr : &post.items[0];
-  const auto kind = act == Activation::Silu ? gpu_kernels::Act::Silu : gpu_kernels::Act::GeluTanh;
   if (rows.dtype() == to_mlx(out)) {
     auto fused = gpu_kernels::norm_matmul(x, ya, pw, post_eps, w, eps, rows,
-                                          gated ? std::optional(kind) : std::nullopt);
+                                          gated ? std::optional(gpu_act(act)) : std::nullopt);
     if (fused) return std::make_unique<ArrayList>(ArrayList{std::move(*fused)});
   }
   std::vector<array> parts;

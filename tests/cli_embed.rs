@@ -71,3 +71,29 @@ fn embed_errors_go_to_stderr_with_a_failing_exit() {
         assert!(err.contains(needle), "{args:?}: stderr {err:?} lacks {needle:?}");
     }
 }
+
+/// The binary's allocator serves MLX's C++ code too: the dynamic linker binds libmlx's and the
+/// C++ library's `malloc` to the executable, not to the C library.
+#[cfg(target_os = "linux")]
+#[test]
+fn mlx_and_the_cpp_library_allocate_through_the_binarys_malloc() {
+    let dir = fixtures_dir().join("qwen3-tiny");
+    let out = embed_cmd()
+        .env("LD_DEBUG", "bindings")
+        .args(["embed", "--device", "cpu", "--dtype", "f32", "--model-dir"]).arg(&dir).arg("hello")
+        .output().unwrap();
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let log = String::from_utf8_lossy(&out.stderr);
+    let bound_to = |library: &str| -> Vec<&str> {
+        log.lines()
+            .filter(|l| l.contains(&format!("/{library}")) && l.contains("normal symbol `malloc'"))
+            .filter_map(|l| l.split(" to ").nth(1)?.split(" [").next())
+            .collect()
+    };
+    let exe = env!("CARGO_BIN_EXE_mlx-embed");
+    for library in ["libmlx.so", "libstdc++.so"] {
+        let targets = bound_to(library);
+        assert!(!targets.is_empty(), "no binding of {library}'s malloc in the loader's log");
+        assert!(targets.iter().all(|t| *t == exe), "{library}'s malloc bound to {targets:?}, not {exe}");
+    }
+}

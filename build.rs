@@ -18,7 +18,7 @@ fn main() {
 
 fn build_mlx_bridge() {
     println!("cargo:rerun-if-env-changed=MLX_DIR");
-    let sources = ["ffi.rs", "shim.h", "shim.cc", "cpu_kernels.h", "cpu_kernels.cc", "gpu_kernels.h", "gpu_kernels.cc"];
+    let sources = ["ffi.rs", "shim.h", "shim.cc", "cpu_kernels.h", "cpu_kernels.cc", "gpu_kernels.h", "gpu_kernels.cc", "nvrtc.h", "nvrtc.cc"];
     for f in sources.map(|f| format!("src/mlx/{f}")) {
         println!("cargo:rerun-if-changed={f}");
     }
@@ -40,6 +40,7 @@ fn build_mlx_bridge() {
         .file("src/mlx/shim.cc")
         .file("src/mlx/cpu_kernels.cc")
         .file("src/mlx/gpu_kernels.cc")
+        .file("src/mlx/nvrtc.cc")
         .include(&include)
         // The fused CPU kernels are only fast vectorized, in test builds too; clamps and selects
         // on floats become vector code only when comparisons may not trap.

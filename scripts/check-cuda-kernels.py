@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
-"""Compiles the CUDA kernels of src/mlx/gpu_kernels.cc with NVRTC, put together the way MLX's
-`fast::cuda_kernel` puts them together (MLX's device header, the kernel's header, its parameters,
-its template arguments as constants, the body), for each compute dtype, for Ampere and Hopper.
-Without this, those sources are compiled only when a model first runs on an NVIDIA GPU.
+"""Compiles the CUDA kernels of src/mlx/gpu_kernels.cc with NVRTC, put together the way
+`assemble` in that file puts them together (the storage types, the kernel's helpers, an
+`extern "C"` entry point taking the inputs, the outputs and the int scalars, the constants, the
+body), for each compute dtype, for Ampere and Hopper, with the options the service compiles them
+with (src/mlx/nvrtc.cc). Without this, those sources are compiled only when a model first runs on
+an NVIDIA GPU.
 
     python3 scripts/check-cuda-kernels.py [NVRTC_DIR]
 
@@ -19,21 +21,6 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "src/mlx/gpu_kernels.cc"
-
-# MLX embeds its device headers in libmlx; the kernels use these parts of
-# mlx/backend/cuda/device/utils.cuh (MLX 0.32): the bf16 and f16 types and the Shape of an input.
-UTILS_CUH = """
-#pragma once
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda/std/array>
-#include <cuda/std/limits>
-namespace mlx::core::cu {
-using Shape = cuda::std::array<int32_t, 10>;
-using Strides = cuda::std::array<int64_t, 10>;
-}
-"""
-
 
 def literal(v):
     """A float as the kernels' sources write it (gpu_kernels.cc: `literal`)."""
@@ -106,57 +93,53 @@ def kernels(t):
     ]
 
 
+# The int scalars each kernel takes after its outputs (the per-batch sizes).
+SCALARS = {
+    "mlx_embed_qkv_heads": ["B", "L"], "mlx_embed_gated": ["N"], "mlx_embed_gated_matmul": ["n"],
+    "mlx_embed_residual_norm": [], "mlx_embed_residual_post_norm": [], "mlx_embed_norm_matmul": ["n"],
+    "mlx_embed_residual_norm_matmul": ["n"], "mlx_embed_attention": ["B", "L"], "mlx_embed_qkv_attention": ["L"],
+}
+
+
 def assemble(raw, name, headers, body, inputs, outputs, targs, replacements):
-    """The source MLX's `cuda_kernel` compiles (mlx/backend/cuda/custom_kernel.cpp)."""
+    """The source the service compiles (gpu_kernels.cc: `assemble`)."""
     body = raw[body]
     for placeholder, value in replacements:
         body = body.replace(placeholder, value)
-    params = []
-    for n, t in inputs:
-        params.append("    const %s* %s" % (t, n))
-        if n + "_shape" in body:
-            params.append("    const __grid_constant__ Shape %s_shape" % n)
-    params += ["    %s* %s" % (t, n) for n, t in outputs]
+    params = ["const %s* %s" % (t, n) for n, t in inputs]
+    params += ["%s* %s" % (t, n) for n, t in outputs]
+    params += ["int %s" % n for n in SCALARS[name]]
     consts = []
     for n, v in targs:
         if isinstance(v, bool):
-            consts.append("  constexpr bool %s = %s;" % (n, "true" if v else "false"))
+            consts.append("  constexpr bool %s = %s;\n" % (n, "true" if v else "false"))
         elif isinstance(v, int):
-            consts.append("  constexpr int %s = %d;" % (n, v))
+            consts.append("  constexpr int %s = %d;\n" % (n, v))
         else:
-            consts.append("  using %s = %s;" % (n, v))
-    return ('#include "mlx/backend/cuda/device/utils.cuh"\n\n#include <cooperative_groups.h>\n\n'
-            + "".join(raw[h] for h in headers)
-            + "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n"
-            + "__global__ void %s(\n%s) {\n%s\n\n%s\n}\n\n} // namespace mlx::core::cu\n"
-            % (name, ",\n".join(params), "\n".join(consts), body))
+            consts.append("  using %s = %s;\n" % (n, v))
+    return (raw["kTypes"] + "".join(raw[h] for h in headers)
+            + '\nextern "C" __global__ void %s(%s) {\n' % (name, ", ".join(params))
+            + "".join(consts) + body + "}\n")
 
 
 class Nvrtc:
     def __init__(self, root):
         libs = sorted(root.glob("nvidia/cu*/lib/libnvrtc.so.*"))
-        incs = sorted(root.glob("nvidia/cu*/include"))
-        if not libs or not incs:
+        if not libs:
             sys.exit(f"check-cuda-kernels: no NVRTC under {root} (scripts/setup.sh installs it)")
         # NVRTC opens its builtins by name: loaded first, they are found.
         for builtins in sorted(root.glob("nvidia/cu*/lib/libnvrtc-builtins.so.*")):
             ctypes.CDLL(str(builtins), mode=ctypes.RTLD_GLOBAL)
         self.lib = ctypes.CDLL(str(libs[-1]))
-        inc = incs[-1]
-        self.includes = [f"--include-path={inc}".encode(), f"--include-path={inc / 'cccl'}".encode()]
 
     def compile(self, label, source, arch):
         """NVRTC's log, and whether it compiled."""
         prog = ctypes.c_void_p()
-        headers = (ctypes.c_char_p * 1)(UTILS_CUH.encode())
-        names = (ctypes.c_char_p * 1)(b"mlx/backend/cuda/device/utils.cuh")
-        if self.lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), f"{label}.cu".encode(),
-                                       1, headers, names) != 0:
+        if self.lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"kernel.cu", 0, None, None) != 0:
             sys.exit("check-cuda-kernels: nvrtcCreateProgram failed")
-        # MLX's options (mlx/backend/cuda/jit_module.cpp): device code by default, the device's
-        # architecture ("a" on Hopper and later).
-        opts = [b"--device-as-default-execution-space", f"--gpu-architecture={arch}".encode()]
-        opts += self.includes
+        # The service's options (src/mlx/nvrtc.cc): the device's architecture ("a" on Hopper and
+        # later), C++17; no headers.
+        opts = [f"--gpu-architecture={arch}".encode(), b"--std=c++17"]
         result = self.lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
         size = ctypes.c_size_t()
         self.lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
@@ -170,7 +153,7 @@ def main():
     nvrtc = Nvrtc(pathlib.Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / ".tools/nvrtc")
     text = SOURCE.read_text()
     raw = dict(re.findall(r'constexpr const char\* (k\w+) = R"\((.*?)\)";', text, re.S))
-    listed = {part for k in kernels("float") for part in k[1] + [k[2]]}
+    listed = {"kTypes"} | {part for k in kernels("float") for part in k[1] + [k[2]]}
     unchecked = sorted(set(raw) - listed)
     if unchecked:
         sys.exit(f"check-cuda-kernels: {', '.join(unchecked)} in {SOURCE.name} not checked: add them to kernels()")
@@ -178,15 +161,15 @@ def main():
     # The check itself: a kernel using a name that does not exist must be refused.
     name, headers, body, *rest = kernels("float")[0]
     broken = dict(raw, **{body: raw[body] + "\n  undefined_name_for_the_check = 0;"})
-    log, ok = nvrtc.compile("broken", assemble(broken, name, headers, body, *rest), "compute_90a")
+    log, ok = nvrtc.compile("broken", assemble(broken, name, headers, body, *rest), "sm_90a")
     if ok or "undefined_name_for_the_check" not in log:
         sys.exit(f"check-cuda-kernels: a broken kernel compiled, the check proves nothing:\n{log}")
 
     failed = 0
-    for t in ["__nv_bfloat16", "__half", "float"]:
+    for t in ["bf16_t", "f16_t", "float"]:
         for kernel in kernels(t):
             source = assemble(raw, *kernel)
-            for arch in ["compute_80", "compute_90a"]:
+            for arch in ["sm_80", "sm_90a"]:
                 log, ok = nvrtc.compile(kernel[0], source, arch)
                 print(f"{kernel[0]} {t} {arch}: {'ok' if ok else 'FAILED'}")
                 if not ok or "warning" in log:

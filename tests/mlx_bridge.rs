@@ -605,8 +605,9 @@ fn copying_out_a_submitted_array_does_not_wait_for_work_submitted_after_it() {
 }
 
 /// The CUDA kernels' sources compile with NVIDIA's runtime compiler for Ampere and Hopper in
-/// every compute dtype, put together as MLX puts them together (scripts/check-cuda-kernels.py):
-/// MLX compiles them only when a model first runs on an NVIDIA GPU, which these machines lack.
+/// every compute dtype, put together as the service puts them together
+/// (scripts/check-cuda-kernels.py): the service compiles them only when a model first runs on an
+/// NVIDIA GPU, which these machines lack.
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 #[test]
 fn the_cuda_kernels_compile_for_nvidia_gpus() {
@@ -623,14 +624,78 @@ fn the_cuda_kernels_compile_for_nvidia_gpus() {
     let names: std::collections::BTreeSet<&str> = source
         .split('"')
         .filter(|s| s.starts_with("mlx_embed_") && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        // One line of host-written body; where it does not compile, the kernels go unused.
+        .filter(|s| *s != "mlx_embed_probe")
         .collect();
     assert!(names.len() >= 6, "{names:?}");
     for name in names {
-        for dtype in ["__nv_bfloat16", "__half", "float"] {
-            for arch in ["compute_80", "compute_90a"] {
+        for dtype in ["bf16_t", "f16_t", "float"] {
+            for arch in ["sm_80", "sm_90a"] {
                 let line = format!("{name} {dtype} {arch}: ok");
                 assert!(stdout.lines().any(|l| l == line), "no `{line}` in:\n{stdout}");
             }
         }
     }
+}
+
+/// The NVRTC library scripts/setup.sh installs for the checks above.
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+fn nvrtc_library() -> std::path::PathBuf {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let lib = root.join(".tools/nvrtc/nvidia/cu13/lib");
+    std::fs::read_dir(&lib)
+        .unwrap_or_else(|e| panic!("{}: {e} (scripts/setup.sh installs NVRTC)", lib.display()))
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("libnvrtc.so."))
+        .expect("libnvrtc.so.* under .tools/nvrtc")
+}
+
+/// A kernel is compiled into the folder once: the image where MLX's cache looks for it
+/// (`{name}_{hash}.ptx`, an ELF cubin) with its entry point named beside it (`.txt`), found
+/// there the second time, a different source under a different file, no temporary file left;
+/// a source that does not compile is an error carrying NVRTC's log, and so is a folder that
+/// cannot be made.
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+#[test]
+fn cuda_kernels_are_compiled_once_into_the_cache_folder() {
+    let lib = nvrtc_library();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("ptx");
+    let source = "extern \"C\" __global__ void mlx_embed_test(const float* x, float* out, int n) { out[0] = x[0] + n; }\n";
+    let (compiled, image) = mlx_embed::mlx::compile_cuda_kernel(&lib, &cache, "mlx_embed_test", source, "sm_90a").unwrap();
+    assert!(compiled);
+    assert_eq!(image.parent(), Some(cache.as_path()));
+    let file = image.file_name().unwrap().to_string_lossy().into_owned();
+    let hash = file.strip_prefix("mlx_embed_test_").and_then(|f| f.strip_suffix(".ptx")).unwrap_or_else(|| panic!("{file}"));
+    assert!(!hash.is_empty() && hash.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()), "{file}");
+    let bytes = std::fs::read(&image).unwrap();
+    assert_eq!(&bytes[..4], b"\x7fELF");
+    assert_eq!(std::fs::read_to_string(image.with_extension("txt")).unwrap(), "mlx_embed_test\tmlx_embed_test\n");
+    let modified = std::fs::metadata(&image).unwrap().modified().unwrap();
+
+    let (again, same) = mlx_embed::mlx::compile_cuda_kernel(&lib, &cache, "mlx_embed_test", source, "sm_90a").unwrap();
+    assert!(!again, "compiled a second time");
+    assert_eq!(same, image);
+    assert_eq!(std::fs::metadata(&image).unwrap().modified().unwrap(), modified);
+
+    let other = source.replace("x[0] + n", "x[0] * n");
+    let (compiled, elsewhere) = mlx_embed::mlx::compile_cuda_kernel(&lib, &cache, "mlx_embed_test", &other, "sm_90a").unwrap();
+    assert!(compiled);
+    assert_ne!(elsewhere, image);
+    let (compiled, for_ampere) = mlx_embed::mlx::compile_cuda_kernel(&lib, &cache, "mlx_embed_test", source, "sm_80").unwrap();
+    assert!(compiled);
+    assert_ne!(for_ampere, image);
+    let mut names: Vec<String> = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert_eq!(names.len(), 6, "{names:?}");
+    assert!(names.iter().all(|n| n.ends_with(".ptx") || n.ends_with(".txt")), "{names:?}");
+
+    let broken = source.replace("x[0] + n", "x[0] + undefined_name_for_the_check");
+    let err = mlx_embed::mlx::compile_cuda_kernel(&lib, &cache, "mlx_embed_test", &broken, "sm_90a").unwrap_err().to_string();
+    assert!(err.contains("undefined_name_for_the_check"), "{err}");
+
+    let file_in_the_way = dir.path().join("file");
+    std::fs::write(&file_in_the_way, "x").unwrap();
+    let err = mlx_embed::mlx::compile_cuda_kernel(&lib, &file_in_the_way.join("ptx"), "mlx_embed_test", source, "sm_90a").unwrap_err().to_string();
+    assert!(err.contains("file"), "{err}");
 }

@@ -226,5 +226,10 @@ pub(crate) mod ffi {
         fn active_memory() -> usize;
         fn peak_memory() -> usize;
         fn cache_memory() -> usize;
+
+        // ---- the CUDA kernels' compiler (nvrtc.h)
+        fn nvrtc_store(library: &str, dir: &str, name: &str, source: &str, arch: &str) -> Result<bool>;
+        fn nvrtc_stored_image(library: &str, dir: &str, name: &str, source: &str, arch: &str) -> Result<String>;
+        fn cuda_kernel_cache() -> String;
     }
 }

@@ -1,20 +1,27 @@
-// Fused CUDA kernels: see gpu_kernels.h. Each kernel's source is a function body for
-// `fast::cuda_kernel`; sizes fixed per model are template arguments, per-batch sizes come from
-// the inputs' shapes, and floats fixed per model (epsilons, RoPE base and scale) are written into
-// the source as exact bit patterns. MLX compiles each distinct source once.
+// Fused CUDA kernels: see gpu_kernels.h. Each kernel's source is put together here (the storage
+// types, its helpers, an `extern "C"` entry point taking the inputs, the outputs and the
+// per-batch sizes, the sizes and dtypes fixed per model as constants, the body), compiled once
+// per machine with NVRTC into MLX's kernel cache folder (nvrtc.h) and run through
+// `fast::precompiled_cuda_kernel`. Floats fixed per model (epsilons, RoPE base and scale) are
+// written into the source as exact bit patterns.
 #include "mlx-embed/src/mlx/gpu_kernels.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <mutex>
 #include <string>
 #include <unordered_map>
+#include <variant>
 
+#include "mlx-embed/src/mlx/nvrtc.h"
 #include "mlx/backend/cuda/cuda.h"
+#include "mlx/device.h"
 #include "mlx/fast.h"
 #include "mlx/ops.h"
+#include "mlx/transforms.h"
 
 namespace mlx_embed::gpu_kernels {
 
@@ -22,10 +29,37 @@ namespace mx = mlx::core;
 
 namespace {
 
+// The compute dtypes as the kernels store them, with the conversions the kernels use: to f32
+// exactly, from f32 rounded to nearest even (the instructions CUDA's own bf16 and f16 types use).
+constexpr const char* kTypes = R"(
+struct bf16_t {
+  unsigned short bits;
+  bf16_t() = default;
+  __device__ explicit bf16_t(float f) {
+#if __CUDA_ARCH__ >= 800
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(bits) : "f"(f));
+#else
+    const unsigned u = __float_as_uint(f);
+    bits = (u & 0x7fffffffu) > 0x7f800000u ? (unsigned short)0x7fffu
+                                           : (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+#endif
+  }
+  __device__ explicit operator float() const { return __uint_as_float((unsigned)bits << 16); }
+};
+struct f16_t {
+  unsigned short bits;
+  f16_t() = default;
+  __device__ explicit f16_t(float f) { asm("cvt.rn.f16.f32 %0, %1;" : "=h"(bits) : "f"(f)); }
+  __device__ explicit operator float() const {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(bits));
+    return f;
+  }
+};
+)";
+
 // Helpers shared by the kernels' sources.
 constexpr const char* kHeader = R"(
-#include <cuda/std/limits>
-
 __device__ inline float warp_sum(float v) {
   for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
@@ -67,18 +101,148 @@ bool matmul_fits(const mx::array& x, const mx::array& w) {
          x.shape(0) <= kMaxMatmulRows && (long)w.shape(0) * 32 <= 0x7fffffffL;
 }
 
-// The kernel function for `key` (its name and every value written into its source), made by
-// `make` on first use: building a custom kernel's source costs host time at every call otherwise.
+// A compile-time value of a kernel: a size, a switch, or a dtype.
+using Const = std::variant<int, bool, mx::Dtype>;
+
+// One kernel as compiled: its entry point's name and parameters (the inputs, the outputs, then
+// the int scalars, in the order MLX passes them), its constants, its helpers and its body.
+struct Spec {
+  std::string name;
+  std::vector<std::pair<std::string, mx::Dtype>> inputs, outputs;
+  std::vector<std::string> scalars;
+  std::vector<std::pair<std::string, Const>> consts;
+  std::string helpers, body;
+};
+
+const char* type_name(mx::Dtype d) {
+  if (d == mx::float32) return "float";
+  if (d == mx::bfloat16) return "bf16_t";
+  if (d == mx::float16) return "f16_t";
+  throw std::invalid_argument("no CUDA kernel takes this dtype");
+}
+
+std::string key_part(int v) { return std::to_string(v); }
+std::string key_part(bool v) { return v ? "t" : "f"; }
+std::string key_part(mx::Dtype d) { return type_name(d); }
+std::string key_part(const std::string& s) { return s; }
+
+// A kernel's key: its name and every value written into its source.
+template <typename... V>
+std::string key_of(const char* name, const V&... values) {
+  std::string key = name;
+  ((key += ' ', key += key_part(values)), ...);
+  return key;
+}
+
+// The source NVRTC compiles for `k` (scripts/check-cuda-kernels.py puts them together the same
+// way).
+std::string assemble(const Spec& k) {
+  std::string s = kTypes + k.helpers + "\nextern \"C\" __global__ void " + k.name + "(";
+  const char* sep = "";
+  for (const auto& [n, t] : k.inputs) s += sep + std::string("const ") + type_name(t) + "* " + n, sep = ", ";
+  for (const auto& [n, t] : k.outputs) s += sep + std::string(type_name(t)) + "* " + n, sep = ", ";
+  for (const auto& n : k.scalars) s += sep + std::string("int ") + n, sep = ", ";
+  s += ") {\n";
+  for (const auto& [n, v] : k.consts) {
+    if (const int* i = std::get_if<int>(&v)) {
+      s += "  constexpr int " + n + " = " + std::to_string(*i) + ";\n";
+    } else if (const bool* b = std::get_if<bool>(&v)) {
+      s += "  constexpr bool " + n + " = " + (*b ? "true" : "false") + ";\n";
+    } else {
+      s += "  using " + n + " = " + type_name(std::get<mx::Dtype>(v)) + ";\n";
+    }
+  }
+  return s + k.body + "}\n";
+}
+
+// NVRTC, the device's architecture, and MLX's kernel cache folder (empty where MLX is handed the
+// images themselves: the folder cannot be written, or MLX did not find a kernel stored there).
+struct Compiler {
+  const nvrtc::Library* nvrtc = nullptr;
+  std::string arch;
+  std::filesystem::path dir;
+};
+
+const Spec kProbe{"mlx_embed_probe", {{"x", mx::float32}}, {{"out", mx::float32}}, {"n"}, {}, "",
+                  "  out[0] = x[0] + (float)n;\n"};
+
+// Whether MLX finds a kernel stored in `dir` (a folder MLX could not create when it first looked
+// for one is never read).
+bool mlx_reads(const Compiler& c, const std::filesystem::path& dir) {
+  const auto source = assemble(kProbe);
+  nvrtc::store(*c.nvrtc, dir, kProbe.name, source, c.arch);
+  auto out = mx::fast::precompiled_cuda_kernel(kProbe.name, nvrtc::handle(*c.nvrtc, kProbe.name, source, c.arch),
+                                               {mx::array(1.5f)}, {{1}}, {mx::float32}, {2}, {1, 1, 1},
+                                               {1, 1, 1}, 0, std::nullopt, true, mx::Device::gpu)[0];
+  mx::eval(out);
+  return out.item<float>() == 3.5f;
+}
+
+// Set up on the first kernel: no NVRTC in the process, or none that compiles for this device,
+// leaves the kernels unused (`available()` is false, MLX's operations run instead).
+const Compiler& compiler() {
+  static const Compiler c = [] {
+    Compiler c;
+    const auto& info = mx::device_info(mx::Device::gpu);
+    auto number = [&](const char* key) {
+      auto it = info.find(key);
+      return it == info.end() ? 0 : (int)std::get<size_t>(it->second);
+    };
+    const int major = number("compute_capability_major"), minor = number("compute_capability_minor");
+    c.arch = "sm_" + std::to_string(major) + std::to_string(minor) + (major >= 9 ? "a" : "");
+    c.nvrtc = nvrtc::loaded();
+    try {
+      if (c.nvrtc) nvrtc::compile(*c.nvrtc, assemble(kProbe), c.arch);
+    } catch (const std::exception&) {
+      c.nvrtc = nullptr;
+    }
+    if (!c.nvrtc) return c;
+    try {
+      const auto dir = nvrtc::mlx_cache_dir();
+      if (mlx_reads(c, dir)) c.dir = dir;
+    } catch (const std::exception&) {
+      // The images are handed over instead.
+    }
+    return c;
+  }();
+  return c;
+}
+
+// The text MLX is handed for the kernel `key` stands for (its name and every value written into
+// its source), compiled from `make()` on first use: putting a source together costs host time,
+// so it is done once per kernel, and compiling once per machine.
 template <typename Make>
-const mx::fast::CustomKernelFunction& cached(const std::string& key, Make make) {
+const std::string& prepared(const std::string& key, Make make) {
   static std::mutex mutex;
-  static std::unordered_map<std::string, mx::fast::CustomKernelFunction> kernels;
+  static std::unordered_map<std::string, std::string> texts;
   std::lock_guard<std::mutex> lock(mutex);
-  auto it = kernels.find(key);
-  if (it == kernels.end()) it = kernels.emplace(key, make()).first;
+  auto it = texts.find(key);
+  if (it == texts.end()) {
+    const Compiler& c = compiler();
+    const Spec spec = make();
+    const auto source = assemble(spec);
+    std::string text;
+    if (!c.dir.empty()) {
+      try {
+        nvrtc::store(*c.nvrtc, c.dir, spec.name, source, c.arch);
+        text = nvrtc::handle(*c.nvrtc, spec.name, source, c.arch);
+      } catch (const std::filesystem::filesystem_error&) {
+        // The folder cannot be written now: this kernel's image is handed over.
+      }
+    }
+    if (text.empty()) text = nvrtc::compile(*c.nvrtc, source, c.arch);
+    it = texts.emplace(key, std::move(text)).first;
+  }
   return it->second;  // entries are never removed, and unordered_map nodes do not move
 }
 
+// Runs kernel `name` prepared as `text` (inputs copied to row-contiguous first where they are not).
+std::vector<mx::array> run(const std::string& name, const std::string& text, const std::vector<mx::array>& inputs,
+                           const std::vector<mx::Shape>& shapes, const std::vector<mx::Dtype>& dtypes,
+                           const std::vector<mx::fast::ScalarArg>& scalars, long threads, int block) {
+  return mx::fast::precompiled_cuda_kernel(name, text, inputs, shapes, dtypes, scalars, {(int)threads, 1, 1},
+                                           {block, 1, 1}, 0, std::nullopt, true);
+}
 
 std::string replace_all(std::string s, const std::string& from, const std::string& to) {
   for (size_t at = s.find(from); at != std::string::npos; at = s.find(from, at + to.size())) {
@@ -125,8 +289,7 @@ __device__ inline void head_norm_rope(const T* src, const T* w, float eps, float
 constexpr const char* kQkvHeads = R"(
   constexpr int S = H + 2 * HKV;
   constexpr int PER = D / 32;
-  const int L = qkv_shape[1];
-  const long slots = (long)qkv_shape[0] * L * S;
+  const long slots = (long)B * L * S;
   const long warp = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (warp >= slots) return;
@@ -167,7 +330,7 @@ __device__ inline T gate_act(T g, T u) {
 constexpr const char* kGated = R"(
   constexpr long PER_ROW = I / V;
   const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
-  if (idx >= (long)gu_shape[0] * PER_ROW) return;
+  if (idx >= (long)N * PER_ROW) return;
   const long t = idx / PER_ROW;
   const long i = (idx % PER_ROW) * V;
   const T* gr = gu + t * 2 * I + i;
@@ -320,7 +483,6 @@ __device__ inline void row_dots_any(const T* x, const T* w, int n, int K, const 
 // act(gate) · up: [n, I]. One warp per output feature c (weight rows c and I + c); lane m
 // writes row m. The projections are rounded to T as a matmul's output is.
 constexpr const char* kGatedMatmul = R"(
-  const int n = x_shape[0];
   const long c = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (c >= I) return;
@@ -392,7 +554,6 @@ __device__ inline void stage_rows(const float* x, const T* y, const T* pw, const
 // The projections are rounded to T as a matmul's output is. STAGE is the inputs kStageRows takes.
 constexpr const char* kNormMatmul = R"(
   __shared__ alignas(16) T xs[NMAX * E];
-  const int n = x_shape[0];
   stage_rows<T, E, ADD, POST>(STAGE, EPS, POST_EPS, n, xs);
   __syncthreads();
   const int lane = threadIdx.x % 32, warps = blockDim.x / 32;
@@ -428,7 +589,7 @@ __device__ inline void attend_row(const float (&qv)[D / 32], const T* kb, long k
   const int lane = threadIdx.x % 32;
   float acc[PER];
   for (int j = 0; j < PER; ++j) acc[j] = 0.f;
-  const float blocked = -cuda::std::numeric_limits<float>::infinity();
+  const float blocked = -__int_as_float(0x7f800000);
   float m = blocked, total = 0.f;
   for (int key = 0; key < L; ++key) {
     const T* kr = kb + key * kstride;
@@ -451,8 +612,7 @@ __device__ inline void attend_row(const float (&qv)[D / 32], const T* kb, long k
 // One warp per query row. The output is laid out [B, L, H, D].
 constexpr const char* kAttention = R"(
   constexpr int PER = D / 32;
-  const int L = q_shape[2];
-  const long rows = (long)q_shape[0] * H * L;
+  const long rows = (long)B * H * L;
   const long warp = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (warp >= rows) return;
@@ -476,7 +636,6 @@ constexpr const char* kQkvAttention = R"(
   constexpr int PER = D / 32;
   __shared__ alignas(16) unsigned char key_bytes[KCAP * D * sizeof(T)];
   T* keys = reinterpret_cast<T*>(key_bytes);
-  const int L = mask_shape[3];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
   const int chunks = (L + QROWS - 1) / QROWS;
   const int chunk = blockIdx.x % chunks;
@@ -514,7 +673,12 @@ bool heads_fit(const mx::array& qkv, const mx::array& qw, const mx::array& kw, i
 }  // namespace
 
 bool available() {
-  return mx::default_device() == mx::Device::gpu && mx::cu::is_available();
+  return mx::default_device() == mx::Device::gpu && mx::cu::is_available() && compiler().nvrtc;
+}
+
+std::string cache() {
+  if (!mx::cu::is_available() || !compiler().nvrtc) return "unused";
+  return compiler().dir.empty() ? "memory" : "folder:" + compiler().dir.string();
 }
 
 std::optional<std::vector<mx::array>> qkv_heads(const mx::array& qkv, const mx::array& qw,
@@ -528,19 +692,19 @@ std::optional<std::vector<mx::array>> qkv_heads(const mx::array& qkv, const mx::
   if (!heads_fit(qkv, qw, kw, b, l, heads, kv_heads, head_dim, dims) || threads > 0x7fffffffL) {
     return std::nullopt;
   }
-  const auto& kernel = cached("qkv " + literal(eps) + literal(base) + literal(scale), [&] {
+  const char* name = "mlx_embed_qkv_heads";
+  const auto& text = prepared(key_of(name, dt, heads, kv_heads, head_dim, half, literal(eps), literal(base),
+                                     literal(scale)), [&] {
     std::string src = replace_all(kQkvHeads, "EPS", literal(eps));
     src = replace_all(src, "LOG2BASE", literal(std::log2(base)));
     src = replace_all(src, "SCALE", literal(scale));
-    return mx::fast::cuda_kernel("mlx_embed_qkv_heads", {"qkv", "qw", "kw"}, {"q", "k", "v"}, src,
-                                 std::string(kHeader) + kHeadNormRope);
-  });
-  auto rows = mx::reshape(qkv, {b, l, slots * head_dim});
-  return kernel({rows, qw, kw},
-                {{b, heads, l, head_dim}, {b, kv_heads, l, head_dim}, {b, kv_heads, l, head_dim}},
-                {dt, dt, dt}, {(int)threads, 1, 1}, {128, 1, 1},
+    return Spec{name, {{"qkv", dt}, {"qw", dt}, {"kw", dt}}, {{"q", dt}, {"k", dt}, {"v", dt}}, {"B", "L"},
                 {{"T", dt}, {"H", heads}, {"HKV", kv_heads}, {"D", head_dim}, {"HALF", half}},
-                std::nullopt, false, {});
+                std::string(kHeader) + kHeadNormRope, src};
+  });
+  return run(name, text, {qkv, qw, kw},
+             {{b, heads, l, head_dim}, {b, kv_heads, l, head_dim}, {b, kv_heads, l, head_dim}}, {dt, dt, dt},
+             {b, l}, threads, 128);
 }
 
 std::optional<mx::array> gated_halves(const mx::array& gu, Act act) {
@@ -548,15 +712,15 @@ std::optional<mx::array> gated_halves(const mx::array& gu, Act act) {
   if (!available() || !is_float(dt) || gu.ndim() != 2 || gu.shape(1) % 2 != 0) return std::nullopt;
   const int n = gu.shape(0), inter = gu.shape(1) / 2;
   const int vec = chunk(gu, inter);
+  const bool gelu = act == Act::GeluTanh;
   const long threads = (long)n * (inter / vec);
   if (threads == 0 || threads > 0x7fffffffL) return std::nullopt;
-  const auto& kernel = cached("gated", [] {
-    return mx::fast::cuda_kernel("mlx_embed_gated", {"gu"}, {"out"}, kGated,
-                                 std::string(kHeader) + kGateAct);
+  const char* name = "mlx_embed_gated";
+  const auto& text = prepared(key_of(name, dt, inter, vec, gelu), [&] {
+    return Spec{name, {{"gu", dt}}, {{"out", dt}}, {"N"}, {{"T", dt}, {"I", inter}, {"V", vec}, {"GELU", gelu}},
+                std::string(kHeader) + kGateAct, kGated};
   });
-  return kernel({gu}, {{n, inter}}, {dt}, {(int)threads, 1, 1}, {256, 1, 1},
-                {{"T", dt}, {"I", inter}, {"V", vec}, {"GELU", act == Act::GeluTanh}}, std::nullopt, false,
-                {})[0];
+  return run(name, text, {gu}, {{n, inter}}, {dt}, {n}, threads, 256)[0];
 }
 
 std::optional<std::vector<mx::array>> residual_rms_norm(const mx::array& x, const mx::array& y,
@@ -570,35 +734,34 @@ std::optional<std::vector<mx::array>> residual_rms_norm(const mx::array& x, cons
                     (!post || (post->dtype() == dt && post->size() == w.size()));
   if (!fits || x.shape(0) == 0 || (long)x.shape(0) * 256 > 0x7fffffffL) return std::nullopt;
   const int n = x.shape(0), e = x.shape(1);
-  const auto key = std::string(post ? "residual post " : "residual ") + literal(post_eps) + literal(eps);
-  const auto& kernel = cached(key, [&] {
+  const char* name = post ? "mlx_embed_residual_post_norm" : "mlx_embed_residual_norm";
+  const auto& text = prepared(key_of(name, dt, out, e, literal(post_eps), literal(eps)), [&] {
     std::string src = replace_all(kResidualNorm, "POST_EPS", literal(post_eps));
     src = replace_all(src, "EPS", literal(eps));
     src = replace_all(src, "POST_W", post ? "pw" : "w");
-    std::vector<std::string> names{"x", "y", "w"};
-    if (post) names.push_back("pw");
-    return mx::fast::cuda_kernel(post ? "mlx_embed_residual_post_norm" : "mlx_embed_residual_norm",
-                                 names, {"xo", "h"}, src, kHeader);
+    Spec spec{name, {{"x", mx::float32}, {"y", dt}, {"w", mx::float32}}, {{"xo", mx::float32}, {"h", out}}, {},
+              {{"T", dt}, {"U", out}, {"E", e}, {"POST", post != nullptr}}, kHeader, src};
+    if (post) spec.inputs.push_back({"pw", dt});
+    return spec;
   });
   std::vector<mx::array> inputs{x, y, w};
   if (post) inputs.push_back(*post);
-  return kernel(inputs, {{n, e}, {n, e}}, {mx::float32, out}, {n * 256, 1, 1}, {256, 1, 1},
-                {{"T", dt}, {"U", out}, {"E", e}, {"POST", post != nullptr}}, std::nullopt, false,
-                {});
+  return run(name, text, inputs, {{n, e}, {n, e}}, {mx::float32, out}, {}, n * 256L, 256);
 }
 
 std::optional<mx::array> gated_matmul(const mx::array& x, const mx::array& w, Act act) {
   if (!matmul_fits(x, w) || w.shape(0) % 2 != 0) return std::nullopt;
   const auto dt = x.dtype();
   const int n = x.shape(0), k = x.shape(1), inter = w.shape(0) / 2;
-  const auto& kernel = cached("gated matmul", [] {
-    return mx::fast::cuda_kernel("mlx_embed_gated_matmul", {"x", "w"}, {"out"}, kGatedMatmul,
-                                 std::string(kHeader) + kGateAct + kRowDots);
+  const int vec = chunk(x, k);
+  const bool gelu = act == Act::GeluTanh;
+  const char* name = "mlx_embed_gated_matmul";
+  const auto& text = prepared(key_of(name, dt, k, inter, vec, gelu), [&] {
+    return Spec{name, {{"x", dt}, {"w", dt}}, {{"out", dt}}, {"n"},
+                {{"T", dt}, {"NMAX", kMaxMatmulRows}, {"K", k}, {"I", inter}, {"V", vec}, {"GELU", gelu}},
+                std::string(kHeader) + kGateAct + kRowDots, kGatedMatmul};
   });
-  return kernel({x, w}, {{n, inter}}, {dt}, {inter * 32, 1, 1}, {256, 1, 1},
-                {{"T", dt}, {"NMAX", kMaxMatmulRows}, {"K", k}, {"I", inter}, {"V", chunk(x, k)},
-                 {"GELU", act == Act::GeluTanh}},
-                std::nullopt, false, {})[0];
+  return run(name, text, {x, w}, {{n, inter}}, {dt}, {n}, inter * 32L, 256)[0];
 }
 
 std::optional<std::vector<mx::array>> norm_matmul(const mx::array& x, const mx::array* y,
@@ -619,22 +782,25 @@ std::optional<std::vector<mx::array>> norm_matmul(const mx::array& x, const mx::
   const long pairs = gate ? o : (o + 1L) / 2;
   if (n > cap || (long)rows.shape(0) * e > 0x7fffffffL) return std::nullopt;
   const bool add = y != nullptr;
-  const auto key = std::string("norm matmul ") + (add ? "add " : "") + (post ? "post " : "") +
-                   literal(post_eps) + literal(eps);
-  const auto& kernel = cached(key, [&] {
+  const int vec = chunk(rows, e);
+  const bool gelu = gate == Act::GeluTanh;
+  const char* name = add ? "mlx_embed_residual_norm_matmul" : "mlx_embed_norm_matmul";
+  const auto& text = prepared(key_of(name, dt, cap, e, o, vec, post != nullptr, gate.has_value(), gelu,
+                                     literal(post_eps), literal(eps)), [&] {
     std::string src = replace_all(kNormMatmul, "STAGE",
                                   add ? std::string("x, y, ") + (post ? "pw" : "(const T*)nullptr") + ", nw, xo"
                                       : "x, (const T*)nullptr, (const T*)nullptr, nw, (float*)nullptr");
     src = replace_all(src, "POST_EPS", literal(post_eps));
     src = replace_all(src, "EPS", literal(eps));
-    std::vector<std::string> names{"x"};
-    if (add) names.push_back("y");
-    if (post) names.push_back("pw");
-    names.insert(names.end(), {"nw", "w"});
-    std::vector<std::string> outs{"out"};
-    if (add) outs.insert(outs.begin(), "xo");
-    return mx::fast::cuda_kernel(add ? "mlx_embed_residual_norm_matmul" : "mlx_embed_norm_matmul", names,
-                                 outs, src, std::string(kHeader) + kGateAct + kRowDots + kStageRows);
+    Spec spec{name, {{"x", mx::float32}}, {{"out", dt}}, {"n"},
+              {{"T", dt}, {"NMAX", cap}, {"E", e}, {"O", o}, {"V", vec}, {"ADD", add}, {"POST", post != nullptr},
+               {"GATE", gate.has_value()}, {"GELU", gelu}},
+              std::string(kHeader) + kGateAct + kRowDots + kStageRows, src};
+    if (add) spec.inputs.push_back({"y", dt});
+    if (post) spec.inputs.push_back({"pw", dt});
+    spec.inputs.insert(spec.inputs.end(), {{"nw", mx::float32}, {"w", dt}});
+    if (add) spec.outputs.insert(spec.outputs.begin(), {"xo", mx::float32});
+    return spec;
   });
   std::vector<mx::array> inputs{x};
   if (add) inputs.push_back(*y);
@@ -648,11 +814,7 @@ std::optional<std::vector<mx::array>> norm_matmul(const mx::array& x, const mx::
   }
   constexpr int warps = 8;
   const long blocks = std::min<long>((pairs + warps - 1) / warps, kNormBlocks);
-  auto out = kernel(inputs, shapes, dtypes, {(int)(blocks * warps * 32), 1, 1}, {warps * 32, 1, 1},
-                    {{"T", dt}, {"NMAX", cap}, {"E", e}, {"O", o}, {"V", chunk(rows, e)}, {"ADD", add},
-                     {"POST", post != nullptr}, {"GATE", gate.has_value()},
-                     {"GELU", gate == Act::GeluTanh}},
-                    std::nullopt, false, {});
+  auto out = run(name, text, inputs, shapes, dtypes, {n}, blocks * warps * 32, warps * 32);
   if (!add) out.insert(out.begin(), x);
   return out;
 }
@@ -671,16 +833,16 @@ std::optional<mx::array> attention(const mx::array& q, const mx::array& k, const
                     mask.shape() == mx::Shape{b, 1, l, l};
   const long threads = (long)b * heads * l * 32;
   if (!fits || threads > 0x7fffffffL) return std::nullopt;
-  const auto& kernel = cached("attention " + literal(scale), [&] {
-    return mx::fast::cuda_kernel("mlx_embed_attention", {"q", "k", "v", "mask"}, {"out"},
-                                 replace_all(kAttention, "SCALE", literal(scale)),
-                                 std::string(kHeader) + kAttendRow);
+  const auto m = mask.dtype();
+  const char* name = "mlx_embed_attention";
+  const auto& text = prepared(key_of(name, dt, m, d, heads, kv_heads, literal(scale)), [&] {
+    return Spec{name, {{"q", dt}, {"k", dt}, {"v", dt}, {"mask", m}}, {{"out", dt}}, {"B", "L"},
+                {{"T", dt}, {"M", m}, {"D", d}, {"H", heads}, {"HKV", kv_heads}},
+                std::string(kHeader) + kAttendRow, replace_all(kAttention, "SCALE", literal(scale))};
   });
   // Written as [B, L, H, D] and returned as a [B, H, L, D] view of it: merging the heads of
   // each token afterwards needs no copy.
-  auto out = kernel({q, k, v, mask}, {{b, l, heads, d}}, {dt}, {(int)threads, 1, 1}, {128, 1, 1},
-                    {{"T", dt}, {"M", mask.dtype()}, {"D", d}, {"H", heads}, {"HKV", kv_heads}},
-                    std::nullopt, false, {})[0];
+  auto out = run(name, text, {q, k, v, mask}, {{b, l, heads, d}}, {dt}, {b, l}, threads, 128)[0];
   return mx::transpose(out, {0, 2, 1, 3});
 }
 
@@ -699,20 +861,21 @@ std::optional<mx::array> qkv_attention(const mx::array& qkv, const mx::array& qw
   constexpr int rows_per_block = 16;
   const long blocks = (long)b * heads * ((l + rows_per_block - 1) / rows_per_block);
   if (blocks * rows_per_block * 32 > 0x7fffffffL) return std::nullopt;
-  const auto& kernel = cached("qkv attention " + literal(eps) + literal(base) + literal(rope_scale) +
-                                  literal(attn_scale), [&] {
+  const auto m = mask.dtype();
+  const char* name = "mlx_embed_qkv_attention";
+  const auto& text = prepared(key_of(name, dt, m, heads, kv_heads, head_dim, dims, literal(eps), literal(base),
+                                     literal(rope_scale), literal(attn_scale)), [&] {
     std::string src = replace_all(kQkvAttention, "ATTN_SCALE", literal(attn_scale));
     src = replace_all(src, "ROPE_SCALE", literal(rope_scale));
     src = replace_all(src, "EPS", literal(eps));
     src = replace_all(src, "LOG2BASE", literal(std::log2(base)));
-    return mx::fast::cuda_kernel("mlx_embed_qkv_attention", {"qkv", "qw", "kw", "mask"}, {"out"}, src,
-                                 std::string(kHeader) + kHeadNormRope + kAttendRow);
+    return Spec{name, {{"qkv", dt}, {"qw", dt}, {"kw", dt}, {"mask", m}}, {{"out", dt}}, {"L"},
+                {{"T", dt}, {"M", m}, {"H", heads}, {"HKV", kv_heads}, {"D", head_dim}, {"HALF", dims / 2},
+                 {"KCAP", key_cap}, {"QROWS", rows_per_block}},
+                std::string(kHeader) + kHeadNormRope + kAttendRow, src};
   });
-  return kernel({qkv, qw, kw, mask}, {{b * l, heads * head_dim}}, {dt},
-                {(int)(blocks * rows_per_block * 32), 1, 1}, {rows_per_block * 32, 1, 1},
-                {{"T", dt}, {"M", mask.dtype()}, {"H", heads}, {"HKV", kv_heads}, {"D", head_dim},
-                 {"HALF", dims / 2}, {"KCAP", key_cap}, {"QROWS", rows_per_block}},
-                std::nullopt, false, {})[0];
+  return run(name, text, {qkv, qw, kw, mask}, {{b * l, heads * head_dim}}, {dt}, {l},
+             blocks * rows_per_block * 32, rows_per_block * 32)[0];
 }
 
 }  // namespace mlx_embed::gpu_kernels

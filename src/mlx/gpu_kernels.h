@@ -1,5 +1,5 @@
-// Fused CUDA kernels for the small-batch forward pass, built with MLX's custom kernels
-// (`fast::cuda_kernel`, compiled by NVRTC at first use and cached like MLX's own).
+// Fused CUDA kernels for the small-batch forward pass, run as MLX custom kernels (compiled by
+// NVRTC at first use on a machine, and kept in MLX's kernel cache folder: nvrtc.h).
 //
 // A short query's forward pass on a GPU is bound by MLX's host work per operation (≈ 4–5 µs for
 // an elementwise operation, ≈ 10 µs for a matmul, ≈ 25 µs for attention, measured on an H100),
@@ -12,6 +12,7 @@
 #pragma once
 
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "mlx/array.h"
@@ -21,8 +22,14 @@ namespace mlx_embed::gpu_kernels {
 enum class Act : uint8_t { Silu, GeluTanh };
 
 // Whether arrays built now run on a CUDA device (the default device is a GPU and MLX's backend
-// is CUDA).
+// is CUDA) and the kernels compile for it.
 bool available();
+
+// Where the kernels' compiled images are kept, once a kernel has been asked for on a CUDA
+// device: "folder:{path}" (MLX's kernel cache folder, see nvrtc.h), "memory" (that folder cannot
+// be used: each process compiles them again), "unused" (no CUDA device, or NVRTC cannot compile
+// for it: MLX's operations run instead).
+std::string cache();
 
 // The q, k and v heads of a fused projection `qkv` [B·L, (H + 2·Hkv)·D] (q heads, then k, then v),
 // as [B, H, L, D], [B, Hkv, L, D], [B, Hkv, L, D]: q and k heads RMS-normed (weights `qw`, `kw`

@@ -87,3 +87,21 @@ pub fn memory_stats() -> MemoryStats {
         cache: ffi::ffi::cache_memory(),
     }
 }
+
+/// Where the fused CUDA kernels' compiled images are kept (see `src/mlx/nvrtc.h`), once a model
+/// has run on a CUDA device: `folder:{path}` (found again by later processes), `memory` (the
+/// folder cannot be used: every process compiles them again), `unused` (no CUDA device, or
+/// NVRTC cannot compile for it).
+pub fn cuda_kernel_cache() -> String {
+    ffi::ffi::cuda_kernel_cache()
+}
+
+/// Compiles the CUDA kernel `name` of `source` for `arch` (e.g. `sm_90a`) with the NVRTC library
+/// at `library` into `dir`, as the service keeps its kernels' images (`src/mlx/nvrtc.h`), unless
+/// it is there: whether it compiled, and the image's file. Needs no GPU.
+pub fn compile_cuda_kernel(library: &std::path::Path, dir: &std::path::Path, name: &str, source: &str, arch: &str) -> Result<(bool, std::path::PathBuf)> {
+    let (lib, dir) = (library.to_string_lossy(), dir.to_string_lossy());
+    let compiled = ffi::ffi::nvrtc_store(&lib, &dir, name, source, arch)?;
+    let image = ffi::ffi::nvrtc_stored_image(&lib, &dir, name, source, arch)?;
+    Ok((compiled, image.into()))
+}

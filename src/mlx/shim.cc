@@ -8,6 +8,7 @@
 
 #include "mlx-embed/src/mlx/cpu_kernels.h"
 #include "mlx-embed/src/mlx/gpu_kernels.h"
+#include "mlx-embed/src/mlx/nvrtc.h"
 #include "mlx-embed/src/mlx/ffi.rs.h"
 #include "mlx/primitives.h"
 
@@ -349,5 +350,18 @@ rust::String version() { return rust::String(mx::version()); }
 size_t active_memory() { return mx::get_active_memory(); }
 size_t peak_memory() { return mx::get_peak_memory(); }
 size_t cache_memory() { return mx::get_cache_memory(); }
+
+bool nvrtc_store(rust::Str library, rust::Str dir, rust::Str name, rust::Str source, rust::Str arch) {
+  return nvrtc::store(*nvrtc::open(std::string(library)), std::string(dir), std::string(name),
+                      std::string(source), std::string(arch));
+}
+rust::String nvrtc_stored_image(rust::Str library, rust::Str dir, rust::Str name, rust::Str source,
+                                rust::Str arch) {
+  const auto& lib = *nvrtc::open(std::string(library));
+  const std::string n(name);
+  return nvrtc::cached_image(std::string(dir), n, nvrtc::handle(lib, n, std::string(source), std::string(arch)))
+      .string();
+}
+rust::String cuda_kernel_cache() { return gpu_kernels::cache(); }
 
 }  // namespace mlx_embed

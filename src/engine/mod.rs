@@ -462,7 +462,10 @@ impl Engine {
         match loaded {
             Ok(model) => {
                 let secs = started.elapsed().as_secs_f64();
-                tracing::info!(model = %name, secs, "model loaded");
+                // Where the fused CUDA kernels' images are kept: "memory" means every start
+                // compiles them again (MLX's kernel cache folder cannot be written).
+                let cuda_kernels = if model.info().gpu { crate::mlx::cuda_kernel_cache() } else { "unused".to_string() };
+                tracing::info!(model = %name, secs, cuda_kernels, "model loaded");
                 metrics::gauge!(crate::metrics::MODEL_LOAD, "model" => name.to_string()).set(secs);
                 self.record_memory();
                 let pre = model.preprocessor();

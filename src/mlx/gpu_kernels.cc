@@ -183,15 +183,16 @@ bool mlx_reads(const Compiler& c, const std::filesystem::path& dir) {
 const Compiler& compiler() {
   static const Compiler c = [] {
     Compiler c;
-    const auto& info = mx::device_info(mx::Device::gpu);
-    auto number = [&](const char* key) {
-      auto it = info.find(key);
-      return it == info.end() ? 0 : (int)std::get<size_t>(it->second);
-    };
-    const int major = number("compute_capability_major"), minor = number("compute_capability_minor");
-    c.arch = "sm_" + std::to_string(major) + std::to_string(minor) + (major >= 9 ? "a" : "");
-    c.nvrtc = nvrtc::loaded();
     try {
+      const auto& info = mx::device_info(mx::Device::gpu);
+      auto number = [&](const char* key) {
+        auto it = info.find(key);
+        const size_t* v = it == info.end() ? nullptr : std::get_if<size_t>(&it->second);
+        return v ? (int)*v : 0;
+      };
+      const int major = number("compute_capability_major"), minor = number("compute_capability_minor");
+      c.arch = "sm_" + std::to_string(major) + std::to_string(minor) + (major >= 9 ? "a" : "");
+      c.nvrtc = major > 0 ? nvrtc::loaded() : nullptr;
       if (c.nvrtc) nvrtc::compile(*c.nvrtc, assemble(kProbe), c.arch);
     } catch (const std::exception&) {
       c.nvrtc = nullptr;

@@ -72,22 +72,41 @@ fn embed_errors_go_to_stderr_with_a_failing_exit() {
     }
 }
 
+/// `(file, target)` of a dynamic loader's line binding `malloc` (`LD_DEBUG=bindings`:
+/// "PID: binding file FILE [N] to TARGET [N]: normal symbol `malloc' …"), `None` for any other
+/// line, and for one that another thread's output broke into.
+#[cfg(target_os = "linux")]
+fn malloc_binding(line: &str) -> Option<(&str, &str)> {
+    let plain = |s: &str| !s.is_empty() && !s.contains(char::is_whitespace);
+    let (file, rest) = line.split_once("binding file ")?.1.split_once(" [")?;
+    let (n, rest) = rest.split_once("] to ")?;
+    let (target, rest) = rest.split_once(" [")?;
+    let (m, rest) = rest.split_once("]: ")?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    (plain(file) && plain(target) && digits(n) && digits(m) && rest.starts_with("normal symbol `malloc'"))
+        .then_some((file, target))
+}
+
 /// The binary's allocator serves MLX's C++ code too: the dynamic linker binds libmlx's and the
-/// C++ library's `malloc` to the executable, not to the C library.
+/// C++ library's `malloc` to the executable, not to the C library. (One thread for OpenBLAS and
+/// the tokenizer: the loader's lines of several threads can interleave.)
 #[cfg(target_os = "linux")]
 #[test]
 fn mlx_and_the_cpp_library_allocate_through_the_binarys_malloc() {
     let dir = fixtures_dir().join("qwen3-tiny");
     let out = embed_cmd()
         .env("LD_DEBUG", "bindings")
+        .env("OPENBLAS_NUM_THREADS", "1")
+        .env("RAYON_NUM_THREADS", "1")
         .args(["embed", "--device", "cpu", "--dtype", "f32", "--model-dir"]).arg(&dir).arg("hello")
         .output().unwrap();
     assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
     let log = String::from_utf8_lossy(&out.stderr);
     let bound_to = |library: &str| -> Vec<&str> {
         log.lines()
-            .filter(|l| l.contains(&format!("/{library}")) && l.contains("normal symbol `malloc'"))
-            .filter_map(|l| l.split(" to ").nth(1)?.split(" [").next())
+            .filter_map(malloc_binding)
+            .filter(|(file, _)| file.rsplit('/').next().is_some_and(|f| f.starts_with(library)))
+            .map(|(_, target)| target)
             .collect()
     };
     let exe = env!("CARGO_BIN_EXE_mlx-embed");

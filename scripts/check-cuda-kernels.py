@@ -42,6 +42,15 @@ def kernels(t):
          [("qkv", t), ("qw", t), ("kw", t)], [("q", t), ("k", t), ("v", t)],
          [("T", t), ("H", 16), ("HKV", 8), ("D", 128), ("HALF", 64)],
          [("EPS", eps), ("LOG2BASE", literal(19.93)), ("SCALE", literal(1.0))]),
+        ("mlx_embed_qk_rows", ["kHeader", "kHeadNormRope"], "kQkRows",
+         [("qkv", t), ("qw", t), ("kw", t)], [("qk", t)],
+         [("T", t), ("H", 16), ("HKV", 8), ("D", 128), ("HALF", 64)],
+         [("EPS", eps), ("LOG2BASE", literal(19.93)), ("SCALE", literal(1.0))]),
+        # Heads not a multiple of the four loaded together.
+        ("mlx_embed_qk_rows", ["kHeader", "kHeadNormRope"], "kQkRows",
+         [("qkv", t), ("qw", t), ("kw", t)], [("qk", t)],
+         [("T", t), ("H", 3), ("HKV", 2), ("D", 64), ("HALF", 32)],
+         [("EPS", eps), ("LOG2BASE", literal(13.29)), ("SCALE", literal(0.5))]),
         ("mlx_embed_gated", ["kHeader", "kGateAct"], "kGated", [("gu", t)], [("out", t)],
          [("T", t), ("I", 3072), ("V", vec), ("GELU", True)], []),
         # Widths not a multiple of 16 bytes take one feature per thread; SiLU.
@@ -95,7 +104,7 @@ def kernels(t):
 
 # The int scalars each kernel takes after its outputs (the per-batch sizes).
 SCALARS = {
-    "mlx_embed_qkv_heads": ["B", "L"], "mlx_embed_gated": ["N"], "mlx_embed_gated_matmul": ["n"],
+    "mlx_embed_qkv_heads": ["B", "L"], "mlx_embed_qk_rows": ["B", "L"], "mlx_embed_gated": ["N"], "mlx_embed_gated_matmul": ["n"],
     "mlx_embed_residual_norm": [], "mlx_embed_residual_post_norm": [], "mlx_embed_norm_matmul": ["n"],
     "mlx_embed_residual_norm_matmul": ["n"], "mlx_embed_attention": ["B", "L"], "mlx_embed_qkv_attention": ["L"],
 }

@@ -79,6 +79,11 @@ fn worst(got: &[f32], want: &[f64], floor: f64) -> f64 {
     got.iter().zip(want).map(|(g, w)| (*g as f64 - w).abs() / (w.abs() + floor)).fold(0.0, f64::max)
 }
 
+/// The token rows (of `width` values, batch rows of `l` tokens) within `lengths`.
+fn real_tokens<T: Copy>(x: &[T], width: usize, l: usize, lengths: &[usize]) -> Vec<T> {
+    x.chunks(width).enumerate().filter(|(t, _)| t % l < lengths[t / l]).flat_map(|(_, r)| r.to_vec()).collect()
+}
+
 fn rms_norm_rows(x: &[f32], w: &[f32], eps: f64) -> Vec<f64> {
     let d = w.len();
     x.chunks(d)
@@ -288,10 +293,13 @@ fn split_qkv(qkv: &[f32], (b, l): (usize, usize), (h, hkv, d): (usize, usize, us
 #[test]
 fn heads_of_a_fused_qkv_projection_are_normed_rotated_and_split() {
     let _g = mlx_lock();
-    let (b, l) = (2, 7);
-    // Head sizes and rotations the fused kernel takes (a multiple of 32 features, half of the
-    // rotated ones too), and one it does not (24 features).
-    for (case, (h, hkv, d, dims)) in [(4usize, 2usize, 64usize, 64usize), (2, 1, 128, 64), (3, 1, 24, 16)].into_iter().enumerate() {
+    // Head sizes and rotations the fused kernels take (a multiple of 32 features, half of the
+    // rotated ones too), one they do not (24 features), and Qwen3's heads over more (query, key)
+    // pairs than the small-batch attention takes (in bf16 on a CUDA device: q and k written as
+    // token rows, the three returned as views).
+    let cases = [(4usize, 2usize, 64usize, 64usize, 7usize), (2, 1, 128, 64, 7), (3, 1, 24, 16, 7), (16, 8, 128, 128, 66)];
+    for (case, (h, hkv, d, dims, l)) in cases.into_iter().enumerate() {
+        let b = 2;
         let s = h + 2 * hkv;
         let qkv = values(b * l * s * d, 10 + case as u64, -3.0, 3.0);
         let (qw, kw) = (values(d, 20 + case as u64, 0.5, 1.5), values(d, 30 + case as u64, 0.5, 1.5));
@@ -374,13 +382,19 @@ fn attention_over_a_fused_qkv_projection_matches_heads_then_attention() {
         for dt in [Dtype::Float32, Dtype::Bfloat16] {
             let cast = |a: &Array| a.astype(dt).unwrap();
             let (qkv_c, qw_c, kw_c, mask_c) = (cast(&qkv_a), cast(&qw_a), cast(&kw_a), cast(&mask_a));
-            let got = qkv_c.qkv_attention(&qw_c, &kw_c, 1e-6, bl, dims3, dims as i32, (base as f32, rope_scale as f32), scale as f32, &mask_c).unwrap();
+            let attend = |causal: bool| qkv_c.qkv_attention(&qw_c, &kw_c, 1e-6, bl, dims3, dims as i32, (base as f32, rope_scale as f32), scale as f32, &mask_c, causal).unwrap();
+            let got = attend(false);
             assert_eq!(got.shape(), vec![(b * l) as i32, (h * d) as i32]);
             let host = |a: &Array| a.astype(Dtype::Float32).unwrap().to_f32_vec().unwrap();
             let got = host(&got);
             let tol = if dt == Dtype::Float32 { 3e-4 } else { 5e-2 };
             let err = worst(&got, &want, 1.0);
             assert!(err < tol, "case {case} {dt:?}: {err}");
+            // Told that the mask is causal (it is): the same at every real token, wherever the
+            // mask is replaced by a causal mode (large bf16 batches on a CUDA device).
+            let causal = host(&attend(true));
+            let err = worst(&real_tokens(&causal, h * d, l, &lengths), &real_tokens(&want, h * d, l, &lengths), 1.0);
+            assert!(err < tol, "case {case} {dt:?} causal: {err}");
             // The same values as the heads made first, then attention, then merged.
             let (q, k, v) = qkv_c.qkv_heads(&qw_c, &kw_c, 1e-6, bl, dims3, dims as i32, base as f32, rope_scale as f32).unwrap();
             let apart = Array::attention(&q, &k, &v, scale as f32, &mask_c).unwrap()

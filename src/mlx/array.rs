@@ -221,10 +221,13 @@ impl Array {
     /// Attention over the heads of a fused q/k/v projection (as [`Array::qkv_heads`] makes them,
     /// then [`Array::attention`] with `attn_scale` and the additive `mask` `[B, 1, L, L]`), heads
     /// merged into token rows: `[B·L, H·D]`. One fused kernel for short sequences on a CUDA device.
+    /// `causal`: `mask` is [`MaskKind::Causal`](crate::models::layers::MaskKind) of a
+    /// right-padded batch; where cuDNN attends (large batches on a CUDA device) its causal mode
+    /// then replaces the mask, which changes the values at padding tokens only.
     #[allow(clippy::too_many_arguments)]
     pub fn qkv_attention(&self, qw: &Array, kw: &Array, eps: f32, (b, l): (i32, i32), (heads, kv_heads, head_dim): (i32, i32, i32),
-        dims: i32, (base, rope_scale): (f32, f32), attn_scale: f32, mask: &Array) -> Result<Array> {
-        wrap(ffi::qkv_attention(self.r(), qw.r(), kw.r(), eps, b, l, heads, kv_heads, head_dim, dims, base, rope_scale, attn_scale, mask.r()))
+        dims: i32, (base, rope_scale): (f32, f32), attn_scale: f32, mask: &Array, causal: bool) -> Result<Array> {
+        wrap(ffi::qkv_attention(self.r(), qw.r(), kw.r(), eps, b, l, heads, kv_heads, head_dim, dims, base, rope_scale, attn_scale, mask.r(), causal))
     }
 
     /// `act(gate) · up` of a fused gate/up projection `[N, 2·I]` (gate columns first) → `[N, I]`.

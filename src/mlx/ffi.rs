@@ -156,6 +156,7 @@ pub(crate) mod ffi {
             rope_scale: f32,
             attn_scale: f32,
             mask: &array,
+            causal: bool,
         ) -> Result<UniquePtr<array>>;
         fn gated_halves(gu: &array, act: Activation) -> Result<UniquePtr<array>>;
         fn gated_matmul(x: &array, w: &array, wt: &array, act: Activation) -> Result<UniquePtr<array>>;

@@ -103,6 +103,7 @@ bool matmul_fits(const mx::array& x, const mx::array& w) {
 
 // A compile-time value of a kernel: a size, a switch, or a dtype.
 using Const = std::variant<int, bool, mx::Dtype>;
+using Consts = std::vector<std::pair<std::string, Const>>;
 
 // One kernel as compiled: its entry point's name and parameters (the inputs, the outputs, then
 // the int scalars, in the order MLX passes them), its constants, its helpers and its body.
@@ -110,7 +111,7 @@ struct Spec {
   std::string name;
   std::vector<std::pair<std::string, mx::Dtype>> inputs, outputs;
   std::vector<std::string> scalars;
-  std::vector<std::pair<std::string, Const>> consts;
+  Consts consts;
   std::string helpers, body;
 };
 
@@ -160,6 +161,7 @@ std::string assemble(const Spec& k) {
 struct Compiler {
   const nvrtc::Library* nvrtc = nullptr;
   std::string arch;
+  int major = 0;
   std::filesystem::path dir;
 };
 
@@ -191,6 +193,7 @@ const Compiler& compiler() {
         return v ? (int)*v : 0;
       };
       const int major = number("compute_capability_major"), minor = number("compute_capability_minor");
+      c.major = major;
       c.arch = "sm_" + std::to_string(major) + std::to_string(minor) + (major >= 9 ? "a" : "");
       c.nvrtc = major > 0 ? nvrtc::loaded() : nullptr;
       if (c.nvrtc) nvrtc::compile(*c.nvrtc, assemble(kProbe), c.arch);
@@ -252,37 +255,56 @@ std::string replace_all(std::string s, const std::string& from, const std::strin
   return s;
 }
 
-// The RMSNorm of one head of D features by `w` (epsilon `eps`), rounded to T as the unfused norm
-// rounds it, then rotated as position `pos` (rotate-half over the first 2·HALF features, angle
-// pos / base^(e / HALF), `log2base` = log2(base)): lane j of a warp holds features j, j + 32, …
-// of `x`; RoPE pairs feature e with e + HALF, in the same lane since HALF is a multiple of 32.
+// The heads of q and k as the kernels hold them: lane j of a warp holds features j, j + 32, … of
+// a head of D features (`head_load`). `head_norm` RMS-norms it by `w` (epsilon `eps`), rounded to
+// T as the unfused norm rounds it; `rotate` turns it as a position whose angles `rope_angles`
+// gives (rotate-half over the first 2·HALF features, angle pos / base^(e / HALF), `log2base` =
+// log2(base)): RoPE pairs feature e with e + HALF, in the same lane since HALF is a multiple of 32.
 constexpr const char* kHeadNormRope = R"(
-template <typename T, int D, int HALF>
-__device__ inline void head_norm_rope(const T* src, const T* w, float eps, float pos, float log2base,
-                                      float (&x)[D / 32]) {
+template <typename T, int D>
+__device__ inline void head_load(const T* src, float (&x)[D / 32]) {
+  const int lane = threadIdx.x % 32;
+  for (int j = 0; j < D / 32; ++j) x[j] = static_cast<float>(src[lane + 32 * j]);
+}
+template <typename T, int D>
+__device__ inline void head_norm(const T* w, float eps, float (&x)[D / 32]) {
   constexpr int PER = D / 32;
   const int lane = threadIdx.x % 32;
   float ss = 0.f;
-  for (int j = 0; j < PER; ++j) {
-    x[j] = static_cast<float>(src[lane + 32 * j]);
-    ss += x[j] * x[j];
-  }
+  for (int j = 0; j < PER; ++j) ss += x[j] * x[j];
   ss = warp_sum(ss);
   const float r = rsqrtf(ss / D + eps);
   for (int j = 0; j < PER; ++j) {
     const T n = static_cast<T>(x[j] * r);
     x[j] = static_cast<float>(static_cast<T>(static_cast<float>(w[lane + 32 * j]) * static_cast<float>(n)));
   }
-  // Features e and e + HALF turn by the same angle: one sincosf per pair.
+}
+// Features e and e + HALF turn by the same angle: one sincosf per pair.
+template <int HALF>
+__device__ inline void rope_angles(float pos, float log2base, float (&cs)[HALF / 32], float (&sn)[HALF / 32]) {
+  const int lane = threadIdx.x % 32;
   for (int j = 0; j < HALF / 32; ++j) {
     const int e = lane + 32 * j;
     const float inv = exp2f(-(static_cast<float>(e) / static_cast<float>(HALF)) * log2base);
-    float sn, cs;
-    sincosf(pos * inv, &sn, &cs);
-    const float lo = x[j], hi = x[j + HALF / 32];
-    x[j] = lo * cs - hi * sn;
-    x[j + HALF / 32] = lo * sn + hi * cs;
+    sincosf(pos * inv, &sn[j], &cs[j]);
   }
+}
+template <int D, int HALF>
+__device__ inline void rotate(const float (&cs)[HALF / 32], const float (&sn)[HALF / 32], float (&x)[D / 32]) {
+  for (int j = 0; j < HALF / 32; ++j) {
+    const float lo = x[j], hi = x[j + HALF / 32];
+    x[j] = lo * cs[j] - hi * sn[j];
+    x[j + HALF / 32] = lo * sn[j] + hi * cs[j];
+  }
+}
+template <typename T, int D, int HALF>
+__device__ inline void head_norm_rope(const T* src, const T* w, float eps, float pos, float log2base,
+                                      float (&x)[D / 32]) {
+  head_load<T, D>(src, x);
+  head_norm<T, D>(w, eps, x);
+  float cs[HALF / 32], sn[HALF / 32];
+  rope_angles<HALF>(pos, log2base, cs, sn);
+  rotate<D, HALF>(cs, sn, x);
 }
 )";
 
@@ -308,6 +330,39 @@ constexpr const char* kQkvHeads = R"(
   float x[PER];
   head_norm_rope<T, D, HALF>(src, s < H ? qw : kw, EPS, SCALE * static_cast<float>(p), LOG2BASE, x);
   for (int j = 0; j < PER; ++j) dst[lane + 32 * j] = static_cast<T>(x[j]);
+)";
+
+// The q and k heads of one token per warp, written as token rows qk [B·L, (H + HKV)·D] (heads
+// side by side, as the projection holds them), the angles of its position worked out once for
+// all of its heads; v is left where the projection wrote it.
+constexpr const char* kQkRows = R"(
+  constexpr int S = H + 2 * HKV;
+  constexpr int R = H + HKV;
+  constexpr int PER = D / 32;
+  // Heads loaded together, so that their loads are in flight at once.
+  constexpr int G = 4;
+  const long t = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (t >= (long)B * L) return;
+  float cs[HALF / 32], sn[HALF / 32];
+  rope_angles<HALF>(SCALE * static_cast<float>((int)(t % L)), LOG2BASE, cs, sn);
+  const T* src = qkv + t * (long)(S * D);
+  T* dst = qk + t * (long)(R * D);
+  for (int h0 = 0; h0 < R; h0 += G) {
+    float x[G][PER];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      if (h0 + g < R) head_load<T, D>(src + (h0 + g) * D, x[g]);
+    }
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      if (h0 + g < R) {
+        head_norm<T, D>(h0 + g < H ? qw : kw, EPS, x[g]);
+        rotate<D, HALF>(cs, sn, x[g]);
+        for (int j = 0; j < PER; ++j) dst[(h0 + g) * D + lane + 32 * j] = static_cast<T>(x[g][j]);
+      }
+    }
+  }
 )";
 
 // act(g) · u for a gate and an up value in the compute dtype: the activation in f32, rounded to T
@@ -677,6 +732,11 @@ bool available() {
   return mx::default_device() == mx::Device::gpu && mx::cu::is_available() && compiler().nvrtc;
 }
 
+bool cudnn_attends(mx::Dtype dt, int b, int l, int heads, int head_dim) {
+  return available() && (dt == mx::bfloat16 || dt == mx::float16) && head_dim % 8 == 0 && head_dim <= 128 &&
+         l > 1 && compiler().major >= 8 && (long)b * heads * l * l > kMaxAttentionPairs;
+}
+
 std::string cache() {
   if (!mx::cu::is_available() || !compiler().nvrtc) return "unused";
   return compiler().dir.empty() ? "memory" : "folder:" + compiler().dir.string();
@@ -693,15 +753,34 @@ std::optional<std::vector<mx::array>> qkv_heads(const mx::array& qkv, const mx::
   if (!heads_fit(qkv, qw, kw, b, l, heads, kv_heads, head_dim, dims) || threads > 0x7fffffffL) {
     return std::nullopt;
   }
+  const auto constants = [&](std::string src) {
+    src = replace_all(src, "EPS", literal(eps));
+    src = replace_all(src, "LOG2BASE", literal(std::log2(base)));
+    return replace_all(src, "SCALE", literal(scale));
+  };
+  const Consts consts{{"T", dt}, {"H", heads}, {"HKV", kv_heads}, {"D", head_dim}, {"HALF", half}};
+  if (cudnn_attends(dt, b, l, heads, head_dim)) {
+    const char* name = "mlx_embed_qk_rows";
+    const auto& text = prepared(key_of(name, dt, heads, kv_heads, head_dim, half, literal(eps), literal(base),
+                                       literal(scale)), [&] {
+      return Spec{name, {{"qkv", dt}, {"qw", dt}, {"kw", dt}}, {{"qk", dt}}, {"B", "L"}, consts,
+                  std::string(kHeader) + kHeadNormRope, constants(kQkRows)};
+    });
+    const int rows = heads + kv_heads;
+    auto qk = run(name, text, {qkv, qw, kw}, {{b * l, rows * head_dim}}, {dt}, {b, l}, (long)b * l * 32, 128)[0];
+    // [B, n, L, D] views of token rows of `row` features, from feature `from` on.
+    const auto heads_of = [&](const mx::array& a, int n, long row, long from) {
+      return mx::as_strided(a, {b, n, l, head_dim}, {l * row, head_dim, row, 1}, from);
+    };
+    return std::vector<mx::array>{heads_of(qk, heads, (long)rows * head_dim, 0),
+                                  heads_of(qk, kv_heads, (long)rows * head_dim, (long)heads * head_dim),
+                                  heads_of(qkv, kv_heads, (long)slots * head_dim, (long)rows * head_dim)};
+  }
   const char* name = "mlx_embed_qkv_heads";
   const auto& text = prepared(key_of(name, dt, heads, kv_heads, head_dim, half, literal(eps), literal(base),
                                      literal(scale)), [&] {
-    std::string src = replace_all(kQkvHeads, "EPS", literal(eps));
-    src = replace_all(src, "LOG2BASE", literal(std::log2(base)));
-    src = replace_all(src, "SCALE", literal(scale));
     return Spec{name, {{"qkv", dt}, {"qw", dt}, {"kw", dt}}, {{"q", dt}, {"k", dt}, {"v", dt}}, {"B", "L"},
-                {{"T", dt}, {"H", heads}, {"HKV", kv_heads}, {"D", head_dim}, {"HALF", half}},
-                std::string(kHeader) + kHeadNormRope, src};
+                consts, std::string(kHeader) + kHeadNormRope, constants(kQkvHeads)};
   });
   return run(name, text, {qkv, qw, kw},
              {{b, heads, l, head_dim}, {b, kv_heads, l, head_dim}, {b, kv_heads, l, head_dim}}, {dt, dt, dt},

@@ -31,12 +31,22 @@ bool available();
 // for it: MLX's operations run instead).
 std::string cache();
 
+// Whether attention over [B, H, L, D] heads in `dt` (not more kv heads than q heads) is MLX's
+// fused attention on this CUDA device, cuDNN's (bf16 or f16, a head size of a multiple of 8 up to
+// 128, Ampere on, more than one query), and not `attention` (more pairs than
+// kMaxAttentionPairs). cuDNN reads heads with any stride between tokens, writes its output in
+// q's layout, and skips the keys a causal mask blocks instead of reading a mask.
+bool cudnn_attends(mlx::core::Dtype dt, int b, int l, int heads, int head_dim);
+
 // The q, k and v heads of a fused projection `qkv` [B·L, (H + 2·Hkv)·D] (q heads, then k, then v),
 // as [B, H, L, D], [B, Hkv, L, D], [B, Hkv, L, D]: q and k heads RMS-normed (weights `qw`, `kw`
 // of [D]) then rotated (rotate-half, the first `dims` features, positions 0..L times `scale`,
 // frequencies 1 / base^(2i/dims)); v as it is. Rounding follows the unfused operations: the
-// norm's output is rounded to the compute dtype before the rotation. `std::nullopt` where the
-// kernel does not apply.
+// norm's output is rounded to the compute dtype before the rotation. Where cuDNN's attention
+// comes next (bf16 or f16, more (query, key) pairs than `attention` takes) the three are views:
+// q and k of token rows written by the kernel (heads side by side), v of `qkv` itself; then the
+// attention's output is token rows too, and merging its heads needs no copy. `std::nullopt`
+// where the kernels do not apply.
 std::optional<std::vector<mlx::core::array>> qkv_heads(const mlx::core::array& qkv,
                                                        const mlx::core::array& qw,
                                                        const mlx::core::array& kw, float eps,

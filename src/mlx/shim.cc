@@ -217,15 +217,21 @@ std::unique_ptr<ArrayList> qkv_heads(const array& qkv, const array& qw, const ar
 }
 ArrayPtr qkv_attention(const array& qkv, const array& qw, const array& kw, float eps, int32_t b,
                        int32_t l, int32_t heads, int32_t kv_heads, int32_t head_dim, int32_t dims,
-                       float base, float rope_scale, float attn_scale, const array& mask) {
+                       float base, float rope_scale, float attn_scale, const array& mask,
+                       bool causal) {
   if (auto fused = gpu_kernels::qkv_attention(qkv, qw, kw, eps, b, l, heads, kv_heads, head_dim,
                                               dims, base, rope_scale, attn_scale, mask)) {
     return own(std::move(*fused));
   }
   auto parts = qkv_heads(qkv, qw, kw, eps, b, l, heads, kv_heads, head_dim, dims, base, rope_scale);
-  auto a = scaled_dot_product_attention(parts->items[0], parts->items[1], parts->items[2],
-                                        attn_scale, mask);
-  return own(mx::reshape(mx::transpose(*a, {0, 2, 1, 3}), {b * l, heads * head_dim}));
+  const auto& [q, k, v] = std::tie(parts->items[0], parts->items[1], parts->items[2]);
+  // Right-padded rows under a causal mask: a real token's keys are the tokens up to it, all real,
+  // so cuDNN's causal mode (which skips the blocked keys rather than reading a mask) gives the
+  // same values there; padding tokens see other padding too, and are never pooled.
+  auto a = causal && gpu_kernels::cudnn_attends(qkv.dtype(), b, l, heads, head_dim)
+               ? mx::fast::scaled_dot_product_attention(q, k, v, attn_scale, "causal")
+               : *scaled_dot_product_attention(q, k, v, attn_scale, mask);
+  return own(mx::reshape(mx::transpose(a, {0, 2, 1, 3}), {b * l, heads * head_dim}));
 }
 ArrayPtr gated_halves(const array& gu, Activation act) {
   if (auto fused = gpu_kernels::gated_halves(gu, gpu_act(act))) {

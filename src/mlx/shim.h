@@ -103,9 +103,13 @@ std::unique_ptr<ArrayList> norm_matmul(const array& x, const ArrayList& y, const
                                        const array& rows, const array& rows_t, bool gated,
                                        Activation act);
 // qkv_heads, then attention with `mask` (additive, [B, 1, L, L]), heads merged: [B·L, H·D].
+// `causal`: the mask is causal over right-padded rows (a padding token sees at least itself);
+// then where cuDNN attends, its causal mode replaces the mask, and the values differ from the
+// mask's at padding tokens only.
 ArrayPtr qkv_attention(const array& qkv, const array& qw, const array& kw, float eps, int32_t b,
                        int32_t l, int32_t heads, int32_t kv_heads, int32_t head_dim, int32_t dims,
-                       float base, float rope_scale, float attn_scale, const array& mask);
+                       float base, float rope_scale, float attn_scale, const array& mask,
+                       bool causal);
 ArrayPtr scaled_dot_product_attention(const array& q, const array& k, const array& v, float scale,
                                       const array& mask);
 ArrayPtr quantized_matmul(const array& x, const array& w, const array& scales, const array& biases,

@@ -15,6 +15,10 @@ pub struct AttentionShape {
     pub kv_heads: i32,
     pub head_dim: i32,
     pub bias: bool,
+    /// The mask passed to [`Attention::forward`] is always
+    /// [`MaskKind::Causal`](crate::models::layers::MaskKind) (decoder models): large batches on a
+    /// CUDA device may then use cuDNN's causal mode instead of reading it.
+    pub causal: bool,
 }
 
 /// The q, k and v projections: three matmuls, or one whose output holds the three side by side.
@@ -79,7 +83,7 @@ impl Attention {
         // 3. Attention [B, H, L, D] (grouped KV heads broadcast), merge heads → [B·L, H·D].
         let attend = |qkv: Array| qkv.qkv_attention(
             &self.q_norm.weight, &self.k_norm.weight, self.q_norm.eps, (b, l), (sh.heads, sh.kv_heads, sh.head_dim),
-            sh.head_dim, (self.rope_base, self.rope_scale), self.scale, mask,
+            sh.head_dim, (self.rope_base, self.rope_scale), self.scale, mask, sh.causal,
         );
         let (x, a) = match &self.qkv {
             Qkv::Fused(proj) => {

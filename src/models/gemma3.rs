@@ -107,7 +107,9 @@ impl Gemma3 {
         let layer_types = layer_types(config_path, &c)?;
         let shape = AttentionShape {
             hidden: c.hidden_size, heads: c.num_attention_heads, kv_heads: c.num_key_value_heads,
-            head_dim: c.head_dim, bias: c.attention_bias,
+            // Its masks differ between layers (sliding windows; bidirectional in embedding
+            // checkpoints): each layer reads its own.
+            head_dim: c.head_dim, bias: c.attention_bias, causal: false,
         };
         let eps = c.rms_norm_eps;
         let head_norm = move |w: &mut Weights, m: &str, d: i32| norm(w, m, d, eps);

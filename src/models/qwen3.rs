@@ -79,7 +79,7 @@ impl Qwen3 {
         let rope = rope_for(config_path, raw, None, "rope_theta", 10000.0)?;
         let shape = AttentionShape {
             hidden: c.hidden_size, heads: c.num_attention_heads, kv_heads: c.num_key_value_heads,
-            head_dim, bias: c.attention_bias,
+            head_dim, bias: c.attention_bias, causal: true,
         };
         let eps = c.rms_norm_eps;
         let head_norm = move |w: &mut Weights, m: &str, d: i32| norm(w, m, d, eps);

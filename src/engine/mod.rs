@@ -572,8 +572,9 @@ impl Engine {
         match launched {
             Ok(launched) => {
                 let (build, submit) = launched.host_times();
-                tracing::debug!(model = %self.slots[m].name, rows = batch.len(), build_ms = build.as_secs_f64() * 1e3,
-                    submit_ms = submit.as_secs_f64() * 1e3, "batch launched");
+                let (padded_rows, padded_len) = launched.padded_shape();
+                tracing::debug!(model = %self.slots[m].name, rows = batch.len(), padded_rows, padded_len,
+                    build_ms = build.as_secs_f64() * 1e3, submit_ms = submit.as_secs_f64() * 1e3, "batch launched");
                 let fails = matches!(fault, Some(Fault::DelayThenFail(_)));
                 self.in_flight = Some(InFlight { model: m, batch, launched, fails })
             }
@@ -583,6 +584,7 @@ impl Engine {
 
     fn collect(&mut self, f: InFlight) {
         let InFlight { model: m, batch, launched, fails } = f;
+        let started = Instant::now();
         let result = match catch_unwind(AssertUnwindSafe(|| launched.collect())) {
             Ok(_) if fails => Err("injected fault".to_string()),
             Ok(r) => r.map_err(|e| e.to_string()),
@@ -593,6 +595,9 @@ impl Engine {
                 self.fail(m, &batch, format!("{} vectors for {} texts", vectors.len(), batch.len()))
             }
             Ok(vectors) => {
+                // Waiting for the device, then copying the vectors out.
+                tracing::debug!(model = %self.slots[m].name, rows = batch.len(),
+                    collect_ms = started.elapsed().as_secs_f64() * 1e3, "batch collected");
                 self.failures[m] = 0;
                 self.count(&batch);
                 self.record_memory();

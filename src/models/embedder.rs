@@ -298,6 +298,7 @@ impl EmbeddingModel {
         Ok(Launched {
             out,
             rows: batch.len(),
+            padded: (padded_rows, padded_len),
             overlaps: overlaps_next_launch(self.gpu, padded_rows, padded_len),
             build: built - started,
             submit: built.elapsed(),
@@ -541,6 +542,7 @@ impl CompiledShapes {
 pub struct Launched {
     out: Option<Array>,
     rows: usize,
+    padded: (usize, usize),
     overlaps: bool,
     build: Duration,
     submit: Duration,
@@ -553,6 +555,11 @@ impl Launched {
     /// it first answers its requests without waiting for the next batch's launch.
     pub fn overlaps(&self) -> bool {
         self.overlaps
+    }
+
+    /// The shape the batch runs at: rows × tokens, padding included.
+    pub fn padded_shape(&self) -> (usize, usize) {
+        self.padded
     }
 
     /// Host time spent building the batch's graph, then handing it to MLX to compute.

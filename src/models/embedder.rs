@@ -557,7 +557,8 @@ impl Launched {
         self.overlaps
     }
 
-    /// The shape the batch runs at: rows × tokens, padding included.
+    /// The batch's padded shape, rows × tokens (on the CPU a compiled encoder rounds the length
+    /// further; see `padded_shape`).
     pub fn padded_shape(&self) -> (usize, usize) {
         self.padded
     }

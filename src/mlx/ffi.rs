@@ -36,6 +36,14 @@ pub(crate) mod ffi {
         GeluTanh,
     }
 
+    /// A CUDA kernel kept in the compiled kernels' folder (`nvrtc::store`).
+    struct StoredKernel {
+        /// Whether it was compiled now (false: it was there).
+        compiled: bool,
+        /// Its image's file.
+        image: String,
+    }
+
     extern "Rust" {
         /// The Rust function a [`CompiledFn`] traces.
         type TraceFn;
@@ -229,8 +237,7 @@ pub(crate) mod ffi {
         fn cache_memory() -> usize;
 
         // ---- the CUDA kernels' compiler (nvrtc.h)
-        fn nvrtc_store(library: &str, dir: &str, name: &str, source: &str, arch: &str) -> Result<bool>;
-        fn nvrtc_stored_image(library: &str, dir: &str, name: &str, source: &str, arch: &str) -> Result<String>;
+        fn nvrtc_store(library: &str, dir: &str, name: &str, source: &str, arch: &str) -> Result<StoredKernel>;
         fn cuda_kernel_cache() -> String;
     }
 }

@@ -172,8 +172,8 @@ const Spec kProbe{"mlx_embed_probe", {{"x", mx::float32}}, {{"out", mx::float32}
 // for one is never read).
 bool mlx_reads(const Compiler& c, const std::filesystem::path& dir) {
   const auto source = assemble(kProbe);
-  nvrtc::store(*c.nvrtc, dir, kProbe.name, source, c.arch);
-  auto out = mx::fast::precompiled_cuda_kernel(kProbe.name, nvrtc::handle(*c.nvrtc, kProbe.name, source, c.arch),
+  const auto stored = nvrtc::store(*c.nvrtc, dir, kProbe.name, source, c.arch);
+  auto out = mx::fast::precompiled_cuda_kernel(kProbe.name, stored.handle,
                                                {mx::array(1.5f)}, {{1}}, {mx::float32}, {2}, {1, 1, 1},
                                                {1, 1, 1}, 0, std::nullopt, true, mx::Device::gpu)[0];
   mx::eval(out);
@@ -228,8 +228,7 @@ const std::string& prepared(const std::string& key, Make make) {
     std::string text;
     if (!c.dir.empty()) {
       try {
-        nvrtc::store(*c.nvrtc, c.dir, spec.name, source, c.arch);
-        text = nvrtc::handle(*c.nvrtc, spec.name, source, c.arch);
+        text = nvrtc::store(*c.nvrtc, c.dir, spec.name, source, c.arch).handle;
       } catch (const std::filesystem::filesystem_error&) {
         // The folder cannot be written now: this kernel's image is handed over.
       }

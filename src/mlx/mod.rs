@@ -101,7 +101,6 @@ pub fn cuda_kernel_cache() -> String {
 /// it is there: whether it compiled, and the image's file. Needs no GPU.
 pub fn compile_cuda_kernel(library: &std::path::Path, dir: &std::path::Path, name: &str, source: &str, arch: &str) -> Result<(bool, std::path::PathBuf)> {
     let (lib, dir) = (library.to_string_lossy(), dir.to_string_lossy());
-    let compiled = ffi::ffi::nvrtc_store(&lib, &dir, name, source, arch)?;
-    let image = ffi::ffi::nvrtc_stored_image(&lib, &dir, name, source, arch)?;
-    Ok((compiled, image.into()))
+    let stored = ffi::ffi::nvrtc_store(&lib, &dir, name, source, arch)?;
+    Ok((stored.compiled, stored.image.into()))
 }

@@ -10,6 +10,8 @@
 #include <cstdlib>
 #include <fstream>
 #include <functional>
+#include <map>
+#include <mutex>
 #include <stdexcept>
 #include <type_traits>
 
@@ -86,6 +88,10 @@ const Library* loaded() {
 }
 
 const Library* open(const std::string& path) {
+  static std::mutex mutex;
+  static std::map<std::string, const Library*> opened;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (auto it = opened.find(path); it != opened.end()) return it->second;
   const fs::path lib_path(path);
   std::error_code ec;
   for (const auto& entry : fs::directory_iterator(lib_path.parent_path(), ec)) {
@@ -97,6 +103,7 @@ const Library* open(const std::string& path) {
   if (!handle) throw std::runtime_error("cannot load NVRTC from " + path + ": " + dlerror());
   const Library* lib = resolve(handle);
   if (!lib) throw std::runtime_error(path + " lacks NVRTC's functions");
+  opened.emplace(path, lib);
   return lib;
 }
 
@@ -144,20 +151,22 @@ fs::path cached_image(const fs::path& dir, const std::string& name, const std::s
   return dir / (name + "_" + hex(std::hash<std::string>{}(text)) + ".ptx");
 }
 
-bool store(const Library& nvrtc, const fs::path& dir, const std::string& name, const std::string& source,
-           const std::string& arch) {
-  const fs::path image_path = cached_image(dir, name, handle(nvrtc, name, source, arch));
-  fs::path names_path = image_path;
+Stored store(const Library& nvrtc, const fs::path& dir, const std::string& name, const std::string& source,
+             const std::string& arch) {
+  Stored stored{handle(nvrtc, name, source, arch), {}, false};
+  stored.image = cached_image(dir, name, stored.handle);
+  fs::path names_path = stored.image;
   names_path.replace_extension(".txt");
   std::error_code ec;
-  const auto size = fs::file_size(image_path, ec);
-  if (!ec && size > 0 && fs::exists(names_path, ec)) return false;
+  const auto size = fs::file_size(stored.image, ec);
+  if (!ec && size > 0 && fs::exists(names_path, ec)) return stored;
   const std::string image = compile(nvrtc, source, arch);
   fs::create_directories(dir);
   // The names first: MLX takes the image's presence to mean both are there.
   write_file(names_path, name + "\t" + name + "\n");
-  write_file(image_path, image);
-  return true;
+  write_file(stored.image, image);
+  stored.compiled = true;
+  return stored;
 }
 
 fs::path mlx_cache_dir() {

@@ -31,7 +31,7 @@ struct Library {
 const Library* loaded();
 
 // NVRTC from the shared library at `path` (its builtins, `libnvrtc-builtins.so.*` beside it,
-// loaded first); throws where it cannot be loaded. Never unloaded.
+// loaded first), loaded once per path; throws where it cannot be loaded. Never unloaded.
 const Library* open(const std::string& path);
 
 // The image of `source` (one `extern "C"` kernel) compiled for `arch` (e.g. "sm_90a"); throws
@@ -47,12 +47,20 @@ std::string handle(const Library& nvrtc, const std::string& name, const std::str
 std::filesystem::path cached_image(const std::filesystem::path& dir, const std::string& name,
                                    const std::string& text);
 
+// A kernel kept in the folder: the text MLX is handed for it (`handle`), its image's file, and
+// whether `store` compiled it (false: it was there).
+struct Stored {
+  std::string handle;
+  std::filesystem::path image;
+  bool compiled;
+};
+
 // Compiles `source` for `arch` into `dir` under `handle(nvrtc, name, source, arch)` unless it is
-// there already; returns whether it compiled. Each file is written under a temporary name and
-// renamed, so another process never reads half of one. Throws `std::filesystem::filesystem_error`
-// where the folder cannot be written, `std::runtime_error` where the source does not compile.
-bool store(const Library& nvrtc, const std::filesystem::path& dir, const std::string& name,
-           const std::string& source, const std::string& arch);
+// there already. Each file is written under a temporary name and renamed, so another process
+// never reads half of one. Throws `std::filesystem::filesystem_error` where the folder cannot be
+// written, `std::runtime_error` where the source does not compile.
+Stored store(const Library& nvrtc, const std::filesystem::path& dir, const std::string& name,
+             const std::string& source, const std::string& arch);
 
 // MLX's cache folder: `MLX_PTX_CACHE_DIR`, or `mlx/{version}/ptx` in the temporary folder (as
 // mlx/backend/cuda/jit_module.cpp chooses it).

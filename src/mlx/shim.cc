@@ -357,16 +357,10 @@ size_t active_memory() { return mx::get_active_memory(); }
 size_t peak_memory() { return mx::get_peak_memory(); }
 size_t cache_memory() { return mx::get_cache_memory(); }
 
-bool nvrtc_store(rust::Str library, rust::Str dir, rust::Str name, rust::Str source, rust::Str arch) {
-  return nvrtc::store(*nvrtc::open(std::string(library)), std::string(dir), std::string(name),
-                      std::string(source), std::string(arch));
-}
-rust::String nvrtc_stored_image(rust::Str library, rust::Str dir, rust::Str name, rust::Str source,
-                                rust::Str arch) {
-  const auto& lib = *nvrtc::open(std::string(library));
-  const std::string n(name);
-  return nvrtc::cached_image(std::string(dir), n, nvrtc::handle(lib, n, std::string(source), std::string(arch)))
-      .string();
+StoredKernel nvrtc_store(rust::Str library, rust::Str dir, rust::Str name, rust::Str source, rust::Str arch) {
+  const auto stored = nvrtc::store(*nvrtc::open(std::string(library)), std::string(dir), std::string(name),
+                                   std::string(source), std::string(arch));
+  return StoredKernel{stored.compiled, stored.image.string()};
 }
 rust::String cuda_kernel_cache() { return gpu_kernels::cache(); }
 

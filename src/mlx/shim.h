@@ -135,9 +135,8 @@ size_t active_memory();
 size_t peak_memory();
 size_t cache_memory();
 
-bool nvrtc_store(rust::Str library, rust::Str dir, rust::Str name, rust::Str source, rust::Str arch);
-rust::String nvrtc_stored_image(rust::Str library, rust::Str dir, rust::Str name, rust::Str source,
-                                rust::Str arch);
+struct StoredKernel;
+StoredKernel nvrtc_store(rust::Str library, rust::Str dir, rust::Str name, rust::Str source, rust::Str arch);
 rust::String cuda_kernel_cache();
 
 }  // namespace mlx_embed

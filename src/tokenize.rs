@@ -139,7 +139,13 @@ impl TextTokenizer {
         Ok(Encoded { ids, truncated })
     }
 
+    /// Tokens the tokenizer knows, added tokens included.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
+    }
+
+    /// The text of token `id`, if the tokenizer has it.
+    pub fn token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
     }
 }

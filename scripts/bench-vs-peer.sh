@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Ours and the PyTorch peer in one run on one machine, on synthetic checkpoints with the real
-# shapes of Qwen3-Embedding-0.6B and EmbeddingGemma-300m (`mlx-embed synth`):
+# shapes of Qwen3-Embedding-0.6B and EmbeddingGemma-300m (`mlx-embed synth`), or on the real
+# EmbeddingGemma-300m (GEMMA_DIR):
 #   - `mlx-embed serve` loaded over gRPC on loopback by `mlx-embed bench`: one client sending
 #     single short queries; open-loop single queries at a fixed rate; 128-256-token documents
 #     at saturation;
@@ -14,7 +15,9 @@
 # BATCH_TOKENS (16384), BATCH_SIZE (64), MAX_WAIT (2ms), IDLE_SPIN (unset: 0s) and
 # COMPILE_MIN_TOKENS (the default), PEER (1; 0 skips the peer), PYTHON (python3; with torch,
 # transformers, sentence-transformers), STAGES (1: the server logs each call's stage times as
-# JSON and OUT/stages.txt gets their P50 / P95 per run, from scripts/stage-times.py).
+# JSON and OUT/stages.txt gets their P50 / P95 per run, from scripts/stage-times.py), GEMMA_DIR
+# (a real EmbeddingGemma-300m folder, e.g. from scripts/fetch-embeddinggemma.py, instead of the
+# synthetic one).
 set -euo pipefail
 bin=$1 out=$2
 mkdir -p "$out"
@@ -31,8 +34,10 @@ else
 fi
 
 synth=${SYNTH_DIR:-/tmp/synth}
-# shellcheck disable=SC2086
-"$(dirname "$0")/synth-models.sh" "$bin" "$synth" "$DTYPE" $MODELS 2>&1 | tee -a "$out/server.log"
+model_dir() { if [ "$1" = gemma ] && [ -n "${GEMMA_DIR:-}" ]; then echo "$GEMMA_DIR"; else echo "$synth/$1"; fi; }
+to_synth=()
+for m in $MODELS; do [ "$(model_dir "$m")" != "$synth/$m" ] || to_synth+=("$m"); done
+[ ${#to_synth[@]} = 0 ] || "$(dirname "$0")/synth-models.sh" "$bin" "$synth" "$DTYPE" "${to_synth[@]}" 2>&1 | tee -a "$out/server.log"
 config=/tmp/bench-config.yaml
 cat > "$config" <<EOF
 limits: {max_concurrent_requests: 4096, max_items_per_request: 512}
@@ -41,7 +46,7 @@ metrics: {listen: 127.0.0.1:9464}
 models:
 EOF
 for m in $MODELS; do
-  echo "  - {name: $m, source: $synth/$m, dtype: $DTYPE, device: $DEVICE${COMPILE_MIN_TOKENS:+, compile_min_tokens: $COMPILE_MIN_TOKENS}}" >> "$config"
+  echo "  - {name: $m, source: $(model_dir "$m"), dtype: $DTYPE, device: $DEVICE${COMPILE_MIN_TOKENS:+, compile_min_tokens: $COMPILE_MIN_TOKENS}}" >> "$config"
 done
 
 scrape() { python3 -c "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9464/metrics').read().decode())"; }
@@ -86,6 +91,6 @@ for m in $MODELS; do
   [ "${PEER:-1}" = 1 ] || break
   echo "== peer $m"
   peer_device=cpu; [ "$DEVICE" != gpu ] || peer_device=cuda
-  "$PYTHON" "$(dirname "$0")/peer_bench.py" --model-dir "$synth/$m" --device "$peer_device" --dtype "$DTYPE" \
+  "$PYTHON" "$(dirname "$0")/peer_bench.py" --model-dir "$(model_dir "$m")" --device "$peer_device" --dtype "$DTYPE" \
     --batch "$PEER_BATCH" --seconds "$PEER_SECONDS" --json "$results" 2>&1 | grep -v -E "Loading weights|deprecated" || true
 done

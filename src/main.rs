@@ -110,8 +110,12 @@ struct ProfileArgs {
 #[derive(clap::Args)]
 struct SynthArgs {
     /// qwen3-embedding-0.6b or embeddinggemma-300m.
+    #[arg(long, required_unless_present = "from_config", conflicts_with = "from_config")]
+    model: Option<String>,
+    /// A folder with a real checkpoint's config.json and sentence-transformers files (no
+    /// weights): the model written has exactly the shapes they declare, and those files.
     #[arg(long)]
-    model: String,
+    from_config: Option<PathBuf>,
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Stored precision of the weights.
@@ -505,17 +509,23 @@ fn profile(args: ProfileArgs) -> Result<()> {
 
 fn synth(args: SynthArgs) -> Result<()> {
     use mlx_embed::synthetic::{self, Blueprint, Precision};
-    let Some(blueprint) = Blueprint::parse(&args.model) else {
-        let names: Vec<&str> = Blueprint::ALL.iter().map(|(n, _)| *n).collect();
-        bail!("unknown model `{}`; one of: {}", args.model, names.join(", "));
-    };
     let precision = match args.dtype {
         SynthDtype::Bf16 => Precision::Bf16,
         SynthDtype::F32 => Precision::F32,
     };
     let started = std::time::Instant::now();
-    let written = synthetic::write(blueprint, &args.out, args.seed, precision)
-        .with_context(|| format!("writing {}", args.out.display()))?;
+    let written = match (&args.model, &args.from_config) {
+        (_, Some(source)) => synthetic::write_from_config(source, &args.out, args.seed, precision),
+        (Some(model), None) => {
+            let Some(blueprint) = Blueprint::parse(model) else {
+                let names: Vec<&str> = Blueprint::ALL.iter().map(|(n, _)| *n).collect();
+                bail!("unknown model `{model}`; one of: {}", names.join(", "));
+            };
+            synthetic::write(blueprint, &args.out, args.seed, precision)
+        }
+        (None, None) => unreachable!("clap requires --model or --from-config"),
+    }
+    .with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!(
         "wrote {} ({} parameters, {:.1} MB) in {:.1?}",
         args.out.display(),

@@ -97,6 +97,86 @@ pub fn write(blueprint: Blueprint, dir: &Path, seed: u64, precision: Precision) 
     Ok(written)
 }
 
+/// Writes the model folder `dir` for a real checkpoint's metadata in `source` (config.json and
+/// the sentence-transformers files, no weights): every JSON file of `source` copied as it is, random
+/// weights from `seed` of exactly the shapes its config.json and Dense configs declare, and a small
+/// tokenizer with the special tokens of its architecture. What a user downloads, but for the
+/// weights' values and the tokenizer's size.
+pub fn write_from_config(source: &Path, dir: &Path, seed: u64, precision: Precision) -> std::io::Result<Written> {
+    let invalid = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {m}", source.join("config.json").display()));
+    let config: Value = serde_json::from_slice(&fs::read(source.join("config.json"))?).map_err(|e| invalid(e.to_string()))?;
+    let int = |key: &str| config.get(key).and_then(Value::as_u64).map(|v| v as usize).ok_or_else(|| invalid(format!("`{key}` missing or not a count")));
+    let (base, norms, norm_init, default_head_dim): (_, &[&str], _, _) = match config.get("model_type").and_then(Value::as_str) {
+        Some("qwen3") => (Blueprint::Qwen3Embedding06B, &["input_layernorm", "post_attention_layernorm"], 1.0, None),
+        Some("gemma3_text") => (
+            Blueprint::EmbeddingGemma300M,
+            &["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"],
+            0.0,
+            Some(256),
+        ),
+        other => return Err(invalid(format!("model_type {other:?}: synth writes qwen3 and gemma3_text"))),
+    };
+    if config.get("quantization").is_some_and(|q| !q.is_null()) {
+        return Err(invalid("quantized checkpoints are not written by synth (only f32/bf16 weights)".into()));
+    }
+    let (hidden, layers, heads, kv, inter, vocab) = (int("hidden_size")?, int("num_hidden_layers")?,
+        int("num_attention_heads")?, int("num_key_value_heads")?, int("intermediate_size")?, int("vocab_size")?);
+    let head_dim = match config.get("head_dim").filter(|v| !v.is_null()) {
+        Some(_) => int("head_dim")?,
+        None => default_head_dim.unwrap_or(hidden / heads.max(1)),
+    };
+    let mut tensors = decoder_tensors(hidden, layers, heads, kv, head_dim, inter, vocab, norms, norm_init);
+    tensors.push(Tensor { name: "norm.weight".into(), shape: vec![hidden], init: Init::Constant(norm_init) });
+    let spec = Spec { config, hidden, vocab, tensors, ..Spec::of(base) };
+    if let Some((token, id)) = spec.specials.iter().find(|(_, id)| *id >= vocab) {
+        return Err(invalid(format!("vocab_size {vocab} leaves no room for `{token}` (id {id})")));
+    }
+
+    fs::create_dir_all(dir)?;
+    copy_json_files(source, dir)?;
+    json_file(&dir.join("tokenizer.json"), &tokenizer(&spec, seed))?;
+    if !dir.join("tokenizer_config.json").exists() {
+        json_file(&dir.join("tokenizer_config.json"), &spec.tokenizer_config)?;
+    }
+    let mut rng = Normal::new(seed);
+    let mut written = safetensors(&dir.join("model.safetensors"), &spec.tensors, precision, &mut rng)?;
+    // Dense modules: every folder whose config.json declares a linear layer.
+    let mut folders: Vec<_> = fs::read_dir(source)?.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).collect();
+    folders.sort();
+    for folder in folders {
+        let Ok(text) = fs::read(folder.join("config.json")) else { continue };
+        let dense: Value = serde_json::from_slice(&text).map_err(|e| invalid(e.to_string()))?;
+        let (Some(input), Some(output)) = (dense.get("in_features").and_then(Value::as_u64), dense.get("out_features").and_then(Value::as_u64)) else {
+            continue;
+        };
+        let (input, output) = (input as usize, output as usize);
+        let mut head = vec![Tensor { name: "linear.weight".into(), shape: vec![output, input], init: Init::Normal }];
+        if dense.get("bias").and_then(Value::as_bool).unwrap_or(true) {
+            head.push(Tensor { name: "linear.bias".into(), shape: vec![output], init: Init::Normal });
+        }
+        let out = dir.join(folder.file_name().expect("a folder read from a directory has a name"));
+        let w = safetensors(&out.join("model.safetensors"), &head, precision, &mut rng)?;
+        written.parameters += w.parameters;
+        written.bytes += w.bytes;
+    }
+    Ok(written)
+}
+
+/// Copies the JSON files of `from` and of its sub-folders, byte for byte.
+fn copy_json_files(from: &Path, to: &Path) -> std::io::Result<()> {
+    for entry in fs::read_dir(from)? {
+        let path = entry?.path();
+        let dst = to.join(path.file_name().expect("a path read from a directory has a name"));
+        if path.is_dir() {
+            fs::create_dir_all(&dst)?;
+            copy_json_files(&path, &dst)?;
+        } else if path.extension().is_some_and(|e| e == "json") {
+            fs::copy(&path, &dst)?;
+        }
+    }
+    Ok(())
+}
+
 /// The tokenizer.json that [`write`] puts in the folder.
 pub fn tokenizer_json(blueprint: Blueprint, seed: u64) -> String {
     serde_json::to_string(&tokenizer(&Spec::of(blueprint), seed)).expect("JSON values serialize")

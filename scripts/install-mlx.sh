@@ -1,20 +1,34 @@
 #!/usr/bin/env bash
-# Installs MLX's official wheel (pinned) into $MLX_DIR (default .mlx): headers and libmlx.so.
-# On Linux it also puts Debian's OpenBLAS behind the wheel's bundled reference BLAS/LAPACK names
-# (the bundled reference BLAS is about 100x slower on matmul).
+# Installs MLX's official wheel (pinned) into $MLX_DIR (default .mlx): the C++ headers
+# (mlx/include) and libmlx (mlx/lib), which build.rs compiles and links the bridge against.
+#   - Linux: mlx-cpu (or the wheel named), libmlx.so; Debian's OpenBLAS is put behind the wheel's
+#     bundled reference BLAS/LAPACK names (the bundled reference BLAS is about 100x slower on matmul).
+#   - macOS on Apple Silicon: mlx-metal, which carries MLX's C++ side: the headers, libmlx.dylib
+#     (install name @rpath/libmlx.dylib) and mlx.metallib beside it, where libmlx looks for its
+#     Metal kernels first (in the folder of the libmlx.dylib it was loaded from). The `mlx` wheel
+#     holds only the Python extension and has none of these. The wheel is taken for
+#     macosx_14_0_arm64 whatever the Python is: it is a carrier of C++ files, and Apple's own
+#     python3 (3.9) is older than the wheel's Requires-Python.
 #
-#   scripts/install-mlx.sh [WHEEL]   WHEEL: mlx-cpu (Linux default), mlx (macOS), mlx-cuda-13
+#   scripts/install-mlx.sh [WHEEL]   WHEEL: mlx-cpu (Linux default), mlx-metal (macOS default),
+#                                    mlx-cuda-13 (Linux)
 #
-# Used by scripts/setup.sh and the container builds (deploy/docker/). Idempotent.
+# Used by scripts/setup.sh and the container builds (deploy/docker/), and run by tests/platforms.rs
+# as a Mac would run it. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MLX_VERSION=0.32.4
 MLX_DIR=${MLX_DIR:-$PWD/.mlx}
 
-case "$(uname -s)" in
-  Linux)  wheel=${1:-mlx-cpu} ;;
-  Darwin) wheel=${1:-mlx} ;;
-  *) echo "install-mlx: unsupported OS $(uname -s)" >&2; exit 1 ;;
+os=$(uname -s)
+case "$os-$(uname -m)" in
+  Linux-*) wheel=${1:-mlx-cpu}; pick=() ;;
+  Darwin-arm64) wheel=${1:-mlx-metal}; pick=(--platform macosx_14_0_arm64 --ignore-requires-python) ;;
+  Darwin-*)
+    echo "install-mlx: MLX's Metal wheels are for Apple Silicon (arm64) only, not $(uname -m)" \
+      "(a shell under Rosetta reports x86_64: run it natively)" >&2
+    exit 1 ;;
+  *) echo "install-mlx: unsupported OS $os" >&2; exit 1 ;;
 esac
 libs_dir=${wheel//-/_}.libs
 
@@ -23,11 +37,15 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$wheel==$MLX_VERSION" ]; then
   echo "install-mlx: installing $wheel==$MLX_VERSION into $MLX_DIR"
   rm -rf "$MLX_DIR"
   python3 -m pip install -q --disable-pip-version-check --no-deps --only-binary=:all: \
-    --target "$MLX_DIR" "$wheel==$MLX_VERSION"
+    --target "$MLX_DIR" ${pick[@]+"${pick[@]}"} "$wheel==$MLX_VERSION"
+  if [ "$os" = Darwin ] && [ ! -e "$MLX_DIR/mlx/lib/mlx.metallib" ]; then
+    echo "install-mlx: $wheel has no mlx/lib/mlx.metallib next to libmlx.dylib: MLX would find no Metal kernels" >&2
+    exit 1
+  fi
   echo "$wheel==$MLX_VERSION" > "$stamp"
 fi
 
-if [ "$(uname -s)" = Linux ]; then
+if [ "$os" = Linux ]; then
   multiarch=$(gcc -print-multiarch 2>/dev/null || dpkg-architecture -qDEB_HOST_MULTIARCH 2>/dev/null || echo x86_64-linux-gnu)
   openblas=/usr/lib/$multiarch/openblas-pthread
   if [ ! -e "$openblas/libblas.so.3" ]; then

@@ -4,8 +4,8 @@
 //! passes `systemd-analyze verify` without a warning and scores as hardened; the launchd plist
 //! parses; the Dockerfiles pass hadolint and copy only what the build context has. Each validator
 //! is also shown a broken file and must reject it. Command lines in the files parse with the real
-//! binary.
-#![cfg(target_os = "linux")]
+//! binary. On macOS the same validators run (Homebrew's kubectl), except systemd-analyze, which
+//! only Linux has: those checks say so and pass.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -30,7 +30,7 @@ fn text(out: &Output) -> String {
 
 /// `kubectl kustomize` of an overlay, as YAML documents.
 fn render(overlay: &str) -> String {
-    let out = run(Command::new(tool("kubectl/usr/bin/kubectl")).arg("kustomize").arg(root().join("deploy/kubernetes/overlays").join(overlay)));
+    let out = run(Command::new(tool("bin/kubectl")).arg("kustomize").arg(root().join("deploy/kubernetes/overlays").join(overlay)));
     assert!(out.status.success(), "{overlay}: {}", text(&out));
     String::from_utf8(out.stdout).unwrap()
 }
@@ -172,8 +172,20 @@ fn verify(unit: &Path) -> (bool, String) {
     (out.status.success(), text(&out))
 }
 
+/// systemd-analyze is Linux's: elsewhere the systemd checks print why they check nothing.
+fn no_systemd_here() -> bool {
+    let absent = !cfg!(target_os = "linux");
+    if absent {
+        eprintln!("skipped on {}: systemd-analyze is only on Linux", std::env::consts::OS);
+    }
+    absent
+}
+
 #[test]
 fn the_systemd_unit_verifies_cleanly_and_is_hardened_with_and_without_the_gpu_drop_in() {
+    if no_systemd_here() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let gpu = std::fs::read_to_string(root().join("deploy/systemd/gpu.conf")).unwrap();
     for (name, extra) in [("mlx-embed.service", String::new()), ("mlx-embed-gpu.service", format!("\n{gpu}"))] {
@@ -194,6 +206,9 @@ fn the_systemd_unit_verifies_cleanly_and_is_hardened_with_and_without_the_gpu_dr
 
 #[test]
 fn systemd_analyze_reports_a_mistyped_setting_and_an_unhardened_unit() {
+    if no_systemd_here() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let unit = unit_copy(dir.path(), "typo.service", "");
     let typo = std::fs::read_to_string(&unit).unwrap().replace("NoNewPrivileges=yes", "NoNewPrivilege=yes");

@@ -622,9 +622,11 @@ fn copying_out_a_submitted_array_does_not_wait_for_work_submitted_after_it() {
 /// every compute dtype, put together as the service puts them together
 /// (scripts/check-cuda-kernels.py): the service compiles them only when a model first runs on an
 /// NVIDIA GPU, which these machines lack.
-#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 #[test]
 fn the_cuda_kernels_compile_for_nvidia_gpus() {
+    if no_nvrtc_here() {
+        return;
+    }
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = std::process::Command::new("python3")
         .arg(root.join("scripts/check-cuda-kernels.py"))
@@ -652,8 +654,17 @@ fn the_cuda_kernels_compile_for_nvidia_gpus() {
     }
 }
 
+/// NVIDIA ships NVRTC for Linux x86_64 here (scripts/setup.sh); elsewhere the checks that need it
+/// print why they check nothing.
+fn no_nvrtc_here() -> bool {
+    let absent = !cfg!(all(target_os = "linux", target_arch = "x86_64"));
+    if absent {
+        eprintln!("skipped on {}-{}: NVRTC is installed on Linux x86_64 only", std::env::consts::OS, std::env::consts::ARCH);
+    }
+    absent
+}
+
 /// The NVRTC library scripts/setup.sh installs for the checks above.
-#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 fn nvrtc_library() -> std::path::PathBuf {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let lib = root.join(".tools/nvrtc/nvidia/cu13/lib");
@@ -669,9 +680,11 @@ fn nvrtc_library() -> std::path::PathBuf {
 /// there the second time, a different source under a different file, no temporary file left;
 /// a source that does not compile is an error carrying NVRTC's log, and so is a folder that
 /// cannot be made.
-#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 #[test]
 fn cuda_kernels_are_compiled_once_into_the_cache_folder() {
+    if no_nvrtc_here() {
+        return;
+    }
     let lib = nvrtc_library();
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("ptx");

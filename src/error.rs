@@ -37,6 +37,9 @@ pub enum Error {
     /// The request's deadline passed.
     #[error("{0}")]
     DeadlineExceeded(String),
+    /// A message over `limits.max_message_bytes` (retrying the same call cannot help).
+    #[error("{0}")]
+    TooLarge(String),
     /// Something failed inside the service (an inference error, a panic).
     #[error("{0}")]
     Internal(String),
@@ -94,6 +97,7 @@ impl From<Error> for tonic::Status {
                 ErrorDetails::with_retry_info(Some(std::time::Duration::from_millis(100))),
             ),
             Error::DeadlineExceeded(_) => tonic::Status::deadline_exceeded(message),
+            Error::TooLarge(_) => tonic::Status::resource_exhausted(message),
             Error::ModelFile { .. }
             | Error::ModelField { .. }
             | Error::Tensor { .. }

@@ -159,9 +159,18 @@ pub struct Limits {
     pub request_timeout: Duration,
     /// Longest text (or instruction) accepted, in bytes of UTF-8.
     pub max_text_bytes: usize,
-    /// Texts per second one EmbedStream may send (beyond a one-second burst its messages are
-    /// read more slowly; nothing is refused). `null`: no limit.
+    /// Texts per second one EmbedStream may send (beyond a one-second burst its messages wait
+    /// their turn; nothing is refused). `null`: no limit.
     pub max_stream_items_per_second: Option<u32>,
+    /// Bytes of messages one EmbedStream may have sent ahead of their answers (each message counted
+    /// as its encoded size plus 256). The server reads a stream's messages as they arrive, so that
+    /// HTTP/2's guard against floods of small frames never closes the connection; a stream that
+    /// runs further ahead is ended with RESOURCE_EXHAUSTED after the answers before it.
+    pub max_stream_pending_bytes: usize,
+    /// An EmbedStream with no answer owed that sends nothing for this long is ended with
+    /// DEADLINE_EXCEEDED, freeing its place among `max_concurrent_requests`.
+    #[serde(with = "duration")]
+    pub stream_idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -173,6 +182,8 @@ impl Default for Limits {
             request_timeout: Duration::from_secs(30),
             max_text_bytes: 1 << 20,
             max_stream_items_per_second: None,
+            max_stream_pending_bytes: 64 << 20,
+            stream_idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -322,6 +333,7 @@ impl Config {
             ("limits.max_concurrent_requests", self.limits.max_concurrent_requests),
             ("limits.max_text_bytes", self.limits.max_text_bytes),
             ("limits.max_stream_items_per_second", self.limits.max_stream_items_per_second.map_or(1, |r| r as usize)),
+            ("limits.max_stream_pending_bytes", self.limits.max_stream_pending_bytes),
             ("batching.max_batch_tokens", self.batching.max_batch_tokens),
             ("batching.max_batch_size", self.batching.max_batch_size),
             ("batching.max_queue", self.batching.max_queue),
@@ -333,6 +345,9 @@ impl Config {
             return Err(("limits.max_items_per_request".into(), format!(
                 "{} exceeds batching.max_queue ({}): such a request could never be queued",
                 self.limits.max_items_per_request, self.batching.max_queue)));
+        }
+        if self.limits.stream_idle_timeout.is_zero() {
+            return Err(("limits.stream_idle_timeout".into(), "must be greater than 0".into()));
         }
         if self.limits.request_timeout.is_zero() {
             return Err(("limits.request_timeout".into(), "must be greater than 0".into()));

@@ -22,3 +22,5 @@ pub mod observe;
 pub mod service;
 #[cfg(feature = "server")]
 pub mod server;
+#[cfg(feature = "server")]
+pub mod stream;

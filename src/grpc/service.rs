@@ -15,6 +15,7 @@ use crate::grpc::admission::{Arrived, Drain};
 use crate::grpc::convert;
 use crate::grpc::observe::{self, Timings};
 use crate::grpc::pb::{self, embedding_service_server::EmbeddingService};
+use crate::grpc::stream::{read_ahead, ReadAhead};
 use crate::models::Preprocessor;
 use crate::registry::Origin;
 
@@ -37,6 +38,7 @@ struct Inner {
     max_text_bytes: usize,
     /// Texts per second of one EmbedStream.
     stream_rate: Option<u32>,
+    stream_read_ahead: ReadAhead,
     drain: Drain,
 }
 
@@ -51,6 +53,10 @@ impl Service {
                 request_timeout: config.limits.request_timeout,
                 max_text_bytes: config.limits.max_text_bytes,
                 stream_rate: config.limits.max_stream_items_per_second,
+                stream_read_ahead: ReadAhead {
+                    max_pending: config.limits.max_stream_pending_bytes,
+                    idle_timeout: config.limits.stream_idle_timeout,
+                },
                 drain,
             }),
         }
@@ -237,11 +243,12 @@ impl EmbeddingService for Service {
         let inner = Arc::clone(&self.inner);
         let rate = self.inner.stream_rate;
         let mut next = Instant::now();
-        let answers = req.into_inner()
-            // Reading waits while the stream is over its rate: HTTP/2 flow control holds the client.
+        let (queue, ledger) = read_ahead(req.into_inner(), self.inner.stream_read_ahead);
+        let answers = queue
+            // Paced after reading (reading waits for nothing: see `grpc::stream`).
             .then(move |r| {
                 let wait = match (&r, rate) {
-                    (Ok(m), Some(rate)) => pace(&mut next, Instant::now(), m.items.len(), rate),
+                    (Ok(q), Some(rate)) => pace(&mut next, Instant::now(), q.request.items.len(), rate),
                     _ => Duration::ZERO,
                 };
                 async move {
@@ -252,16 +259,21 @@ impl EmbeddingService for Service {
             .map(move |r| {
                 let inner = Arc::clone(&inner);
                 async move {
-                    let r = r?;
+                    let q = r?;
                     if inner.drain.is_draining() {
                         return Err(Status::from(Drain::refusal()));
                     }
-                    let call = inner.call("EmbedStream", &Request::new(()), &r.model, &r.request_id);
-                    let result = inner.within_deadline(Deadline::none(), inner.embed(r)).await;
-                    call.finish(result.map(|(r, t)| (r, Some(t))).map_err(Status::from)).map(Response::into_inner)
+                    let call = inner.call("EmbedStream", &Request::new(()), &q.request.model, &q.request.request_id);
+                    let result = inner.within_deadline(Deadline::none(), inner.embed(q.request)).await;
+                    let answer = call.finish(result.map(|(r, t)| (r, Some(t))).map_err(Status::from)).map(Response::into_inner);
+                    Ok((answer?, q.cost))
                 }
             })
-            .buffered(STREAM_PIPELINE);
+            .buffered(STREAM_PIPELINE)
+            .map(move |r| r.map(|(answer, cost)| {
+                ledger.answered(cost);
+                answer
+            }));
         Ok(Response::new(Box::pin(answers)))
     }
 

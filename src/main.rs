@@ -342,7 +342,7 @@ fn load_api_keys(auth: &mlx_embed::config::AuthConfig, base: &Path) -> Result<Ve
     if let Some(file) = &auth.api_keys_file {
         let path = base.join(file);
         let text = std::fs::read_to_string(&path).with_context(|| format!("auth.api_keys_file: cannot read {}", path.display()))?;
-        keys.extend(mlx_embed::config::parse_key_file(&text));
+        keys.extend(mlx_embed::grpc::auth::parse_key_file(&text));
     }
     if let Some(var) = &auth.api_keys_env {
         let value = std::env::var(var).with_context(|| format!("auth.api_keys_env: ${var} is not set"))?;

@@ -1,7 +1,8 @@
 //! API keys, against `mlx-embed serve` as a process: keys from a file and from an environment
 //! variable open the service; a missing or wrong key gets UNAUTHENTICATED and nothing else
 //! (same message either way); health stays open while reflection (closed by this config) needs
-//! a key; no key ever reaches the log; a key source with no keys stops the server at start.
+//! a key; no key ever reaches the log; a key source with no keys stops the server at start; a `#`
+//! inside a key file's key is part of the key.
 
 mod common;
 
@@ -77,6 +78,29 @@ async fn only_configured_keys_open_the_service_and_none_is_logged() {
     for key in ["key-from-file-1", "key-from-file-2", "key-from-env", "other-env-key"] {
         assert!(!log.contains(key), "the log shows a key:\n{log}");
     }
+}
+
+/// A `#` inside a key is part of the key: the line `k2#notacomment` makes that whole key valid
+/// and `k2` not. `#` starts a comment only at the start of a line or after a blank, so whole-line
+/// and trailing comments still work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hash_inside_a_key_is_part_of_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("keys.txt"), "k2#notacomment\n#k5\n  # k6\nk3 # laptop\n\tk4\t#ci\n").unwrap();
+    let config = dir.path().join("config.yaml");
+    std::fs::write(&config, "auth:\n  api_keys_file: keys.txt\nmodels:\n  - {name: q, source: nowhere}\n").unwrap();
+    let (mut child, addr, _log) = spawn_serve(&config, |_| {});
+    let mut c = EmbeddingServiceClient::connect(format!("http://{addr}")).await.unwrap();
+    let mut answers = Vec::new();
+    for key in ["k2#notacomment", "k3", "k4", "k2", "k5", "k6", "#k5", "k3 # laptop"] {
+        let got = c.list_models(with_key(mlx_embed::grpc::pb::ListModelsRequest {}, key)).await;
+        answers.push((key, got.map_or_else(|s| s.code(), |_| Code::Ok)));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let opened: Vec<&str> = answers.iter().filter(|(_, code)| *code == Code::Ok).map(|(k, _)| *k).collect();
+    assert_eq!(opened, ["k2#notacomment", "k3", "k4"], "{answers:?}");
+    assert!(answers.iter().all(|(_, code)| matches!(code, Code::Ok | Code::Unauthenticated)), "{answers:?}");
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! API keys: a tower layer in front of every service that answers UNAUTHENTICATED unless the
 //! request carries `authorization: Bearer <key>` with one of the configured keys. Health checks
-//! and reflection can be left open (the default), so probes and grpcurl's discovery work.
+//! and reflection can be left open (the default), so probes and grpcurl's discovery work. Key
+//! files are read here too ([`parse_key_file`]), so what counts as a key is decided in one place.
 //!
 //! Keys are kept as sha256 digests and compared without early exit; neither they nor the
 //! presented value are ever logged, and the refusal says nothing about which part was wrong.
@@ -38,6 +39,22 @@ impl Auth {
         // Every key is compared in full, whichever matches.
         self.keys.iter().fold(false, |found, k| found | constant_time_eq(k, &presented))
     }
+}
+
+/// Keys from a key file's text: one per line, surrounding blanks trimmed, blank lines skipped. As
+/// in YAML, `#` starts a comment only at the start of a line or after a blank: a `#` inside a key
+/// is part of it (cutting there would silently turn `k2#x` into the weaker key `k2`).
+pub fn parse_key_file(text: &str) -> Vec<String> {
+    text.lines()
+        .map(|line| {
+            let comment = line.char_indices()
+                .find(|&(i, c)| c == '#' && line[..i].chars().next_back().is_none_or(char::is_whitespace))
+                .map_or(line.len(), |(i, _)| i);
+            line[..comment].trim()
+        })
+        .filter(|key| !key.is_empty())
+        .map(String::from)
+        .collect()
 }
 
 /// The token of `Bearer <token>` (scheme case-insensitive).
@@ -91,6 +108,13 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hash_starts_a_comment_only_at_a_line_start_or_after_a_blank() {
+        let keys = parse_key_file("# team\nk1\n\n  k2#inside  \nk3 # laptop\n\tk4\t#ci\n#k5\n   # k6\nk#7#\n");
+        assert_eq!(keys, ["k1", "k2#inside", "k3", "k4", "k#7#"]);
+        assert!(parse_key_file("# nobody yet\n\n").is_empty());
+    }
 
     #[test]
     fn only_a_configured_bearer_key_passes_and_probes_can_stay_open() {

@@ -1,5 +1,10 @@
 //! Typed errors. Model-folder errors name the file and the field or tensor at fault, so an operator
 //! can fix a checkpoint without reading code; request errors name the request field.
+//!
+//! Client strings reach errors only through [`quote`], and the status mapping bounds every text it
+//! carries: a client can send megabytes in any string field, and quoted whole they would come back
+//! as megabytes of trailers, which gRPC clients refuse (grpc-core at 8 KB, with
+//! RESOURCE_EXHAUSTED in place of the real error).
 
 use std::path::{Path, PathBuf};
 
@@ -65,6 +70,40 @@ impl Error {
     }
 }
 
+/// How much of a client string an error quotes, in bytes.
+const QUOTED_BYTES: usize = 64;
+
+/// How long a status message (or a field violation's field or description) may be, in bytes:
+/// room for every message the service writes, far below the clients' trailer limits.
+const STATUS_TEXT_BYTES: usize = 1024;
+
+/// A client-supplied string as errors quote it: in backticks, whole when short, else its first
+/// 64 bytes (cut on a character boundary), `…` and its length.
+pub fn quote(s: &str) -> String {
+    match shortened(s, QUOTED_BYTES) {
+        None => format!("`{s}`"),
+        Some(prefix) => format!("`{prefix}…` ({} bytes)", s.len()),
+    }
+}
+
+/// `s` cut to at most `max_bytes` on a character boundary, or `None` when it fits.
+fn shortened(s: &str, max_bytes: usize) -> Option<&str> {
+    if s.len() <= max_bytes {
+        return None;
+    }
+    let end = (0..=max_bytes).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0);
+    Some(&s[..end])
+}
+
+/// A text for a status: whole when it fits [`STATUS_TEXT_BYTES`], else cut with `…`. Catches
+/// client input that reached a message without [`quote`].
+fn bounded(s: String) -> String {
+    match shortened(&s, STATUS_TEXT_BYTES - '…'.len_utf8()) {
+        None => s,
+        Some(prefix) => format!("{prefix}…"),
+    }
+}
+
 impl From<crate::engine::EngineError> for Error {
     fn from(e: crate::engine::EngineError) -> Self {
         use crate::engine::EngineError as E;
@@ -82,12 +121,12 @@ impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
         use tonic::Code;
         use tonic_types::{ErrorDetails, StatusExt};
-        let message = e.to_string();
+        let message = bounded(e.to_string());
         match e {
             Error::InvalidArgument { field, message: why } => tonic::Status::with_error_details(
                 Code::InvalidArgument,
                 message,
-                ErrorDetails::with_bad_request_violation(field, why),
+                ErrorDetails::with_bad_request_violation(bounded(field), bounded(why)),
             ),
             Error::NotFound(_) => tonic::Status::not_found(message),
             Error::Unavailable(_) => tonic::Status::unavailable(message),
@@ -120,6 +159,29 @@ mod tests {
         let details = status.get_error_details();
         let v = &details.bad_request().expect("BadRequest detail").field_violations[0];
         assert_eq!((v.field.as_str(), v.description.as_str()), ("items[2].text", "empty"));
+    }
+
+    #[test]
+    fn a_quote_keeps_short_strings_whole_and_cuts_long_ones_on_a_character_boundary() {
+        assert_eq!(quote("poem"), "`poem`");
+        assert_eq!(quote(&"a".repeat(64)), format!("`{}`", "a".repeat(64)));
+        assert_eq!(quote(&"a".repeat(65)), format!("`{}…` (65 bytes)", "a".repeat(64)));
+        // 'é' is two bytes: 32 of them fill the 64, a 33rd would straddle the cut.
+        assert_eq!(quote(&format!("x{}", "é".repeat(100))), format!("`x{}…` (201 bytes)", "é".repeat(31)));
+    }
+
+    #[test]
+    fn a_status_carries_at_most_a_kilobyte_of_text_whatever_the_error_holds() {
+        let huge = "ü".repeat(1 << 19);
+        let status: tonic::Status = Error::invalid(huge.clone(), huge.clone()).into();
+        assert!(status.message().len() <= STATUS_TEXT_BYTES && status.message().ends_with('…'));
+        let details = status.get_error_details();
+        let v = &details.bad_request().expect("BadRequest detail").field_violations[0];
+        assert!(v.field.len() <= STATUS_TEXT_BYTES && v.description.len() <= STATUS_TEXT_BYTES);
+        let status: tonic::Status = Error::NotFound(huge).into();
+        assert_eq!((status.code(), status.message().len() <= STATUS_TEXT_BYTES), (tonic::Code::NotFound, true));
+        // Messages that fit are untouched.
+        assert_eq!(tonic::Status::from(Error::NotFound("no model named `x`".into())).message(), "no model named `x`");
     }
 
     #[test]

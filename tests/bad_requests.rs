@@ -1,5 +1,6 @@
 //! Every bad request gets the right gRPC code and, for invalid arguments, a BadRequest naming the
-//! field; a valid request sent right after each one succeeds (nothing is poisoned).
+//! field; a valid request sent right after each one succeeds (nothing is poisoned); huge client
+//! strings come back as short quotes, never whole in the trailers.
 
 mod common;
 
@@ -135,4 +136,54 @@ async fn an_expired_deadline_is_deadline_exceeded_and_the_next_request_succeeds(
     let mut req = tonic::Request::new(request("gemma", vec![text("after")]));
     req.metadata_mut().insert("grpc-timeout", "10S".parse().unwrap());
     assert!(service.embed(req).await.is_ok());
+}
+
+/// The size of `status` as trailers on the wire: every header the server writes for it (message
+/// percent-encoded, details in base64), names included, as grpc-core counts it against its
+/// 8 KB metadata limit.
+fn trailer_bytes(status: &tonic::Status) -> usize {
+    let mut headers = http::HeaderMap::new();
+    status.add_header(&mut headers).unwrap();
+    headers.iter().map(|(name, value)| name.as_str().len() + value.len()).sum()
+}
+
+/// A megabyte of client input in the fields errors quote (`model`, `prompt_name`), ASCII and
+/// not, still gets its code with a message and trailers of a few KB: errors quote a short
+/// prefix and the length, never the whole input.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_quote_only_a_short_prefix_of_huge_client_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.yaml");
+    std::fs::write(&config, format!(
+        "limits:\n  max_message_bytes: 4194304\nmodels:\n  - {{name: q, source: {}, device: cpu}}\n",
+        common::fixtures_dir().join("qwen3-tiny").display()
+    )).unwrap();
+    let (mut child, addr, _log) = common::spawn_serve(&config, |_| {});
+    let mut c = pb::embedding_service_client::EmbeddingServiceClient::connect(format!("http://{addr}")).await.unwrap()
+        .max_decoding_message_size(4 << 20).max_encoding_message_size(4 << 20);
+    let t0 = std::time::Instant::now();
+    while c.embed(request("q", vec![text("warm")])).await.is_err() {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(30), "the model never became ready");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let mut refusals = Vec::new();
+    for huge in ["m".repeat(1 << 20), "é".repeat(1 << 19)] {
+        let embed = |f: &dyn Fn(&mut pb::EmbedRequest)| with(request("q", vec![text("x")]), f);
+        refusals.push(("Embed model", Code::NotFound, c.embed(embed(&|r| r.model = huge.clone())).await.map(drop)));
+        refusals.push(("Embed prompt_name", Code::InvalidArgument, c.embed(embed(&|r| r.prompt_name = huge.clone())).await.map(drop)));
+        let tokenize = pb::TokenizeRequest { model: "q".into(), text: "x".into(), prompt_name: huge.clone(), ..Default::default() };
+        refusals.push(("Tokenize prompt_name", Code::InvalidArgument, c.tokenize(tokenize).await.map(drop)));
+        refusals.push(("GetModel model", Code::NotFound, c.get_model(pb::GetModelRequest { model: huge.clone() }).await.map(drop)));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    for (what, code, got) in refusals {
+        let status = got.expect_err(what);
+        assert_eq!(status.code(), code, "{what}: {}", status.message().chars().take(200).collect::<String>());
+        assert!(status.message().len() <= 1024, "{what}: a message of {} bytes", status.message().len());
+        assert!(trailer_bytes(&status) <= 4096, "{what}: trailers of {} bytes", trailer_bytes(&status));
+        if what.ends_with("prompt_name") {
+            assert!(status.message().contains("…` (1048576 bytes)"), "{what}: {}", status.message());
+        }
+    }
 }

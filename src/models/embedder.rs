@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::error::{Error, Result};
+use crate::error::{quote, Error, Result};
 use crate::mlx::{self, Array, Compiled, Dtype};
 use crate::models::files::read_json;
 use crate::models::gemma3::Gemma3;
@@ -127,7 +127,7 @@ impl Preprocessor {
             },
             PromptChoice::Name(name) => self.info.prompts.get(name).cloned().ok_or_else(|| {
                 let known: Vec<&str> = self.info.prompts.keys().map(String::as_str).collect();
-                Error::invalid("prompt_name", format!("unknown prompt `{name}` (this model has: {})",
+                Error::invalid("prompt_name", format!("unknown prompt {} (this model has: {})", quote(name),
                     if known.is_empty() { "none".to_string() } else { known.join(", ") }))
             })?,
             PromptChoice::Instruction(task) => self.info.architecture.instruction_prompt(task),

@@ -197,3 +197,48 @@ fn a_tokenizer_with_added_tokens_past_the_table_loads_and_refuses_only_texts_tha
 fn a_folder_that_does_not_exist_is_named() {
     assert_mentions(&load_err(Path::new("/nonexistent/model")), &["/nonexistent/model"]);
 }
+
+/// The WARN lines `mlx-embed embed` logs while loading `dir` (as JSON objects), and whether the
+/// load succeeded.
+fn load_warnings(dir: &Path) -> (bool, Vec<serde_json::Value>) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mlx-embed"))
+        .args(["--log-format", "json", "embed", "--dtype", "f32", "--device", "cpu", "--model-dir"]).arg(dir).arg("hello")
+        .env("RUST_LOG", "warn")
+        .output().unwrap();
+    let warnings = String::from_utf8_lossy(&out.stderr).lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["level"] == "WARN")
+        .collect();
+    (out.status.success(), warnings)
+}
+
+/// A config.json declaring fewer layers than the checkpoint holds still loads (transformers only
+/// warns about unexpected keys too), but with a warning that names the tensors nothing read and
+/// counts them. Tensors a checkpoint carries for other uses (a causal LM's `lm_head`, saved RoPE
+/// frequencies) are not warned about.
+#[test]
+fn a_config_with_fewer_layers_than_the_checkpoint_loads_with_a_warning_naming_the_unread_tensors() {
+    for fixture in fixtures() {
+        let (loaded, warnings) = load_warnings(&fixture);
+        assert!(loaded && warnings.is_empty(), "{}: {warnings:?}", fixture.display());
+    }
+
+    let d = scratch_copy("qwen3-tiny");
+    edit_json(&d.path().join("config.json"), |c| c["num_hidden_layers"] = 2.into());
+    edit_safetensors_header(&d.path().join("model.safetensors"), |h| {
+        let h = h.as_object_mut().unwrap();
+        for (from, to) in [("layers.2.mlp.down_proj.weight", "lm_head.weight"), ("layers.2.mlp.up_proj.weight", "layers.0.self_attn.rotary_emb.inv_freq")] {
+            let entry = h.remove(from).unwrap();
+            h.insert(to.into(), entry);
+        }
+    });
+    let (loaded, warnings) = load_warnings(d.path());
+    assert!(loaded, "a checkpoint with more layers than its config must still load");
+    let text = serde_json::to_string(&warnings).unwrap();
+    assert_eq!(warnings.len(), 1, "{text}");
+    for part in ["layers.2.input_layernorm.weight", "model.safetensors", "config.json"] {
+        assert!(text.contains(part), "the warning lacks {part:?}: {text}");
+    }
+    assert_eq!(warnings[0]["fields"]["unread"], 9, "{text}");
+    assert!(!text.contains("lm_head") && !text.contains("inv_freq"), "{text}");
+}

@@ -231,6 +231,7 @@ impl EmbeddingModel {
             Architecture::Qwen3 => Rc::new(Qwen3::load(&config_path, &raw, &mut weights)?),
             Architecture::Gemma3 => Rc::new(Gemma3::load(&config_path, &raw, &mut weights)?),
         };
+        weights.warn_unread();
         let quantization = quant_info(&raw);
         let dims = encoder.dims();
 

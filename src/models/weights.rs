@@ -155,6 +155,39 @@ impl Weights {
         self.names.contains_key(name)
     }
 
+    /// Tensors nothing has taken, as stored and with their file, sorted by name; leaves out those
+    /// checkpoints carry for other uses ([`read_elsewhere`]). Once a model is built, any left
+    /// mean config.json describes less than the checkpoint holds (fewer layers, say).
+    pub fn unread(&self) -> Vec<(&Path, &str)> {
+        let mut unread: Vec<(&Path, &str)> = self.names.iter()
+            .filter(|(canonical, _)| !read_elsewhere(canonical))
+            .map(|(_, (file, stored))| (self.files[*file].0.as_path(), stored.as_str()))
+            .collect();
+        unread.sort_by_key(|&(_, name)| name);
+        unread
+    }
+
+    /// Logs a warning naming the [`unread`](Self::unread) tensors (the first few, and how many).
+    /// A warning, not an error: transformers loads such a checkpoint too, warning of unexpected
+    /// keys, and the model built is what config.json describes.
+    pub fn warn_unread(&self) {
+        const SHOWN: usize = 5;
+        let unread = self.unread();
+        if unread.is_empty() {
+            return;
+        }
+        let mut tensors = unread.iter().take(SHOWN).map(|(_, name)| *name).collect::<Vec<_>>().join(", ");
+        if unread.len() > SHOWN {
+            tensors.push_str(", …");
+        }
+        let mut files: Vec<String> = unread.iter().map(|(path, _)| path.display().to_string()).collect();
+        files.sort();
+        files.dedup();
+        tracing::warn!(config = %self.config_path.display(), files = %files.join(", "), unread = unread.len(), %tensors,
+            "the checkpoint holds tensors the model described by config.json does not use (fewer layers than the \
+             checkpoint?): they are ignored");
+    }
+
     /// Takes a tensor as stored (no conversion), with the file it came from.
     fn take_raw(&mut self, name: &str) -> Result<(Array, PathBuf, String)> {
         let Some((file, stored)) = self.names.remove(name) else {
@@ -271,6 +304,18 @@ impl Weights {
         self.kernel_ok.insert(key, ok);
         Ok(ok)
     }
+}
+
+/// Whether a tensor (canonical name) is one checkpoints carry for other uses than embedding, so
+/// that leaving it unread says nothing about the config.
+fn read_elsewhere(canonical: &str) -> bool {
+    // A causal LM's output projection (`.weight`, or `.scales`/`.biases` when mlx-lm quantized
+    // it): Qwen3 causal-LM checkpoints with untied embeddings have one; embeddings stop at the
+    // last hidden state.
+    canonical.starts_with("lm_head.")
+        // RoPE frequencies older transformers versions saved as buffers; computed here from the
+        // config (transformers ignores them on load as well).
+        || canonical.ends_with("rotary_emb.inv_freq")
 }
 
 fn check_shape(a: &Array, path: &Path, name: &str, want: &[i32]) -> Result<()> {

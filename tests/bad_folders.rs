@@ -1,5 +1,6 @@
 //! Broken model folders are refused with an error that names the file and the field or tensor at
-//! fault — never a crash. Each test breaks one thing in a scratch copy of a fixture.
+//! fault — never a crash; a checkpoint holding more than its config describes loads with a
+//! warning naming what was left unread. Each test breaks one thing in a scratch copy of a fixture.
 
 mod common;
 

@@ -45,6 +45,9 @@ fn cases() -> Vec<Case> {
         case("NaN in a vector", request("qwen", vec![vector({ v64[3] = f32::NAN; v64.clone() })]), invalid, Some("items[0].vector.values[3]"), "NaN"),
         case("+Inf in a vector", request("qwen", vec![vector({ v64[3] = 0.5; v64[5] = f32::INFINITY; v64.clone() })]), invalid, Some("items[0].vector.values[5]"), "inf"),
         case("-Inf in a vector", request("qwen", vec![text("t"), vector({ v64[5] = f32::NEG_INFINITY; v64.clone() })]), invalid, Some("items[1].vector.values[5]"), "-inf"),
+        case("zero vector to normalize", request("qwen", vec![vector(vec![0.0; 64])]), invalid, Some("items[0].vector"), "cannot be normalized"),
+        case("subnormal vector to normalize", request("qwen", vec![text("t"), vector(vec![1e-40; 64])]), invalid, Some("items[1].vector"), "cannot be normalized"),
+        case("vector that is zero within the requested dimensions", with(request("qwen", vec![vector((0..64).map(|i| if i < 40 { 0.0 } else { 1.0 }).collect())]), |r| r.dimensions = Some(40)), invalid, Some("items[0].vector"), "first 40"),
         case("vector of the full size when a cut is asked is fine, but not of another", with(request("qwen", vec![vector(vec![1.0; 48])]), |r| r.dimensions = Some(40)), invalid, Some("items[0].vector.values"), "or 40"),
         case("dimensions not allowed", with(ok.clone(), |r| r.dimensions = Some(7)), invalid, Some("dimensions"), "7 is not allowed"),
         case("dimensions larger than the model", with(ok.clone(), |r| r.dimensions = Some(4096)), invalid, Some("dimensions"), "4096"),
@@ -90,6 +93,15 @@ async fn bad_requests_to_the_other_calls_get_their_codes() {
     assert_eq!(s.code(), Code::InvalidArgument);
     let s = c.tokenize(pb::TokenizeRequest { model: "absent".into(), text: "x".into(), ..Default::default() }).await.unwrap_err();
     assert_eq!(s.code(), Code::Unavailable);
+}
+
+/// A vector item whose norm is zero (or too small to divide by) is returned as is when
+/// `normalize` is off: only normalizing it is refused.
+#[tokio::test]
+async fn a_zero_vector_passes_through_when_normalize_is_off() {
+    let mut c = client().await;
+    let resp = c.embed(with(request("qwen", vec![vector(vec![0.0; 64]), vector(vec![1e-40; 64])]), |r| r.normalize = Some(false))).await.unwrap().into_inner();
+    assert_eq!((resp.embeddings[0].values.clone(), resp.embeddings[1].values.clone()), (vec![0.0; 64], vec![1e-40; 64]));
 }
 
 /// `EmbedRequest` with its text as raw bytes, to put malformed UTF-8 on the wire.

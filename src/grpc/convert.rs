@@ -51,9 +51,8 @@ pub fn prepare_embed(req: pb::EmbedRequest, pre: &Preprocessor, cfg: &ModelConfi
     let mut out: Vec<Option<pb::Embedding>> = vec![None; req.items.len()];
     for (i, item) in req.items.into_iter().enumerate() {
         match item.input {
-            Some(pb::item::Input::Text(t)) if t.is_empty() => return Err(Error::invalid(format!("items[{i}].text"), "empty text")),
             Some(pb::item::Input::Text(t)) => {
-                check_length(&format!("items[{i}].text"), &t, limits.max_text_bytes)?;
+                check_text(&format!("items[{i}].text"), &t, limits.max_text_bytes)?;
                 texts.push((i, t));
             }
             Some(pb::item::Input::Vector(v)) => {
@@ -80,6 +79,17 @@ pub fn tokenize_texts(pre: &Preprocessor, prompt: &str, texts: &[(usize, String)
             other => other,
         })
     }).collect()
+}
+
+/// Refuses a text to embed or tokenize that is empty or longer than `max_bytes`. Empty is refused
+/// whatever the prompt and special tokens would add: the vector of an empty text is never what a
+/// caller meant to store (a blank chunk, a missing field), and Tokenize must show what Embed
+/// would take.
+pub fn check_text(field: &str, text: &str, max_bytes: usize) -> Result<()> {
+    if text.is_empty() {
+        return Err(Error::invalid(field, "empty text"));
+    }
+    check_length(field, text, max_bytes)
 }
 
 /// Refuses a text (or instruction) longer than `max_bytes`.
@@ -167,7 +177,21 @@ pub fn user_vector(index: usize, values: Vec<f32>, full: usize, dims: usize, nor
     if let Some(j) = values.iter().position(|v| !v.is_finite()) {
         return Err(Error::invalid(format!("{field}[{j}]"), format!("{} is not a finite number", values[j])));
     }
-    Ok(finish(values, dims, normalize))
+    let cut = dims.min(values.len());
+    let which = if cut == values.len() { "its norm".to_string() } else { format!("the norm of its first {cut} values") };
+    let norm = l2_norm(&values[..cut]);
+    let v = finish(values, dims, normalize);
+    // Judged on `finish`'s own result: a norm it cannot divide by (zero, or all values subnormal)
+    // leaves a vector far from unit length, which would silently score near 0 against everything.
+    if normalize && (l2_norm(&v) - 1.0).abs() > 1e-3 {
+        return Err(Error::invalid(format!("items[{index}].vector"), format!(
+            "cannot be normalized: {which} is {norm:e}; send it with normalize: false to have it back as is")));
+    }
+    Ok(v)
+}
+
+fn l2_norm(v: &[f32]) -> f64 {
+    v.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt()
 }
 
 /// Puts a vector into the response in the requested encoding.
@@ -238,6 +262,23 @@ mod tests {
         assert_eq!(user_vector(0, vec![3.0, 4.0], 4, 2, true).unwrap(), v);
         // Not normalized when asked not to.
         assert_eq!(user_vector(0, vec![3.0, 4.0, 1.0, 1.0], 4, 4, false).unwrap(), vec![3.0, 4.0, 1.0, 1.0]);
+    }
+
+    #[test]
+    fn a_vector_too_small_to_normalize_is_refused_naming_the_item_unless_normalize_is_off() {
+        for tiny in [0.0, 1e-40, f32::MIN_POSITIVE] {
+            let err = user_vector(2, vec![tiny; 8], 8, 8, true).unwrap_err();
+            assert!(matches!(&err, Error::InvalidArgument { field, message } if field == "items[2].vector" && message.contains("cannot be normalized")), "{err}");
+            assert_eq!(user_vector(2, vec![tiny; 8], 8, 8, false).unwrap(), vec![tiny; 8]);
+        }
+        // Only the values kept by the cut count.
+        let err = user_vector(0, vec![0.0, 0.0, 5.0, 5.0], 4, 2, true).unwrap_err().to_string();
+        assert!(err.contains("first 2 values"), "{err}");
+        let err = user_vector(0, vec![0.0, 0.0], 4, 2, true).unwrap_err().to_string();
+        assert!(err.contains("its norm is 0"), "{err}");
+        // Small but normal norms are fine.
+        let v = user_vector(0, vec![3e-10, 4e-10], 2, 2, true).unwrap();
+        assert!((v[0] - 0.6).abs() < 1e-6 && (v[1] - 0.8).abs() < 1e-6, "{v:?}");
     }
 
     #[test]

@@ -233,7 +233,8 @@ fn record_rss() {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until the task is dropped; runs the exporter's upkeep.
+/// Serves `GET /metrics` (and `HEAD`) on `listener` until the task is dropped; runs the exporter's
+/// upkeep.
 pub async fn serve(listener: tokio::net::TcpListener, handle: PrometheusHandle) {
     let upkeep = handle.clone();
     tokio::spawn(async move {
@@ -263,14 +264,22 @@ pub async fn serve(listener: tokio::net::TcpListener, handle: PrometheusHandle) 
 
 fn answer(handle: &PrometheusHandle, method: &http::Method, path: &str) -> http::Response<Full<Bytes>> {
     let response = http::Response::builder();
-    match (method, path) {
-        (&http::Method::GET, "/metrics") => {
+    if path != "/metrics" {
+        return response.status(http::StatusCode::NOT_FOUND).body(Full::new(Bytes::from_static(b"metrics are at GET /metrics\n")))
+            .expect("a valid response");
+    }
+    match *method {
+        // HEAD gets GET's answer: hyper sends its headers (the length included) and no body.
+        http::Method::GET | http::Method::HEAD => {
             record_rss();
             response
                 .header(http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")
                 .body(Full::new(Bytes::from(handle.render())))
         }
-        _ => response.status(http::StatusCode::NOT_FOUND).body(Full::new(Bytes::from_static(b"metrics are at GET /metrics\n"))),
+        _ => response
+            .status(http::StatusCode::METHOD_NOT_ALLOWED)
+            .header(http::header::ALLOW, "GET, HEAD")
+            .body(Full::new(Bytes::from_static(b"metrics are at GET /metrics\n"))),
     }
     .expect("a valid response")
 }

@@ -1,11 +1,13 @@
 //! The Prometheus endpoint of a real server (127.0.0.1, port 0): every series exists from the
 //! start, requests and items are counted exactly by model, kind and status code, stage times come
-//! back as response metadata, and everything in `deploy/` (recording rules, alerts, the Grafana
-//! dashboard) names metrics the service exports and passes `promtool`.
+//! back as response metadata, `/metrics` answers `HEAD` and refuses other methods, and everything
+//! in `deploy/` (recording rules, alerts, the Grafana dashboard) names metrics the service exports
+//! and passes `promtool`.
 
 mod common;
 
 use std::collections::BTreeSet;
+use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Command;
 
@@ -130,6 +132,34 @@ async fn a_request_the_client_abandons_is_counted_as_cancelled() {
     while cancelled(&scrape()) < before + 1.0 {
         assert!(t0.elapsed() < std::time::Duration::from_secs(10), "the abandoned request was never counted");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// `method /metrics` over HTTP/1.1, as the server wrote the answer.
+fn http(method: &str) -> String {
+    let mut tcp = std::net::TcpStream::connect(server().metrics_addr).unwrap();
+    write!(tcp, "{method} /metrics HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).unwrap();
+    answer
+}
+
+/// `HEAD /metrics` gets 200 with the headers a `GET` gets and no body; other methods get 405 with
+/// `Allow: GET, HEAD`.
+#[test]
+fn head_gets_the_headers_of_metrics_and_other_methods_are_not_allowed() {
+    let head = http("HEAD");
+    let (headers, body) = head.split_once("\r\n\r\n").unwrap();
+    let headers = headers.to_ascii_lowercase();
+    assert!(headers.starts_with("http/1.1 200"), "{head}");
+    assert!(headers.contains("content-type: text/plain; version=0.0.4"), "{head}");
+    let length = headers.lines().find_map(|l| l.strip_prefix("content-length: ")).map(|n| n.parse::<usize>().unwrap());
+    assert!(length.is_some_and(|n| n > 1000), "no length of what GET would send: {head}");
+    assert!(body.is_empty(), "a body after HEAD: {body}");
+    for method in ["POST", "PUT", "DELETE"] {
+        let answer = http(method).to_ascii_lowercase();
+        assert!(answer.starts_with("http/1.1 405"), "{method}: {answer}");
+        assert!(answer.contains("\r\nallow: get, head\r\n"), "{method}: {answer}");
     }
 }
 

@@ -60,7 +60,8 @@ pub const RSS: &str = "process_resident_memory_bytes";
 pub const MLX_MEMORY: &str = "mlx_embed_mlx_memory_bytes";
 /// Requests refused for a missing or wrong API key.
 pub const AUTH_FAILURES: &str = "mlx_embed_auth_failures_total";
-/// Calls refused before any work, by `reason` (`overloaded`: no place free; `draining`: shutting down).
+/// Calls refused before any work, by `reason` (`overloaded`: no place free, or the model's queue
+/// full; `draining`: shutting down).
 pub const REFUSED: &str = "mlx_embed_requests_refused_total";
 /// Always 1, with `version`, `mlx_version` and `device` labels.
 pub const BUILD_INFO: &str = "mlx_embed_build_info";
@@ -122,7 +123,7 @@ fn describe() {
     describe_gauge!(RSS, Unit::Bytes, "Resident memory of the process.");
     describe_gauge!(MLX_MEMORY, Unit::Bytes, "MLX allocator memory by device and kind (active, peak, cache).");
     describe_counter!(AUTH_FAILURES, "Requests refused for a missing or wrong API key.");
-    describe_counter!(REFUSED, "Calls refused before any work, by reason (overloaded, draining).");
+    describe_counter!(REFUSED, "Calls refused before any work, by reason (overloaded: no place or a full queue; draining).");
     describe_gauge!(BUILD_INFO, "Always 1; the labels carry the version, the MLX version and the device.");
 }
 

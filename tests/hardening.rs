@@ -2,16 +2,20 @@
 //! `mlx-embed serve` as a process (and one in-process server for the fault hook): excess calls are
 //! refused at once with RetryInfo while admitted ones get their exact vectors; expired work never
 //! reaches the model; SIGTERM loses no accepted call and the process exits within its grace
-//! period; a client that goes away frees its place; an injected fault fails one batch only.
+//! period; a client that goes away frees its place; an injected fault fails one batch only; a
+//! deadline that passes is DEADLINE_EXCEEDED and counted, however late the request's end comes;
+//! refusals for a full queue are counted as refusals for overload.
 
 mod common;
 
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+use common::raw::{self, RawCall};
 use common::server::{request, text};
 use common::*;
 use mlx_embed::grpc::pb::{self, embedding_service_client::EmbeddingServiceClient};
+use prost::Message;
 use tonic::transport::Channel;
 use tonic::Code;
 use tonic_types::StatusExt;
@@ -102,6 +106,8 @@ async fn ten_times_the_concurrency_limit_refuses_the_excess_with_retry_info_and_
     assert!(admitted >= 4 && refused >= 30, "{admitted} admitted, {refused} refused");
     let metrics = metrics_addr(&log);
     assert_eq!(scrape_value(&metrics, r#"mlx_embed_requests_refused_total{reason="overloaded"}"#), Some(refused as f64));
+    // Refused before their message was read, so before their model was known.
+    assert_eq!(scrape_value(&metrics, r#"mlx_embed_requests_total{rpc="Embed",model="unknown",code="RESOURCE_EXHAUSTED"}"#), Some(refused as f64));
     assert_eq!(scrape_value(&metrics, "mlx_embed_requests_in_flight"), Some(0.0));
     sigterm(&child);
     wait_exit(&mut child, Duration::from_secs(20));
@@ -130,6 +136,64 @@ async fn work_whose_deadline_passed_never_reaches_the_model_and_is_counted() {
     let (t, want) = &cases()[1];
     assert_exact(c.embed(query(t)).await.unwrap().get_ref(), want, "after the expired call");
     assert_eq!(batches(), before + 1.0);
+    sigterm(&child);
+    wait_exit(&mut child, Duration::from_secs(20));
+}
+
+/// A call whose request ends in a later write than its headers gets DEADLINE_EXCEEDED from the
+/// server when its deadline passes, whether the message came just before the deadline (and waits
+/// in the queue), around it, or after it (and was never read), and each is counted under that
+/// code; none is answered CANCELLED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_that_passes_is_deadline_exceeded_and_counted_however_late_the_request_ends() {
+    // Batches wait 300 ms for company: a message that arrives in time is still queued when its
+    // 200 ms deadline passes.
+    let (_dir, path) = q_config("batching: {max_wait: 300ms}");
+    let (mut child, addr, log) = spawn_serve(&path, |_| {});
+    connect(&addr).await;
+    let metrics = metrics_addr(&log);
+    let counted = |code: &str| scrape_sum(&metrics, "mlx_embed_requests_total", &[r#"rpc="Embed""#, code]);
+    let before = (counted(r#"code="DEADLINE_EXCEEDED""#), counted(r#"code="CANCELLED""#));
+    let delays = [150, 190, 195, 199, 200, 201, 205, 210, 250, 400];
+    let calls = delays.map(|ms| {
+        let addr = addr.clone();
+        tokio::spawn(async move {
+            let message = query("late").encode_to_vec();
+            let call = RawCall { path: "/embedding.v1.EmbeddingService/Embed", timeout: Some("200m"), message, after: Duration::from_millis(ms) };
+            raw::call(&addr, call).await
+        })
+    });
+    for (ms, call) in delays.iter().zip(calls) {
+        let answer = call.await.unwrap();
+        assert_eq!(answer.code, Code::DeadlineExceeded, "the message {ms} ms after the headers: {answer:?}");
+        assert!(answer.message.contains("deadline"), "{answer:?}");
+    }
+    assert_eq!(counted(r#"code="DEADLINE_EXCEEDED""#) - before.0, delays.len() as f64);
+    assert_eq!(counted(r#"code="CANCELLED""#), before.1);
+    sigterm(&child);
+    wait_exit(&mut child, Duration::from_secs(20));
+}
+
+/// A call refused because its model's queue is full counts among the refusals for overload (as
+/// one refused at admission does), and under RESOURCE_EXHAUSTED for its model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_refused_for_a_full_queue_are_counted_as_refused_for_overload() {
+    // Two texts fill the queue for the 500 ms their batch waits for company.
+    let (_dir, path) = q_config("limits: {max_items_per_request: 2}\nbatching: {max_queue: 2, max_wait: 500ms}");
+    let (mut child, addr, log) = spawn_serve(&path, |_| {});
+    let mut c = connect(&addr).await;
+    let metrics = metrics_addr(&log);
+    let mut filler = c.clone();
+    let filling = tokio::spawn(async move { filler.embed(request("q", vec![text("one"), text("two")])).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for i in 0..8 {
+        let status = c.embed(query("no room")).await.unwrap_err();
+        assert_eq!(status.code(), Code::ResourceExhausted, "call {i}: {status:?}");
+        assert!(status.get_error_details().retry_info().is_some(), "no RetryInfo: {status:?}");
+    }
+    filling.await.unwrap().unwrap();
+    assert_eq!(scrape_value(&metrics, r#"mlx_embed_requests_refused_total{reason="overloaded"}"#), Some(8.0));
+    assert_eq!(scrape_value(&metrics, r#"mlx_embed_requests_total{rpc="Embed",model="q",code="RESOURCE_EXHAUSTED"}"#), Some(8.0));
     sigterm(&child);
     wait_exit(&mut child, Duration::from_secs(20));
 }

@@ -1,8 +1,9 @@
 //! The Prometheus endpoint of a real server (127.0.0.1, port 0): every series exists from the
 //! start, requests and items are counted exactly by model, kind and status code, stage times come
-//! back as response metadata, `/metrics` answers `HEAD` and refuses other methods, and everything
-//! in `deploy/` (recording rules, alerts, the Grafana dashboard) names metrics the service exports
-//! and passes `promtool`.
+//! back as response metadata, calls refused while their message is read and responses over the
+//! message limit are counted under the codes they get, `/metrics` answers `HEAD` and refuses
+//! other methods, and everything in `deploy/` (recording rules, alerts, the Grafana dashboard)
+//! names metrics the service exports and passes `promtool`.
 
 mod common;
 
@@ -10,8 +11,12 @@ use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
+use common::raw::{self, RawCall};
 use common::server::*;
+use prost::Message;
+use tonic::Code;
 
 fn scrape() -> String {
     let url = format!("http://{}/metrics", server().metrics_addr);
@@ -133,6 +138,44 @@ async fn a_request_the_client_abandons_is_counted_as_cancelled() {
         assert!(t0.elapsed() < std::time::Duration::from_secs(10), "the abandoned request was never counted");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+}
+
+/// A response over `max_message_bytes` (reachable in one call: the request's `request_id` comes
+/// back in it) is refused with RESOURCE_EXHAUSTED, saying it is too large and the limit, and is
+/// counted under that code, not as answered.
+#[tokio::test]
+async fn a_response_over_the_message_limit_is_resource_exhausted_and_counted_so() {
+    let mut c = client().await;
+    let exhausted = |t: &str| value(t, r#"mlx_embed_requests_total{rpc="Embed",model="gemma",code="RESOURCE_EXHAUSTED"}"#).unwrap_or(0.0);
+    let before = exhausted(&scrape());
+    // The id fits a 65,536-byte request; with 16 vectors of 48 floats the response does not.
+    let mut req = request("gemma", (0..16).map(|i| text(&format!("text {i}"))).collect());
+    req.request_id = "r".repeat(63_000);
+    let status = c.embed(req).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("response is too large") && status.message().contains("65536"), "{}", status.message());
+    assert_eq!(exhausted(&scrape()) - before, 1.0);
+}
+
+/// Calls refused while their message is read (bytes that are not an EmbedRequest, a message over
+/// `max_message_bytes`) get INVALID_ARGUMENT and RESOURCE_EXHAUSTED and are counted under those
+/// codes, as model `unknown` (the model's name was never read).
+#[tokio::test]
+async fn calls_refused_while_their_message_is_read_are_counted() {
+    let addr = server().addr.to_string();
+    let count = |t: &str, code: &str| value(t, &format!(r#"mlx_embed_requests_total{{rpc="Embed",model="unknown",code="{code}"}}"#)).unwrap_or(0.0);
+    let before = scrape();
+    // Field 1 (`model`, a string) holding bytes that are not UTF-8.
+    let malformed = vec![0x0a, 0x02, 0xff, 0xfe];
+    let too_large = request("qwen", vec![text(&"x".repeat(70_000))]).encode_to_vec();
+    for (message, code) in [(malformed, Code::InvalidArgument), (too_large, Code::ResourceExhausted)] {
+        let call = RawCall { path: "/embedding.v1.EmbeddingService/Embed", timeout: None, message, after: Duration::ZERO };
+        let answer = raw::call(&addr, call).await;
+        assert_eq!(answer.code, code, "{answer:?}");
+    }
+    let after = scrape();
+    assert_eq!(count(&after, "INVALID_ARGUMENT") - count(&before, "INVALID_ARGUMENT"), 1.0);
+    assert_eq!(count(&after, "RESOURCE_EXHAUSTED") - count(&before, "RESOURCE_EXHAUSTED"), 1.0);
 }
 
 /// `method /metrics` over HTTP/1.1, as the server wrote the answer.

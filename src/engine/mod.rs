@@ -277,6 +277,7 @@ impl EngineHandle {
         let before = slot.add_queued(n as isize);
         if before + n > self.max_queue {
             slot.add_queued(-(n as isize));
+            metrics::counter!(crate::metrics::REFUSED, "reason" => "overloaded").increment(1);
             return Err(EngineError::Overloaded { model: slot.name.clone(), queued: before, limit: self.max_queue });
         }
         let (reply, rx) = oneshot::channel();

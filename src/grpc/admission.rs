@@ -9,21 +9,35 @@
 //!   health and reflection still answer (health says NOT_SERVING).
 //! - The time a call arrived is put into its extensions ([`Arrived`]), so the handlers measure the
 //!   client's deadline from there.
+//! - The deadline (the client's `grpc-timeout`, capped by `request_timeout`) also covers the wait
+//!   for the request's message: a call whose deadline passes before its handler answers gets
+//!   DEADLINE_EXCEEDED from here. tonic's own `grpc-timeout` timer would answer CANCELLED
+//!   "Timeout expired", unrecorded; it starts after this layer's `call` (tonic builds its timer
+//!   after calling the service), and a poll finds this layer's deadline passed whenever tonic's
+//!   has, so this answer always comes first.
+//! - Calls answered before a handler ran (refused here, refused by tonic while reading the message,
+//!   or cut by their deadline first) are recorded here ([`observe::unhandled`]); the handlers record
+//!   the rest. A request over `max_message_bytes` is answered RESOURCE_EXHAUSTED, not tonic's
+//!   OUT_OF_RANGE; answers over it are refused by the handler's [`observe::Call`].
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::{Layer, Service};
 
+use crate::config::Limits;
 use crate::error::Error;
+use crate::grpc::observe::{self, Scope};
 
 const SERVICE_PREFIX: &str = "/embedding.v1.EmbeddingService/";
+/// The service's methods (the `rpc` label of the metrics).
+const RPCS: [&str; 5] = ["Embed", "EmbedStream", "Tokenize", "ListModels", "GetModel"];
 /// The calls that do work (and so need a place); ListModels and GetModel only read state.
 const ADMITTED: [&str; 3] = ["Embed", "Tokenize", "EmbedStream"];
 
@@ -53,11 +67,20 @@ pub struct Arrived(pub Instant);
 pub struct Admission {
     places: Arc<Semaphore>,
     drain: Drain,
+    /// Longest a call may take, whatever the client's deadline (`limits.request_timeout`).
+    request_timeout: Duration,
+    /// Largest message a call may answer with (`limits.max_message_bytes`).
+    max_message: usize,
 }
 
 impl Admission {
-    pub fn new(max_concurrent: usize, drain: Drain) -> Admission {
-        Admission { places: Arc::new(Semaphore::new(max_concurrent)), drain }
+    pub fn new(limits: &Limits, drain: Drain) -> Admission {
+        Admission {
+            places: Arc::new(Semaphore::new(limits.max_concurrent_requests)),
+            drain,
+            request_timeout: limits.request_timeout,
+            max_message: limits.max_message_bytes,
+        }
     }
 
     /// What to do with a call to `path`: pass it (with its place, if it needs one) or refuse it.
@@ -121,26 +144,94 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<ReqBody>) -> Self::Future {
+        let arrived = Instant::now();
+        let rpc = req.uri().path().strip_prefix(SERVICE_PREFIX).and_then(|m| RPCS.iter().find(|r| **r == m).copied());
         let place = match self.admission.admit(req.uri().path()) {
             Ok(place) => place,
             Err(refusal) => {
                 let status = tonic::Status::from(refusal);
+                if let Some(rpc) = rpc {
+                    observe::unhandled(rpc, status.code(), arrived.elapsed());
+                }
                 return Box::pin(std::future::ready(Ok(status.into_http())));
             }
         };
-        req.extensions_mut().insert(Arrived(Instant::now()));
-        let answer = self.inner.call(req);
+        req.extensions_mut().insert(Arrived(arrived));
+        let Some(rpc) = rpc else {
+            // Health, reflection, and methods the service does not have: passed as they are.
+            let answer = self.inner.call(req);
+            return Box::pin(async move {
+                let mut resp = answer.await?;
+                oversized_is_resource_exhausted(resp.headers_mut());
+                Ok(resp.map(|body| tonic::body::Body::new(Holding { body, _place: place, scope: None })))
+            });
+        };
+        // The same deadline as the handler's (service.rs, `Deadline`): from the same arrival.
+        let client = req.headers().get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(crate::grpc::convert::grpc_timeout);
+        let timeout = client.map_or(self.admission.request_timeout, |t| t.min(self.admission.request_timeout));
+        let deadline = arrived + timeout;
+        let scope = Scope::new(Some(deadline), self.admission.max_message);
+        let answer = scope.around(self.inner.call(req));
+        // The response body (a stream's answers) makes its own calls, each with its own deadline.
+        let body_scope = Scope::new(None, self.admission.max_message);
         Box::pin(async move {
-            let resp = answer.await?;
-            Ok(resp.map(|body| tonic::body::Body::new(Holding { body, _place: place })))
+            let answered = {
+                let mut answer = std::pin::pin!(answer);
+                let mut expiry = std::pin::pin!(tokio::time::sleep_until(deadline.into()));
+                std::future::poll_fn(|cx| {
+                    if let Poll::Ready(resp) = answer.as_mut().poll(cx) {
+                        return Poll::Ready(Some(resp));
+                    }
+                    // The clock, not only the timer: tonic's timer may have fired first.
+                    if Instant::now() >= deadline || expiry.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(None);
+                    }
+                    Poll::Pending
+                })
+                .await
+                // A handler cut here is dropped within its scope: its Call records the deadline.
+            };
+            let Some(resp) = answered else {
+                let why = if scope.recorded() { "the answer was ready" } else { "the request had arrived in full" };
+                if !scope.recorded() {
+                    observe::unhandled(rpc, tonic::Code::DeadlineExceeded, arrived.elapsed());
+                }
+                let status = tonic::Status::from(Error::DeadlineExceeded(format!("the deadline ({timeout:?}) passed before {why}")));
+                return Ok(status.into_http());
+            };
+            let mut resp = resp?;
+            let code = oversized_is_resource_exhausted(resp.headers_mut());
+            // A status in the headers without a handler's record: tonic refused the message.
+            if let (Some(code), false) = (code, scope.recorded()) {
+                observe::unhandled(rpc, code, arrived.elapsed());
+            }
+            Ok(resp.map(|body| tonic::body::Body::new(Holding { body, _place: place, scope: Some(body_scope) })))
         })
     }
 }
 
-/// A response body that keeps its call's place until it is finished or dropped.
+/// The status in a response's headers (a call answered without a message), with tonic's
+/// OUT_OF_RANGE for a request over the message limit turned into RESOURCE_EXHAUSTED: what gRPC's
+/// status-code guide (and the other implementations) say, and what clients retry on.
+fn oversized_is_resource_exhausted(headers: &mut http::HeaderMap) -> Option<tonic::Code> {
+    let code = headers.get("grpc-status")?.to_str().ok()?.parse::<i32>().ok().map(tonic::Code::from)?;
+    let too_large = headers.get("grpc-message").is_some_and(|m| {
+        let m = m.as_bytes();
+        m.windows(b"too%20large".len()).any(|w| w == b"too%20large") || m.windows(b"too large".len()).any(|w| w == b"too large")
+    });
+    if code == tonic::Code::OutOfRange && too_large {
+        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+        return Some(tonic::Code::ResourceExhausted);
+    }
+    Some(code)
+}
+
+/// A response body that keeps its call's place until it is finished or dropped, and is read
+/// within its scope (a stream's answers are made as it is read).
 struct Holding<B> {
     body: B,
     _place: Option<Place>,
+    scope: Option<Arc<Scope>>,
 }
 
 impl<B: http_body::Body + Unpin> http_body::Body for Holding<B> {
@@ -148,7 +239,11 @@ impl<B: http_body::Body + Unpin> http_body::Body for Holding<B> {
     type Error = B::Error;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        let Holding { body, scope, .. } = &mut *self;
+        match scope {
+            Some(scope) => scope.around_sync(|| Pin::new(body).poll_frame(cx)),
+            None => Pin::new(body).poll_frame(cx),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
@@ -166,7 +261,7 @@ mod tests {
 
     #[test]
     fn places_are_limited_and_given_back_and_a_drain_refuses_new_calls() {
-        let admission = Admission::new(2, Drain::default());
+        let admission = Admission::new(&Limits { max_concurrent_requests: 2, ..Limits::default() }, Drain::default());
         let embed = "/embedding.v1.EmbeddingService/Embed";
         let a = admission.admit(embed).unwrap().expect("a place");
         let _b = admission.admit("/embedding.v1.EmbeddingService/EmbedStream").unwrap().expect("a place");

@@ -2,9 +2,14 @@
 //! and its log line, and the stage times in the response metadata, in milliseconds, under the
 //! names text-embeddings-inference uses (`x-tokenization-time`, `x-queue-time`,
 //! `x-inference-time`, plus `x-launch-time`, `x-serialization-time` and `x-total-time`). A call the client
-//! abandons is recorded as CANCELLED when its handler is dropped.
+//! abandons is recorded as CANCELLED when its handler is dropped, one dropped after its deadline
+//! as DEADLINE_EXCEEDED. Calls answered without a handler (refused at admission or while their
+//! message was read, or whose deadline passed first) are recorded by the layer in front of the
+//! service through [`unhandled`], knowing from their [`Scope`] that no handler did.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tonic::metadata::{MetadataMap, MetadataValue};
@@ -53,25 +58,83 @@ pub fn request_id<T>(req: &Request<T>, in_message: &str) -> String {
     format!("{epoch:x}-{:x}", NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
+tokio::task_local! {
+    /// The scope of the call whose handler is being polled. A task-local, because the handler's
+    /// [`Call`] is made inside tonic's generated code, which hands nothing else down from the layer.
+    static SCOPE: Arc<Scope>;
+}
+
+/// What the layer in front of the service knows of a call, for the [`Call`]s made while it runs:
+/// the deadline (past it, a dropped call was cut by it rather than abandoned), the largest message
+/// the call may answer with, and, back to the layer, whether a handler recorded the call.
+pub struct Scope {
+    deadline: Option<Instant>,
+    max_message: usize,
+    recorded: AtomicBool,
+}
+
+impl Scope {
+    pub fn new(deadline: Option<Instant>, max_message: usize) -> Arc<Scope> {
+        Arc::new(Scope { deadline, max_message, recorded: AtomicBool::new(false) })
+    }
+
+    /// `f` with this scope around every poll (and its drop).
+    pub fn around<F: Future>(self: &Arc<Self>, f: F) -> impl Future<Output = F::Output> {
+        SCOPE.scope(Arc::clone(self), f)
+    }
+
+    /// `f` run within this scope.
+    pub fn around_sync<R>(self: &Arc<Self>, f: impl FnOnce() -> R) -> R {
+        SCOPE.sync_scope(Arc::clone(self), f)
+    }
+
+    /// Whether a [`Call`] was started within this scope (it then records the call itself).
+    pub fn recorded(&self) -> bool {
+        self.recorded.load(Ordering::Acquire)
+    }
+}
+
+/// Records a call of `rpc` answered with `code` before any handler ran (so its model is not
+/// known).
+pub fn unhandled(rpc: &'static str, code: tonic::Code, elapsed: Duration) {
+    metrics::record_request(rpc, "unknown", code, elapsed);
+    tracing::debug!(rpc, code = metrics::code_name(code), total_ms = %ms(elapsed), "answered before reaching the service");
+}
+
 /// An RPC in progress. [`Call::finish`] records its metrics, logs it and answers with the request
-/// id and stage times in the metadata; a call dropped unfinished (the client cancelled or went
-/// away) is recorded as CANCELLED.
+/// id and stage times in the metadata; a call dropped unfinished is recorded as CANCELLED (the
+/// client cancelled or went away), or DEADLINE_EXCEEDED once its deadline has passed.
 pub struct Call {
     rpc: &'static str,
     model: String,
     id: String,
     started: Instant,
     done: bool,
+    scope: Option<Arc<Scope>>,
 }
 
 impl Call {
     pub fn start(rpc: &'static str, model: String, id: String) -> Call {
-        Call { rpc, model, id, started: Instant::now(), done: false }
+        let scope = SCOPE.try_with(Arc::clone).ok();
+        if let Some(s) = &scope {
+            s.recorded.store(true, Ordering::Release);
+        }
+        Call { rpc, model, id, started: Instant::now(), done: false, scope }
     }
 
-    pub fn finish<T>(mut self, result: Result<(T, Option<Timings>), Status>) -> Result<Response<T>, Status> {
+    /// Records and answers `result`; an answer over the scope's message limit becomes
+    /// RESOURCE_EXHAUSTED here, before it is counted (tonic would only find out while sending it,
+    /// with OUT_OF_RANGE, after the headers had gone out).
+    pub fn finish<T: prost::Message>(mut self, result: Result<(T, Option<Timings>), Status>) -> Result<Response<T>, Status> {
         self.done = true;
         let total = self.started.elapsed();
+        let limit = self.scope.as_ref().map_or(usize::MAX, |s| s.max_message);
+        let result = match result {
+            Ok((message, _)) if message.encoded_len() > limit => Err(Status::from(crate::error::Error::TooLarge(format!(
+                "the response is too large: {} bytes, the limit (limits.max_message_bytes) is {limit} bytes", message.encoded_len()
+            )))),
+            r => r,
+        };
         let code = result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok);
         metrics::record_request(self.rpc, &self.model, code, total);
         let (rpc, model, id) = (self.rpc, self.model.as_str(), self.id.as_str());
@@ -113,11 +176,14 @@ impl Call {
 
 impl Drop for Call {
     fn drop(&mut self) {
-        if !self.done {
-            let total = self.started.elapsed();
-            metrics::record_request(self.rpc, &self.model, tonic::Code::Cancelled, total);
-            tracing::debug!(rpc = self.rpc, model = %self.model, request_id = %self.id, total_ms = %ms(total), "cancelled by the client");
+        if self.done {
+            return;
         }
+        let total = self.started.elapsed();
+        let expired = self.scope.as_ref().and_then(|s| s.deadline).is_some_and(|d| Instant::now() >= d);
+        let (code, why) = if expired { (tonic::Code::DeadlineExceeded, "cut by its deadline") } else { (tonic::Code::Cancelled, "cancelled by the client") };
+        metrics::record_request(self.rpc, &self.model, code, total);
+        tracing::debug!(rpc = self.rpc, model = %self.model, request_id = %self.id, total_ms = %ms(total), "{why}");
     }
 }
 
@@ -161,5 +227,18 @@ mod tests {
         let ok = call("id-2").finish(Ok(((), Some(t)))).unwrap();
         assert_eq!(ok.metadata().get("x-tokenization-time").unwrap(), "1.500");
         assert_eq!(ok.metadata().get("x-request-id").unwrap(), "id-2");
+    }
+
+    #[test]
+    fn an_answer_over_the_message_limit_of_its_scope_is_resource_exhausted_naming_the_limit() {
+        let answer = crate::grpc::pb::TokenizeResponse { ids: vec![1; 100], ..Default::default() };
+        let scope = Scope::new(None, 64);
+        let status = scope.around_sync(|| call("id-3").finish(Ok((answer.clone(), None)))).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(status.message().contains("response is too large") && status.message().contains("64 bytes"), "{}", status.message());
+        assert!(scope.recorded());
+        // Outside any scope (and within one that allows it) the answer goes out.
+        assert!(call("id-4").finish(Ok((answer.clone(), None))).is_ok());
+        assert!(Scope::new(None, 1 << 20).around_sync(|| call("id-5").finish(Ok((answer, None)))).is_ok());
     }
 }

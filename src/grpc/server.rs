@@ -228,8 +228,7 @@ pub async fn serve_engine(
     }
     let served = builder
         .layer(tower::util::option_layer(auth))
-        .layer(tower::util::MapResponseLayer::new(oversized_is_resource_exhausted))
-        .layer(Admission::new(config.limits.max_concurrent_requests, drain))
+        .layer(Admission::new(&config.limits, drain))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -268,19 +267,4 @@ fn incoming(listener: TcpListener) -> TcpIncoming {
     TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(std::time::Duration::from_secs(60)))
-}
-
-/// tonic answers a request over `max_message_bytes` with OUT_OF_RANGE; gRPC's status-code guide
-/// (and the other implementations) say RESOURCE_EXHAUSTED, which is what clients retry on.
-fn oversized_is_resource_exhausted<B>(mut resp: http::Response<B>) -> http::Response<B> {
-    let headers = resp.headers_mut();
-    let out_of_range = headers.get("grpc-status").is_some_and(|v| v == "11");
-    let too_large = headers.get("grpc-message").is_some_and(|m| {
-        let m = m.as_bytes();
-        m.windows(b"too%20large".len()).any(|w| w == b"too%20large") || m.windows(b"too large".len()).any(|w| w == b"too large")
-    });
-    if out_of_range && too_large {
-        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
-    }
-    resp
 }

@@ -9,6 +9,7 @@ use mlx_embed::models::{EmbeddingModel, LoadOptions, PromptChoice};
 use serde::Deserialize;
 
 pub mod fake_hub;
+pub mod raw;
 pub mod server;
 
 static MLX: Mutex<()> = Mutex::new(());
@@ -199,4 +200,16 @@ pub fn metrics_addr(log: &Mutex<String>) -> String {
 pub fn scrape_value(metrics_addr: &str, series: &str) -> Option<f64> {
     let text = ureq::get(&format!("http://{metrics_addr}/metrics")).call().unwrap().body_mut().read_to_string().unwrap();
     text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// The sum of the series of `name` whose labels include every one of `labels` (`code="OK"`),
+/// at `GET /metrics` (0 when none is exported).
+pub fn scrape_sum(metrics_addr: &str, name: &str, labels: &[&str]) -> f64 {
+    let text = ureq::get(&format!("http://{metrics_addr}/metrics")).call().unwrap().body_mut().read_to_string().unwrap();
+    text.lines()
+        .filter_map(|l| l.strip_prefix(name)?.strip_prefix('{'))
+        .filter_map(|l| l.rsplit_once("} "))
+        .filter(|(series, _)| labels.iter().all(|want| series.split(',').any(|label| label == *want)))
+        .map(|(_, v)| v.trim().parse::<f64>().unwrap())
+        .sum()
 }

@@ -158,24 +158,27 @@ async fn a_response_over_the_message_limit_is_resource_exhausted_and_counted_so(
 }
 
 /// Calls refused while their message is read (bytes that are not an EmbedRequest, a message over
-/// `max_message_bytes`) get INVALID_ARGUMENT and RESOURCE_EXHAUSTED and are counted under those
-/// codes, as model `unknown` (the model's name was never read).
+/// `max_message_bytes`) get INVALID_ARGUMENT and RESOURCE_EXHAUSTED, in a unary call and on a
+/// stream alike, and are counted under those codes, as model `unknown` (the model's name was never
+/// read).
 #[tokio::test]
 async fn calls_refused_while_their_message_is_read_are_counted() {
     let addr = server().addr.to_string();
-    let count = |t: &str, code: &str| value(t, &format!(r#"mlx_embed_requests_total{{rpc="Embed",model="unknown",code="{code}"}}"#)).unwrap_or(0.0);
-    let before = scrape();
     // Field 1 (`model`, a string) holding bytes that are not UTF-8.
     let malformed = vec![0x0a, 0x02, 0xff, 0xfe];
     let too_large = request("qwen", vec![text(&"x".repeat(70_000))]).encode_to_vec();
-    for (message, code) in [(malformed, Code::InvalidArgument), (too_large, Code::ResourceExhausted)] {
-        let call = RawCall { path: "/embedding.v1.EmbeddingService/Embed", timeout: None, message, after: Duration::ZERO };
-        let answer = raw::call(&addr, call).await;
-        assert_eq!(answer.code, code, "{answer:?}");
+    for rpc in ["Embed", "EmbedStream"] {
+        let count = |t: &str, code: &str| value(t, &format!(r#"mlx_embed_requests_total{{rpc="{rpc}",model="unknown",code="{code}"}}"#)).unwrap_or(0.0);
+        let before = scrape();
+        for (message, code) in [(malformed.clone(), Code::InvalidArgument), (too_large.clone(), Code::ResourceExhausted)] {
+            let path = format!("/embedding.v1.EmbeddingService/{rpc}");
+            let answer = raw::call(&addr, RawCall { path: &path, timeout: None, message, after: Duration::ZERO }).await;
+            assert_eq!(answer.code, code, "{rpc}: {answer:?}");
+        }
+        let after = scrape();
+        assert_eq!(count(&after, "INVALID_ARGUMENT") - count(&before, "INVALID_ARGUMENT"), 1.0, "{rpc}");
+        assert_eq!(count(&after, "RESOURCE_EXHAUSTED") - count(&before, "RESOURCE_EXHAUSTED"), 1.0, "{rpc}");
     }
-    let after = scrape();
-    assert_eq!(count(&after, "INVALID_ARGUMENT") - count(&before, "INVALID_ARGUMENT"), 1.0);
-    assert_eq!(count(&after, "RESOURCE_EXHAUSTED") - count(&before, "RESOURCE_EXHAUSTED"), 1.0);
 }
 
 /// `method /metrics` over HTTP/1.1, as the server wrote the answer.

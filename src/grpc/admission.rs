@@ -16,9 +16,10 @@
 //!   after calling the service), and a poll finds this layer's deadline passed whenever tonic's
 //!   has, so this answer always comes first.
 //! - Calls answered before a handler ran (refused here, refused by tonic while reading the message,
-//!   or cut by their deadline first) are recorded here ([`observe::unhandled`]); the handlers record
-//!   the rest. A request over `max_message_bytes` is answered RESOURCE_EXHAUSTED, not tonic's
-//!   OUT_OF_RANGE; answers over it are refused by the handler's [`observe::Call`].
+//!   or cut by their deadline first), and stream messages refused as they were read, are recorded
+//!   here ([`observe::unhandled`]); the handlers record the rest. A message over
+//!   `max_message_bytes` is answered RESOURCE_EXHAUSTED, not tonic's OUT_OF_RANGE; answers over it
+//!   are refused by the handler's [`observe::Call`].
 
 use std::future::Future;
 use std::pin::Pin;
@@ -162,8 +163,8 @@ where
             let answer = self.inner.call(req);
             return Box::pin(async move {
                 let mut resp = answer.await?;
-                oversized_is_resource_exhausted(resp.headers_mut());
-                Ok(resp.map(|body| tonic::body::Body::new(Holding { body, _place: place, scope: None })))
+                status_of(resp.headers_mut());
+                Ok(resp.map(|body| tonic::body::Body::new(Holding { body, _place: place, scope: None, rpc: None, arrived })))
             });
         };
         // The same deadline as the handler's (service.rs, `Deadline`): from the same arrival.
@@ -200,38 +201,45 @@ where
                 return Ok(status.into_http());
             };
             let mut resp = resp?;
-            let code = oversized_is_resource_exhausted(resp.headers_mut());
             // A status in the headers without a handler's record: tonic refused the message.
-            if let (Some(code), false) = (code, scope.recorded()) {
+            if let (Some((code, _)), false) = (status_of(resp.headers_mut()), scope.recorded()) {
                 observe::unhandled(rpc, code, arrived.elapsed());
             }
-            Ok(resp.map(|body| tonic::body::Body::new(Holding { body, _place: place, scope: Some(body_scope) })))
+            Ok(resp.map(|body| tonic::body::Body::new(Holding { body, _place: place, scope: Some(body_scope), rpc: Some(rpc), arrived })))
         })
     }
 }
 
-/// The status in a response's headers (a call answered without a message), with tonic's
-/// OUT_OF_RANGE for a request over the message limit turned into RESOURCE_EXHAUSTED: what gRPC's
-/// status-code guide (and the other implementations) say, and what clients retry on.
-fn oversized_is_resource_exhausted(headers: &mut http::HeaderMap) -> Option<tonic::Code> {
+/// The status in a response's headers or trailers, with tonic's OUT_OF_RANGE for a request over
+/// the message limit turned into RESOURCE_EXHAUSTED (what gRPC's status-code guide and the other
+/// implementations say, and what clients retry on); and whether it refuses a message as it was
+/// read (too large, or not decodable).
+fn status_of(headers: &mut http::HeaderMap) -> Option<(tonic::Code, bool)> {
     let code = headers.get("grpc-status")?.to_str().ok()?.parse::<i32>().ok().map(tonic::Code::from)?;
-    let too_large = headers.get("grpc-message").is_some_and(|m| {
-        let m = m.as_bytes();
-        m.windows(b"too%20large".len()).any(|w| w == b"too%20large") || m.windows(b"too large".len()).any(|w| w == b"too large")
-    });
-    if code == tonic::Code::OutOfRange && too_large {
+    let says = |text: &str| {
+        headers.get("grpc-message").is_some_and(|m| {
+            let (m, plain, encoded) = (m.as_bytes(), text.as_bytes(), text.replace(' ', "%20"));
+            m.windows(plain.len()).any(|w| w == plain) || m.windows(encoded.len()).any(|w| w == encoded.as_bytes())
+        })
+    };
+    if code == tonic::Code::OutOfRange && says("too large") {
         headers.insert("grpc-status", http::HeaderValue::from_static("8"));
-        return Some(tonic::Code::ResourceExhausted);
+        return Some((tonic::Code::ResourceExhausted, true));
     }
-    Some(code)
+    Some((code, code == tonic::Code::InvalidArgument && says(crate::grpc::codec::MALFORMED)))
 }
 
 /// A response body that keeps its call's place until it is finished or dropped, and is read
-/// within its scope (a stream's answers are made as it is read).
+/// within its scope (a stream's answers are made as it is read). Its trailers get the code of a
+/// message over the limit right, and a message the stream refused as it was read is recorded
+/// there (no handler saw it).
 struct Holding<B> {
     body: B,
     _place: Option<Place>,
     scope: Option<Arc<Scope>>,
+    /// The method, when it is one of the service's.
+    rpc: Option<&'static str>,
+    arrived: Instant,
 }
 
 impl<B: http_body::Body + Unpin> http_body::Body for Holding<B> {
@@ -239,11 +247,19 @@ impl<B: http_body::Body + Unpin> http_body::Body for Holding<B> {
     type Error = B::Error;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
-        let Holding { body, scope, .. } = &mut *self;
-        match scope {
+        let Holding { body, scope, rpc, arrived, .. } = &mut *self;
+        let mut polled = match scope {
             Some(scope) => scope.around_sync(|| Pin::new(body).poll_frame(cx)),
             None => Pin::new(body).poll_frame(cx),
+        };
+        if let Poll::Ready(Some(Ok(frame))) = &mut polled {
+            if let Some((code, true)) = frame.trailers_mut().and_then(status_of) {
+                if let Some(rpc) = rpc {
+                    observe::unhandled(rpc, code, arrived.elapsed());
+                }
+            }
         }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

@@ -6,6 +6,10 @@ use tonic::codec::{Codec, DecodeBuf, Decoder};
 use tonic::Status;
 use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 
+/// How the status of a message that does not decode begins (the service's own refusals name a
+/// field instead, so this tells them apart).
+pub const MALFORMED: &str = "malformed message";
+
 pub struct StrictCodec<T, U>(ProstCodec<T, U>);
 
 impl<T, U> Default for StrictCodec<T, U> {
@@ -40,7 +44,7 @@ impl<U: Message + Default> Decoder for StrictDecoder<U> {
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
-        self.0.decode(buf).map_err(|s| Status::invalid_argument(format!("malformed message: {}", s.message())))
+        self.0.decode(buf).map_err(|s| Status::invalid_argument(format!("{MALFORMED}: {}", s.message())))
     }
 
     fn buffer_settings(&self) -> tonic::codec::BufferSettings {

@@ -113,6 +113,34 @@ async fn health_covers_the_server_and_each_model() {
     }
 }
 
+/// The health protocol's Watch: for a name the server does not know it sends SERVICE_UNKNOWN and
+/// keeps the stream open (the name could appear later); for a model it sends the model's status.
+/// Check of an unknown name stays NOT_FOUND.
+#[tokio::test]
+async fn health_watch_of_an_unknown_name_says_service_unknown_and_stays_open() {
+    use std::time::Duration;
+    use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
+    let channel = Channel::from_shared(format!("http://{}", server().addr)).unwrap().connect().await.unwrap();
+    let mut h = HealthClient::new(channel);
+    let mut unknown = h.watch(HealthCheckRequest { service: "nope".into() }).await.expect("Watch accepted").into_inner();
+    let first = unknown.message().await.expect("a status, not an error").expect("a first message");
+    assert_eq!(first.status, ServingStatus::ServiceUnknown as i32);
+    let next = tokio::time::timeout(Duration::from_millis(300), unknown.message()).await;
+    assert!(next.is_err(), "the stream should stay open, got {next:?}");
+    let mut known = h.watch(HealthCheckRequest { service: "qwen".into() }).await.unwrap().into_inner();
+    assert_eq!(known.message().await.unwrap().unwrap().status, ServingStatus::Serving as i32);
+    let check = h.check(HealthCheckRequest { service: "nope".into() }).await.unwrap_err();
+    assert_eq!(check.code(), tonic::Code::NotFound);
+}
+
+/// grpcurl (grpc-go) sees the same: SERVICE_UNKNOWN, then nothing until its own deadline ends the
+/// call.
+#[test]
+fn grpcurl_watching_an_unknown_name_gets_service_unknown_until_its_deadline() {
+    let (ok, out) = grpcurl(&["-max-time", "1", "-d", r#"{"service":"nope"}"#], &["grpc.health.v1.Health/Watch"]);
+    assert!(!ok && out.contains("\"SERVICE_UNKNOWN\"") && out.contains("DeadlineExceeded"), "{out}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sixty_four_concurrent_clients_get_their_own_vectors_and_batches_form() {
     let inputs: Vec<(&str, String)> = ["qwen", "gemma"].iter()

@@ -17,6 +17,8 @@ pub mod auth;
 #[cfg(feature = "server")]
 pub mod convert;
 #[cfg(feature = "server")]
+pub mod health;
+#[cfg(feature = "server")]
 pub mod observe;
 #[cfg(feature = "server")]
 pub mod service;

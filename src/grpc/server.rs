@@ -168,7 +168,7 @@ pub async fn serve_engine(
         None => None,
     };
     let drain = Drain::default();
-    let (reporter, health) = tonic_health::server::health_reporter();
+    let (reporter, health) = crate::grpc::health::health_reporter();
     reporter.set_service_status("", ServingStatus::Serving).await;
     for (i, name) in engine.model_names().enumerate() {
         reporter.set_service_status(name, ServingStatus::NotServing).await;

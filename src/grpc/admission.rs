@@ -176,22 +176,8 @@ where
         // The response body (a stream's answers) makes its own calls, each with its own deadline.
         let body_scope = Scope::new(None, self.admission.max_message);
         Box::pin(async move {
-            let answered = {
-                let mut answer = std::pin::pin!(answer);
-                let mut expiry = std::pin::pin!(tokio::time::sleep_until(deadline.into()));
-                std::future::poll_fn(|cx| {
-                    if let Poll::Ready(resp) = answer.as_mut().poll(cx) {
-                        return Poll::Ready(Some(resp));
-                    }
-                    // The clock, not only the timer: tonic's timer may have fired first.
-                    if Instant::now() >= deadline || expiry.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(None);
-                    }
-                    Poll::Pending
-                })
-                .await
-                // A handler cut here is dropped within its scope: its Call records the deadline.
-            };
+            // A handler cut by the deadline is dropped in there; its Call records DEADLINE_EXCEEDED.
+            let answered = before(deadline, answer).await;
             let Some(resp) = answered else {
                 let why = if scope.recorded() { "the answer was ready" } else { "the request had arrived in full" };
                 if !scope.recorded() {
@@ -208,6 +194,24 @@ where
             Ok(resp.map(|body| tonic::body::Body::new(Holding { body, _place: place, scope: Some(body_scope), rpc: Some(rpc), arrived })))
         })
     }
+}
+
+/// The output of `answer`, or `None` once `deadline` has passed (`answer` then dropped unfinished).
+/// It reads the clock whenever it is polled, not only its timer: tonic's `grpc-timeout` timer
+/// wakes the task when it fires, and this has to find the deadline passed then, before tonic does.
+async fn before<F: Future>(deadline: Instant, answer: F) -> Option<F::Output> {
+    let mut answer = std::pin::pin!(answer);
+    let mut expiry = std::pin::pin!(tokio::time::sleep_until(deadline.into()));
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(out) = answer.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        if Instant::now() >= deadline || expiry.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// The status in a response's headers or trailers, with tonic's OUT_OF_RANGE for a request over

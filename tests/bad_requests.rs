@@ -93,6 +93,12 @@ async fn bad_requests_to_the_other_calls_get_their_codes() {
     assert_eq!(s.code(), Code::InvalidArgument);
     let s = c.tokenize(pb::TokenizeRequest { model: "absent".into(), text: "x".into(), ..Default::default() }).await.unwrap_err();
     assert_eq!(s.code(), Code::Unavailable);
+    // An empty text is refused by Tokenize as by Embed, prompt or not.
+    for prompt_name in ["", "query"] {
+        let s = c.tokenize(pb::TokenizeRequest { model: "qwen".into(), prompt_name: prompt_name.into(), ..Default::default() }).await.unwrap_err();
+        assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+        assert_eq!(s.get_details_bad_request().unwrap().field_violations[0].field, "text");
+    }
 }
 
 /// A vector item whose norm is zero (or too small to divide by) is returned as is when

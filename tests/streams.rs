@@ -135,7 +135,7 @@ async fn unary_calls_on_the_connection_of_a_bulk_stream_are_unaffected() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_too_far_ahead_of_its_answers_is_ended_and_the_connection_lives_on() {
     // Paced to 50 texts a second, with room for about 64 messages ahead.
-    let (_dir, _child, addr, _log) =
+    let (_dir, _child, addr, log) =
         tokio::task::spawn_blocking(|| serve("limits: {max_stream_items_per_second: 50, max_stream_pending_bytes: 20000}")).await.unwrap();
     let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
     let mut c = EmbeddingServiceClient::new(channel);
@@ -155,6 +155,8 @@ async fn a_stream_too_far_ahead_of_its_answers_is_ended_and_the_connection_lives
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert!(status.message().contains("max_stream_pending_bytes"), "{}", status.message());
     assert!(answered >= 50, "only {answered} answers before the end");
+    let counted = scrape_value(&metrics_addr(&log), r#"mlx_embed_requests_total{rpc="EmbedStream",model="",code="RESOURCE_EXHAUSTED"}"#);
+    assert_eq!(counted, Some(1.0), "the stream's end is counted");
     // The same connection still serves.
     assert!(c.embed(request("q", vec![text("after")])).await.is_ok());
 }
@@ -177,6 +179,8 @@ async fn an_idle_stream_is_ended_and_its_place_given_back() {
         .expect("the idle stream was never ended").unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     assert!(status.message().contains("stream_idle_timeout"), "{}", status.message());
+    let counted = scrape_value(&metrics, r#"mlx_embed_requests_total{rpc="EmbedStream",model="",code="DEADLINE_EXCEEDED"}"#);
+    assert_eq!(counted, Some(1.0), "the stream's end is counted");
     let t0 = Instant::now();
     while c.embed(request("q", vec![text("after the idle stream")])).await.is_err() {
         assert!(t0.elapsed() < Duration::from_secs(5), "the idle stream's place was never given back");

@@ -71,7 +71,7 @@ impl Inner {
         }
         let idx = self.engine.model_index(name).ok_or_else(|| {
             let known: Vec<&str> = self.engine.model_names().collect();
-            Error::NotFound(format!("no model named `{name}` (available: {})", known.join(", ")))
+            Error::NotFound(format!("no model named {} (available: {})", crate::error::quote(name), known.join(", ")))
         })?;
         match self.engine.status(idx) {
             ModelStatus::Ready(pre) => Ok((idx, pre)),
@@ -145,7 +145,7 @@ impl Inner {
     async fn tokenize(&self, req: pb::TokenizeRequest) -> Result<pb::TokenizeResponse> {
         let (idx, pre) = self.ready(&req.model)?;
         let cfg = &self.models[idx];
-        convert::check_length("text", &req.text, self.max_text_bytes)?;
+        convert::check_text("text", &req.text, self.max_text_bytes)?;
         convert::check_length("instruction", &req.instruction, self.max_text_bytes)?;
         let (prompt, truncation) = convert::text_options(&pre, cfg, req.input_type, &req.prompt_name, &req.instruction, req.truncation)?;
         let max_tokens = cfg.max_tokens;
@@ -260,10 +260,10 @@ impl EmbeddingService for Service {
                 let inner = Arc::clone(&inner);
                 async move {
                     let q = r?;
-                    if inner.drain.is_draining() {
-                        return Err(Status::from(Drain::refusal()));
-                    }
                     let call = inner.call("EmbedStream", &Request::new(()), &q.request.model, &q.request.request_id);
+                    if inner.drain.is_draining() {
+                        return Err(call.finish::<pb::EmbedResponse>(Err(Status::from(Drain::refusal()))).unwrap_err());
+                    }
                     let result = inner.within_deadline(Deadline::none(), inner.embed(q.request)).await;
                     let answer = call.finish(result.map(|(r, t)| (r, Some(t))).map_err(Status::from)).map(Response::into_inner);
                     Ok((answer?, q.cost))
@@ -288,7 +288,7 @@ impl EmbeddingService for Service {
         let name = req.into_inner().model;
         let result = self.inner.engine.model_index(&name)
             .map(|idx| (self.inner.describe(idx), None))
-            .ok_or_else(|| Status::from(Error::NotFound(format!("no model named `{name}`"))));
+            .ok_or_else(|| Status::from(Error::NotFound(format!("no model named {}", crate::error::quote(&name)))));
         call.finish(result)
     }
 

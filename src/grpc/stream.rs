@@ -23,6 +23,7 @@ use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
 use crate::error::Error;
+use crate::grpc::observe::Call;
 use crate::grpc::pb;
 
 /// What a queued message costs beyond its bytes (h2 charges small frames about as much).
@@ -87,14 +88,14 @@ async fn read(mut incoming: Streaming<pb::EmbedRequest>, tx: mpsc::UnboundedSend
                 continue;
             }
             Err(_) if last_activity().elapsed() < limits.idle_timeout => continue,
-            Err(_) => Err(Status::from(Error::DeadlineExceeded(format!(
+            Err(_) => Err(ended(Error::DeadlineExceeded(format!(
                 "the stream sent nothing for {:?} with no answer owed (limits.stream_idle_timeout)", limits.idle_timeout)))),
             Ok(Ok(Some(request))) => {
                 let cost = request.encoded_len() + MESSAGE_OVERHEAD;
                 let pending = ledger.pending.fetch_add(cost, Ordering::SeqCst) + cost;
                 ledger.touch();
                 if pending > limits.max_pending {
-                    Err(Status::from(Error::Overloaded(format!(
+                    Err(ended(Error::Overloaded(format!(
                         "the stream ran {pending} bytes ahead of its answers, past limits.max_stream_pending_bytes ({}); \
                          wait for answers before sending more", limits.max_pending))))
                 } else {
@@ -108,5 +109,15 @@ async fn read(mut incoming: Streaming<pb::EmbedRequest>, tx: mpsc::UnboundedSend
         if tx.send(outcome).is_err() || last {
             return;
         }
+    }
+}
+
+/// The status that ends a stream for a reason of ours (idle, too far ahead), counted as an
+/// `EmbedStream` call as each answered message is.
+fn ended(e: Error) -> Status {
+    let status = Status::from(e);
+    match Call::start("EmbedStream", String::new(), String::new()).finish::<pb::EmbedResponse>(Err(status.clone())) {
+        Err(recorded) => recorded,
+        Ok(_) => status,
     }
 }

@@ -1,6 +1,6 @@
 //! The MLX bridge turns C++ exceptions into Rust errors (a bad shape must not abort the process),
-//! round-trips data and dtypes, and computes what the fused kernels (MLX's, and ours on the CPU)
-//! promise.
+//! round-trips data and dtypes, computes what the fused kernels (MLX's, and ours on the CPU)
+//! promise, and keeps freed memory within the cache limit it is given.
 
 mod common;
 
@@ -725,4 +725,33 @@ fn cuda_kernels_are_compiled_once_into_the_cache_folder() {
     std::fs::write(&file_in_the_way, "x").unwrap();
     let err = mlx_embed::mlx::compile_cuda_kernel(&lib, &file_in_the_way.join("ptx"), "mlx_embed_test", source, "sm_90a").unwrap_err().to_string();
     assert!(err.contains("file"), "{err}");
+}
+
+/// Computes `a·a + a` on a 4 MiB array and drops everything: 12 MiB of buffers freed.
+fn free_three_buffers() {
+    let a = Array::from_f32(&vec![0.5; 1 << 20], &[1024, 1024]).unwrap();
+    a.multiply(&a).unwrap().add(&a).unwrap().eval().unwrap();
+}
+
+#[test]
+fn mlx_keeps_freed_buffers_up_to_its_cache_limit_and_hands_them_back_on_request() {
+    use mlx_embed::mlx::{memory, memory_stats};
+    let _g = mlx_lock();
+    let before = memory::set_cache_limit(1 << 20).unwrap();
+    assert_eq!(memory::set_cache_limit(1 << 20).unwrap(), 1 << 20, "MLX holds the limit set");
+    memory::clear_cache().unwrap();
+    free_three_buffers();
+    // The CPU allocator keeps a buffer only if it fits under the limit; the GPU ones while they
+    // are under it (so one buffer past it).
+    assert!(memory_stats().cache <= 5 << 20, "{:?}", memory_stats());
+    memory::set_cache_limit(256 << 20).unwrap();
+    free_three_buffers();
+    assert!(memory_stats().cache >= 8 << 20, "{:?}", memory_stats());
+    memory::release_free_memory().unwrap();
+    assert_eq!(memory_stats().cache, 0);
+    let limit = memory::set_memory_limit(123 << 20).unwrap();
+    assert_eq!(memory::memory_limit().unwrap(), 123 << 20);
+    memory::set_memory_limit(limit).unwrap();
+    memory::set_cache_limit(before).unwrap();
+    assert!(memory::device_memory().is_some_and(|b| b > 1 << 28), "{:?}", memory::device_memory());
 }

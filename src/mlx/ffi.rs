@@ -235,6 +235,15 @@ pub(crate) mod ffi {
         fn active_memory() -> usize;
         fn peak_memory() -> usize;
         fn cache_memory() -> usize;
+        /// Returns the limit before.
+        fn set_memory_limit(limit: usize) -> Result<usize>;
+        fn memory_limit() -> Result<usize>;
+        /// Returns the limit before.
+        fn set_cache_limit(limit: usize) -> Result<usize>;
+        fn clear_cache() -> Result<()>;
+        /// A size the GPU backend reports about device 0 (`mlx::core::gpu::device_info`), by key;
+        /// an error if it has none under that key.
+        fn gpu_info_size(key: &str) -> Result<usize>;
 
         // ---- the CUDA kernels' compiler (nvrtc.h)
         fn nvrtc_store(library: &str, dir: &str, name: &str, source: &str, arch: &str) -> Result<StoredKernel>;

@@ -1,4 +1,5 @@
-//! Safe MLX for the rest of the crate: [`Array`], [`Dtype`] and device/memory queries.
+//! Safe MLX for the rest of the crate: [`Array`], [`Dtype`], device queries and [`memory`]
+//! (MLX's counters, limits and cache).
 //!
 //! This is the only module that names `cxx` or the FFI. Every operation returns
 //! [`Result`]: MLX reports bad shapes and other misuse with C++ exceptions, which arrive here as
@@ -7,8 +8,10 @@
 
 mod array;
 mod ffi;
+pub mod memory;
 
 pub use array::{Array, Compiled, TensorFile};
+pub use memory::{memory_stats, MemoryStats};
 pub use ffi::ffi::{Activation, Dtype};
 
 /// An error raised by MLX (a C++ exception) or by the bridge around it.
@@ -70,22 +73,6 @@ pub fn gpu_is_available() -> bool {
 /// Makes the GPU (or the CPU) the device every later operation of this thread runs on.
 pub fn set_default_device(gpu: bool) -> Result<()> {
     Ok(ffi::ffi::set_default_device(gpu)?)
-}
-
-/// MLX's allocator counters, in bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MemoryStats {
-    pub active: usize,
-    pub peak: usize,
-    pub cache: usize,
-}
-
-pub fn memory_stats() -> MemoryStats {
-    MemoryStats {
-        active: ffi::ffi::active_memory(),
-        peak: ffi::ffi::peak_memory(),
-        cache: ffi::ffi::cache_memory(),
-    }
 }
 
 /// Where the fused CUDA kernels' compiled images are kept (see `src/mlx/nvrtc.h`), once a model

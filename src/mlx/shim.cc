@@ -356,6 +356,13 @@ rust::String version() { return rust::String(mx::version()); }
 size_t active_memory() { return mx::get_active_memory(); }
 size_t peak_memory() { return mx::get_peak_memory(); }
 size_t cache_memory() { return mx::get_cache_memory(); }
+size_t set_memory_limit(size_t limit) { return mx::set_memory_limit(limit); }
+size_t memory_limit() { return mx::get_memory_limit(); }
+size_t set_cache_limit(size_t limit) { return mx::set_cache_limit(limit); }
+void clear_cache() { mx::clear_cache(); }
+size_t gpu_info_size(rust::Str key) {
+  return std::get<size_t>(mx::gpu::device_info(0).at(std::string(key)));
+}
 
 StoredKernel nvrtc_store(rust::Str library, rust::Str dir, rust::Str name, rust::Str source, rust::Str arch) {
   const auto stored = nvrtc::store(*nvrtc::open(std::string(library)), std::string(dir), std::string(name),

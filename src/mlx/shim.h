@@ -134,6 +134,11 @@ rust::String version();
 size_t active_memory();
 size_t peak_memory();
 size_t cache_memory();
+size_t set_memory_limit(size_t limit);
+size_t memory_limit();
+size_t set_cache_limit(size_t limit);
+void clear_cache();
+size_t gpu_info_size(rust::Str key);
 
 struct StoredKernel;
 StoredKernel nvrtc_store(rust::Str library, rust::Str dir, rust::Str name, rust::Str source, rust::Str arch);

@@ -34,6 +34,8 @@ pub struct Config {
     #[serde(default)]
     pub batching: Batching,
     #[serde(default)]
+    pub memory: MemoryConfig,
+    #[serde(default)]
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub auth: AuthConfig,
@@ -214,6 +216,106 @@ impl Default for Batching {
     }
 }
 
+/// How much memory MLX may hold, and when the process gives memory back (README, "Memory").
+/// Sizes are bytes (`536870912`, `512MiB`, `2GB`) or a share of the device's memory (`25%`):
+/// the GPU's when MLX has one (on a Mac, the unified memory), else the machine's RAM or the
+/// container's memory limit, whichever is smaller.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MemoryConfig {
+    /// MLX's memory limit (`mlx::core::set_memory_limit`): while MLX's arrays take more, it
+    /// waits for running work before it hands over more, and its GPU allocators free their cache
+    /// first. A guideline, not a cap: an allocation past it still succeeds if the device has room.
+    /// `null`: 25% of the memory of a GPU; on the CPU MLX's own (80% of RAM).
+    pub limit: Option<MemorySize>,
+    /// Freed buffers MLX keeps for reuse (`mlx::core::set_cache_limit`); beyond it they go back
+    /// to the allocator. `null`: 1 GiB on a GPU (MLX's own default there is its memory limit,
+    /// nearly the whole card), 32 MiB on the CPU (MLX's own).
+    pub cache_limit: Option<MemorySize>,
+    /// Once the engine has had no work for this long, MLX's cache is emptied and the process's
+    /// allocator hands its free pages back to the system. `0s`: never.
+    #[serde(with = "duration")]
+    pub release_after_idle: Duration,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig { limit: None, cache_limit: default_cache_limit(), release_after_idle: default_release_after_idle() }
+    }
+}
+
+/// Chosen per device by the engine (`engine::memory`).
+fn default_cache_limit() -> Option<MemorySize> {
+    None
+}
+
+fn default_release_after_idle() -> Duration {
+    Duration::from_secs(2)
+}
+
+/// An amount of memory: bytes, or a share of the device's memory.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MemorySize {
+    Bytes(u64),
+    /// Between 0 and 1.
+    Share(f64),
+}
+
+impl MemorySize {
+    /// Bytes, given the device's memory (`None`: unknown, so a share cannot be worked out).
+    pub fn bytes(self, device: Option<u64>) -> Option<u64> {
+        match self {
+            MemorySize::Bytes(b) => Some(b),
+            MemorySize::Share(s) => device.map(|d| (d as f64 * s) as u64),
+        }
+    }
+
+    /// `512MiB`, `2GB`, `1048576`, `25%` (units: B, KB, MB, GB, TB and KiB, MiB, GiB, TiB).
+    pub fn parse(text: &str) -> Option<MemorySize> {
+        let t = text.trim();
+        if let Some(p) = t.strip_suffix('%') {
+            let p: f64 = p.trim().parse().ok()?;
+            return (p > 0.0 && p <= 100.0).then_some(MemorySize::Share(p / 100.0));
+        }
+        let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let scale: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            "TB" => 1_000_000_000_000,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            "TiB" => 1 << 40,
+            _ => return None,
+        };
+        let v: f64 = num.parse().ok()?;
+        let bytes = v * scale as f64;
+        (bytes.is_finite() && bytes < u64::MAX as f64).then_some(MemorySize::Bytes(bytes as u64))
+    }
+}
+
+impl<'de> Deserialize<'de> for MemorySize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = MemorySize;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a size (e.g. 536870912, 512MiB, 2GB, 25%)")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<MemorySize, E> {
+                Ok(MemorySize::Bytes(v))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<MemorySize, E> {
+                MemorySize::parse(v).ok_or_else(|| E::custom(format!("`{v}` is not a size (e.g. 536870912, 512MiB, 2GB, 25%)")))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum DtypeChoice {
@@ -351,6 +453,17 @@ impl Config {
         }
         if self.limits.request_timeout.is_zero() {
             return Err(("limits.request_timeout".into(), "must be greater than 0".into()));
+        }
+        if self.memory.limit.is_some_and(|l| l == MemorySize::Bytes(0)) {
+            return Err(("memory.limit".into(), "must be greater than 0 (null: MLX's default)".into()));
+        }
+        let over = match (self.memory.limit, self.memory.cache_limit) {
+            (Some(MemorySize::Bytes(limit)), Some(MemorySize::Bytes(cache))) => cache > limit,
+            (Some(MemorySize::Share(limit)), Some(MemorySize::Share(cache))) => cache > limit,
+            _ => false, // bytes against a share: known once the device's memory is
+        };
+        if over {
+            return Err(("memory.cache_limit".into(), "exceeds memory.limit".into()));
         }
         if self.shutdown.grace_period.is_zero() {
             return Err(("shutdown.grace_period".into(), "must be greater than 0".into()));
@@ -566,5 +679,33 @@ mod tests {
         assert_eq!(duration::parse("1m"), Some(Duration::from_secs(60)));
         assert_eq!(duration::parse("5 parsecs"), None);
         assert_eq!(duration::parse("999999999999999999999m"), None);
+    }
+
+    #[test]
+    fn memory_sizes_are_bytes_or_a_share_of_the_device_and_bad_ones_are_refused() {
+        let d = parse(MINIMAL).unwrap().memory;
+        assert_eq!((d.limit, d.cache_limit, d.release_after_idle), (None, None, Duration::from_secs(2)));
+        let c = parse(&format!("memory:\n  limit: 25%\n  cache_limit: 512MiB\n  release_after_idle: 0s\n{MINIMAL}")).unwrap().memory;
+        assert_eq!((c.limit, c.cache_limit, c.release_after_idle), (Some(MemorySize::Share(0.25)), Some(MemorySize::Bytes(512 << 20)), Duration::ZERO));
+        for (text, bytes) in [("1048576", 1 << 20), ("2GB", 2_000_000_000), ("1.5GiB", 3 << 29), ("0", 0), ("64 KiB", 64 << 10)] {
+            let c = parse(&format!("memory:\n  cache_limit: {text}\n{MINIMAL}")).unwrap().memory;
+            assert_eq!(c.cache_limit, Some(MemorySize::Bytes(bytes)), "{text}");
+        }
+        assert_eq!(MemorySize::Share(0.25).bytes(Some(1000)), Some(250));
+        assert_eq!(MemorySize::Share(0.25).bytes(None), None);
+        for (yaml, field) in [
+            ("memory:\n  cache_limit: lots\n", "memory.cache_limit"),
+            ("memory:\n  cache_limit: 150%\n", "memory.cache_limit"),
+            ("memory:\n  limit: 0%\n", "memory.limit"),
+            ("memory:\n  limit: 0\n", "memory.limit"),
+            ("memory:\n  limit: 1GiB\n  cache_limit: 2GiB\n", "memory.cache_limit"),
+            ("memory:\n  release_after_idle: soon\n", "memory.release_after_idle"),
+            ("memory:\n  cache: 1GiB\n", "cache"),
+        ] {
+            let err = parse(&format!("{yaml}{MINIMAL}")).unwrap_err().to_string();
+            assert!(err.contains(field) && err.starts_with("cfg.yaml:"), "{yaml}: {err}");
+        }
+        let example = Config::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.yaml")).unwrap();
+        assert_eq!(example.memory, d, "config.example.yaml states the defaults");
     }
 }

@@ -1,7 +1,7 @@
 //! The engine thread: concurrent requests for two models are batched together (batches > 1 form)
 //! and each gets exactly the vectors it gets alone; a model that fails to load is reported and
 //! the others serve; a model whose files arrive later loads then; a caller that gives up costs no
-//! inference.
+//! inference; the memory settings reach MLX and an idle engine hands its cache back.
 
 mod common;
 
@@ -353,4 +353,48 @@ async fn abort_fails_queued_work_and_stops_the_engine() {
     assert!(engine.is_stopped());
     assert_eq!(queued.await.unwrap().unwrap_err(), EngineError::Stopped);
     assert_eq!(engine.stats().sequences.load(std::sync::atomic::Ordering::Relaxed), 0, "the queued text never ran");
+}
+
+/// Polls `done` every 20 ms until it holds (up to a minute: no timing is asserted).
+async fn until(mut done: impl FnMut() -> bool) {
+    let t = std::time::Instant::now();
+    while !done() {
+        assert!(t.elapsed() < Duration::from_secs(60), "still waiting after a minute");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_limits_reach_mlx_and_an_idle_engine_empties_mlx_cache() {
+    use mlx_embed::config::{MemoryConfig, MemorySize};
+    use mlx_embed::mlx::memory;
+    use std::sync::atomic::Ordering::Relaxed;
+    let _g = mlx_lock();
+    let default_limit = memory::memory_limit().unwrap();
+    let config = MemoryConfig {
+        limit: Some(MemorySize::Bytes(3 << 30)),
+        cache_limit: Some(MemorySize::Bytes(48 << 20)),
+        release_after_idle: Duration::from_millis(300),
+    };
+    let engine = Running(EngineHandle::start_with_memory(vec![spec("q", "qwen3-tiny")], limits(), 100, config));
+    let ModelStatus::Ready(_) = ready(&engine, 0).await else { panic!("qwen3-tiny failed to load") };
+    let stats = engine.stats();
+    assert_eq!((stats.mlx_memory_limit.load(Relaxed), stats.mlx_cache_limit.load(Relaxed)), (3 << 30, 48 << 20));
+    // The release after loading, then a batch whose freed buffers MLX keeps in its cache.
+    until(|| stats.memory_releases.load(Relaxed) >= 1).await;
+    let releases = stats.memory_releases.load(Relaxed);
+    let texts: Vec<Vec<u32>> = (0..16).map(|i| (0..200).map(|t| 1 + (t * 7 + i) % 500).collect()).collect();
+    engine.embed(0, texts).await.unwrap();
+    let cached = stats.mlx_cache.load(Relaxed);
+    assert!(cached > 0 && cached <= 48 << 20, "MLX's cache after a batch: {cached} bytes");
+    // Idle for `release_after_idle`: the cache is emptied (and the allocator's pages handed back).
+    until(|| stats.memory_releases.load(Relaxed) > releases).await;
+    assert_eq!(stats.mlx_cache.load(Relaxed), 0);
+    assert_eq!(stats.memory_releases.load(Relaxed), releases + 1, "one release per idle period");
+    drop(engine);
+    // MLX itself holds the limits the engine set (setting one returns the one before).
+    assert_eq!(memory::memory_limit().unwrap(), 3 << 30);
+    let cache_limit = memory::set_cache_limit(1 << 30).unwrap();
+    assert_eq!(cache_limit, 48 << 20);
+    memory::set_memory_limit(default_limit).unwrap();
 }

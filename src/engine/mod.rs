@@ -9,9 +9,11 @@
 //! long one. Each request is answered once all its texts are done. A failing
 //! batch (an MLX error or a panic) fails only the requests in it; the engine goes on. A model whose
 //! batches fail [`RETIRE_AFTER`] times in a row is taken out of service ([`ModelStatus::Failed`],
-//! NOT_SERVING) while the others serve.
+//! NOT_SERVING) while the others serve. Once it has had no work for `memory.release_after_idle`,
+//! it hands the memory MLX and the allocator keep for reuse back to the system (`memory`).
 
 pub mod batcher;
+mod memory;
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -22,8 +24,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch};
 
+use crate::config::MemoryConfig;
 use crate::models::{EmbeddingModel, Launched, LoadOptions, Preprocessor};
 use batcher::{Limits, Next, Queue, Seq};
+use memory::Memory;
 
 /// Failed batches in a row after which a model is taken out of service.
 pub const RETIRE_AFTER: u32 = 3;
@@ -89,6 +93,14 @@ pub struct Stats {
     /// Texts dropped before inference because their caller had gone.
     pub abandoned: AtomicU64,
     pub failed_batches: AtomicU64,
+    /// MLX's `active` and `cache` bytes, as last recorded (after each batch and release).
+    pub mlx_active: AtomicU64,
+    pub mlx_cache: AtomicU64,
+    /// MLX's memory limit and cache limit as they stand after the start (`u64::MAX`: unknown).
+    pub mlx_memory_limit: AtomicU64,
+    pub mlx_cache_limit: AtomicU64,
+    /// Times memory was handed back after an idle period.
+    pub memory_releases: AtomicU64,
 }
 
 struct Slot {
@@ -158,8 +170,15 @@ pub struct EngineHandle {
 }
 
 impl EngineHandle {
-    /// Starts the engine thread; it loads `specs` in order, then serves.
+    /// Starts the engine thread with the default memory settings; it loads `specs` in order,
+    /// then serves.
     pub fn start(specs: Vec<LoadSpec>, limits: Limits, max_queue: usize) -> EngineHandle {
+        EngineHandle::start_with_memory(specs, limits, max_queue, MemoryConfig::default())
+    }
+
+    /// [`EngineHandle::start`], with MLX's memory limits and the release of idle memory set
+    /// from `memory`.
+    pub fn start_with_memory(specs: Vec<LoadSpec>, limits: Limits, max_queue: usize, memory: MemoryConfig) -> EngineHandle {
         let slots: Arc<Vec<Slot>> = Arc::new(
             specs.iter().map(|s| Slot {
                 name: s.name.clone(),
@@ -178,7 +197,7 @@ impl EngineHandle {
             .name("mlx-engine".into())
             .spawn(move || {
                 let options = specs.iter().map(|s| s.options).collect();
-                Engine::new(s, st, limits, options).run(specs, rx)
+                Engine::new(s, st, limits, options, &memory).run(specs, rx)
             })
             .expect("spawning the engine thread");
         EngineHandle { tx, slots, stats, max_queue, thread: Arc::new(std::sync::Mutex::new(Some(thread))) }
@@ -318,6 +337,7 @@ struct Engine {
     in_flight: Option<InFlight>,
     /// The `device` label of MLX's memory counters.
     device: &'static str,
+    memory: Memory,
     /// Per model: a fault to inject into its next batch.
     faults: Vec<Option<Fault>>,
     /// Per model: batches failed since its last success.
@@ -354,8 +374,10 @@ fn warm_up(model: EmbeddingModel) -> crate::error::Result<EmbeddingModel> {
 }
 
 impl Engine {
-    fn new(slots: Arc<Vec<Slot>>, stats: Arc<Stats>, limits: Limits, options: Vec<LoadOptions>) -> Engine {
+    fn new(slots: Arc<Vec<Slot>>, stats: Arc<Stats>, limits: Limits, options: Vec<LoadOptions>, memory: &MemoryConfig) -> Engine {
         let n = slots.len();
+        let device = if crate::mlx::gpu_is_available() { "gpu" } else { "cpu" };
+        let memory = Memory::start(memory, device, &stats);
         Engine {
             slots,
             stats,
@@ -367,7 +389,8 @@ impl Engine {
             next_job: 0,
             turn: 0,
             in_flight: None,
-            device: if crate::mlx::gpu_is_available() { "gpu" } else { "cpu" },
+            device,
+            memory,
             faults: vec![None; n],
             failures: vec![0; n],
         }
@@ -397,22 +420,26 @@ impl Engine {
         let mut wait: Option<Duration> = None;
         let mut open = true;
         loop {
-            // 1. Take new work: block when idle, else until the earliest batch deadline.
-            let first = match (open, wait) {
-                (false, _) => None,
-                (true, None) => recv_after_spinning(&rx, self.limits.idle_spin),
-                (true, Some(d)) => match rx.recv_timeout(d) {
-                    Ok(job) => Some(job),
-                    Err(mpsc::RecvTimeoutError::Timeout) => None,
-                    Err(mpsc::RecvTimeoutError::Disconnected) => {
-                        open = false;
-                        None
-                    }
-                },
+            // 1. Take new work: block when idle (until memory is due back, if it is), else until
+            //    the earliest batch deadline.
+            let received = match (open, wait) {
+                (false, _) => Err(mpsc::RecvTimeoutError::Timeout),
+                (true, None) => recv_after_spinning(&rx, self.limits.idle_spin, self.memory.release_due()),
+                (true, Some(d)) => rx.recv_timeout(d),
             };
-            if open && first.is_none() && wait.is_none() {
-                open = false; // every handle is gone
-            }
+            let first = match received {
+                Ok(msg) => Some(msg),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if open && wait.is_none() {
+                        self.memory.release(&self.stats);
+                    }
+                    None
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    open = false; // every handle is gone
+                    None
+                }
+            };
             for msg in first.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
                 match msg {
                     Msg::Job(job) => self.accept(job),
@@ -469,6 +496,7 @@ impl Engine {
                 tracing::info!(model = %name, secs, cuda_kernels, "model loaded");
                 metrics::gauge!(crate::metrics::MODEL_LOAD, "model" => name.to_string()).set(secs);
                 self.record_memory();
+                self.memory.loaded(name);
                 let pre = model.preprocessor();
                 self.models[i] = Some(model);
                 Some(ModelStatus::Ready(pre))
@@ -620,6 +648,7 @@ impl Engine {
     /// the next pass (their job is gone).
     fn fail(&mut self, m: usize, batch: &[Seq], why: String) {
         self.count(batch);
+        self.memory.used();
         self.stats.failed_batches.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(crate::metrics::FAILED_BATCHES, "model" => self.slots[m].name.clone()).increment(1);
         tracing::error!(model = %self.slots[m].name, error = %why, size = batch.len(), "batch failed");
@@ -663,8 +692,10 @@ impl Engine {
         note_first(&mut self.jobs, &f.batch, |p| &mut p.started);
     }
 
-    fn record_memory(&self) {
-        crate::metrics::record_mlx_memory(self.device, crate::mlx::memory_stats());
+    /// Records MLX's memory counters after MLX ran; memory is then owed back once idle.
+    fn record_memory(&mut self) {
+        memory::record(self.device, &self.stats);
+        self.memory.used();
     }
 
     fn deliver(&mut self, s: Seq, v: Vec<f32>) {
@@ -687,17 +718,22 @@ impl Engine {
     }
 }
 
-/// The next message, polling for up to `spin` before blocking (`None`: every sender is gone).
-fn recv_after_spinning(rx: &mpsc::Receiver<Msg>, spin: Duration) -> Option<Msg> {
-    let until = Instant::now() + spin;
-    while Instant::now() < until {
+/// The next message, polling for up to `spin` before blocking, for at most `timeout` in all
+/// (`None`: no end).
+fn recv_after_spinning(rx: &mpsc::Receiver<Msg>, spin: Duration, timeout: Option<Duration>) -> Result<Msg, mpsc::RecvTimeoutError> {
+    let started = Instant::now();
+    let spin = timeout.map_or(spin, |t| spin.min(t));
+    while started.elapsed() < spin {
         match rx.try_recv() {
-            Ok(msg) => return Some(msg),
-            Err(mpsc::TryRecvError::Disconnected) => return None,
+            Ok(msg) => return Ok(msg),
+            Err(mpsc::TryRecvError::Disconnected) => return Err(mpsc::RecvTimeoutError::Disconnected),
             Err(mpsc::TryRecvError::Empty) => std::hint::spin_loop(),
         }
     }
-    rx.recv().ok()
+    match timeout {
+        Some(t) => rx.recv_timeout(t.saturating_sub(started.elapsed())),
+        None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+    }
 }
 
 /// Sets one moment of each request with a text in `batch` (`moment` picks which) to now, unless

@@ -82,7 +82,7 @@ pub fn start_engine(config: &Config, base: &Path, hub: &HubSettings) -> (EngineH
         max_wait: config.batching.max_wait,
         idle_spin: config.batching.idle_spin,
     };
-    let engine = EngineHandle::start(specs, limits, config.batching.max_queue);
+    let engine = EngineHandle::start_with_memory(specs, limits, config.batching.max_queue, config.memory.clone());
     // One fetch thread per repository, one fetch per revision.
     let mut by_repo: Vec<(String, Vec<Wanted>)> = Vec::new();
     for (i, r) in fetches {

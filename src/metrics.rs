@@ -68,7 +68,7 @@ pub const BUILD_INFO: &str = "mlx_embed_build_info";
 /// MLX's memory limit and cache limit as set at the start, by `device` and `kind` (`memory`, `cache`).
 pub const MLX_MEMORY_LIMIT: &str = "mlx_embed_mlx_memory_limit_bytes";
 /// Times the engine handed memory back to the system after an idle period.
-pub const MEMORY_RELEASES: &str = "mlx_embed_memory_releases_total";
+pub const IDLE_RELEASES: &str = "mlx_embed_idle_releases_total";
 
 /// The stages of an Embed request.
 pub const STAGES: [&str; 5] = ["tokenize", "queue", "launch", "inference", "serialize"];
@@ -130,7 +130,7 @@ fn describe() {
     describe_counter!(REFUSED, "Calls refused before any work, by reason (overloaded: no place or a full queue; draining).");
     describe_gauge!(BUILD_INFO, "Always 1; the labels carry the version, the MLX version and the device.");
     describe_gauge!(MLX_MEMORY_LIMIT, Unit::Bytes, "MLX's memory limit and cache limit by device and kind (memory, cache).");
-    describe_counter!(MEMORY_RELEASES, "Times the engine handed memory back to the system after an idle period.");
+    describe_counter!(IDLE_RELEASES, "Times the engine handed memory back to the system after an idle period.");
 }
 
 /// What the server registers at start-up.

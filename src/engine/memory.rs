@@ -74,7 +74,7 @@ impl Memory {
                 metrics::gauge!(crate::metrics::MLX_MEMORY_LIMIT, "device" => device, "kind" => kind).set(v as f64);
             }
         }
-        metrics::counter!(crate::metrics::MEMORY_RELEASES).absolute(0);
+        metrics::counter!(crate::metrics::IDLE_RELEASES).absolute(0);
         stats.mlx_memory_limit.store(limit.map_or(u64::MAX, |l| l as u64), Ordering::Relaxed);
         stats.mlx_cache_limit.store(cache_limit.map_or(u64::MAX, |c| c as u64), Ordering::Relaxed);
         Memory { release_after_idle: config.release_after_idle, device, owed: true, limit }
@@ -110,7 +110,7 @@ impl Memory {
         }
         let after = record(self.device, stats);
         stats.memory_releases.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(crate::metrics::MEMORY_RELEASES).increment(1);
+        metrics::counter!(crate::metrics::IDLE_RELEASES).increment(1);
         tracing::debug!(mlx_cache_before = before.cache, mlx_active = after.active, "idle: memory handed back");
     }
 }

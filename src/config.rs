@@ -80,7 +80,8 @@ impl Default for ShutdownConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
-    /// A file with one key per line (`#` starts a comment); relative to the config file.
+    /// A file with one key per line (`#` at a line's start or after a blank starts a comment;
+    /// `grpc::auth::parse_key_file`); relative to the config file.
     pub api_keys_file: Option<PathBuf>,
     /// An environment variable holding keys separated by commas.
     pub api_keys_env: Option<String>,
@@ -112,11 +113,6 @@ impl std::fmt::Debug for ApiKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "ApiKeys({} keys)", self.0.len())
     }
-}
-
-/// Keys from a key file's text: one per line, blank lines and `#` comments skipped.
-pub fn parse_key_file(text: &str) -> Vec<String> {
-    text.lines().map(|l| l.split('#').next().unwrap_or("").trim()).filter(|l| !l.is_empty()).map(String::from).collect()
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -143,6 +143,10 @@ fn default_io_threads() -> usize {
     2
 }
 
+/// What one queued `EmbedStream` message counts against `max_stream_pending_bytes` beyond its
+/// encoded size (h2 charges a small frame about as much).
+pub const STREAM_MESSAGE_OVERHEAD: usize = 256;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
@@ -444,11 +448,18 @@ impl Config {
                 "{} exceeds batching.max_queue ({}): such a request could never be queued",
                 self.limits.max_items_per_request, self.batching.max_queue)));
         }
-        if self.limits.stream_idle_timeout.is_zero() {
-            return Err(("limits.stream_idle_timeout".into(), "must be greater than 0".into()));
+        // Deadlines are instants: past a day they buy nothing and can overflow the clock.
+        const DAY: Duration = Duration::from_secs(86_400);
+        for (field, d) in [("limits.stream_idle_timeout", self.limits.stream_idle_timeout), ("limits.request_timeout", self.limits.request_timeout)] {
+            if d.is_zero() || d > DAY {
+                return Err((field.into(), format!("{d:?} is outside 1ns to 24h")));
+            }
         }
-        if self.limits.request_timeout.is_zero() {
-            return Err(("limits.request_timeout".into(), "must be greater than 0".into()));
+        let one_message = self.limits.max_message_bytes.saturating_add(STREAM_MESSAGE_OVERHEAD);
+        if self.limits.max_stream_pending_bytes < one_message {
+            return Err(("limits.max_stream_pending_bytes".into(), format!(
+                "{} leaves no room for one message of limits.max_message_bytes ({} + {} bytes)",
+                self.limits.max_stream_pending_bytes, self.limits.max_message_bytes, STREAM_MESSAGE_OVERHEAD)));
         }
         if self.memory.limit.is_some_and(|l| l == MemorySize::Bytes(0)) {
             return Err(("memory.limit".into(), "must be greater than 0 (null: MLX's default)".into()));
@@ -560,6 +571,20 @@ mod tests {
     }
 
     const MINIMAL: &str = "models:\n  - name: m\n    source: ./m\n";
+
+    #[test]
+    fn stream_limits_that_cannot_work_are_named() {
+        for (limits, field) in [
+            ("{stream_idle_timeout: 0s}", "limits.stream_idle_timeout"),
+            ("{stream_idle_timeout: 100000000000s}", "limits.stream_idle_timeout"),
+            ("{request_timeout: 100000000000s}", "limits.request_timeout"),
+            ("{max_message_bytes: 1000000, max_stream_pending_bytes: 1000000}", "limits.max_stream_pending_bytes"),
+        ] {
+            let err = parse(&format!("limits: {limits}\n{MINIMAL}")).unwrap_err().to_string();
+            assert!(err.contains(field), "{limits}: {err}");
+        }
+        assert!(parse(&format!("limits: {{max_message_bytes: 1000000, max_stream_pending_bytes: 1000256}}\n{MINIMAL}")).is_ok());
+    }
 
     #[test]
     fn a_minimal_config_gets_defaults() {

@@ -52,7 +52,7 @@ fn message(i: usize) -> pb::EmbedRequest {
 fn grpcurl_stream(addr: &str, messages: usize) -> (bool, String) {
     let bin = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/bin/grpcurl");
     let mut child = Command::new(bin)
-        .args(["-plaintext", "-d", "@", addr, "embedding.v1.EmbeddingService/EmbedStream"])
+        .args(["-plaintext", "-max-time", "300", "-d", "@", addr, "embedding.v1.EmbeddingService/EmbedStream"])
         .stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped())
         .spawn().expect("grpcurl (scripts/setup.sh installs it)");
     let mut stdin = child.stdin.take().unwrap();
@@ -125,7 +125,8 @@ async fn unary_calls_on_the_connection_of_a_bulk_stream_are_unaffected() {
         }
     });
     for i in 0..MESSAGES {
-        let a = answers.message().await.unwrap_or_else(|s| panic!("after {i} answers: {s:?}")).expect("an answer");
+        let a = tokio::time::timeout(Duration::from_secs(60), answers.message()).await
+            .unwrap_or_else(|_| panic!("no answer after {i}")).unwrap_or_else(|s| panic!("after {i} answers: {s:?}")).expect("an answer");
         assert_eq!(a.request_id, i.to_string());
     }
     sender.await.unwrap();
@@ -136,14 +137,14 @@ async fn unary_calls_on_the_connection_of_a_bulk_stream_are_unaffected() {
 async fn a_stream_too_far_ahead_of_its_answers_is_ended_and_the_connection_lives_on() {
     // Paced to 50 texts a second, with room for about 64 messages ahead.
     let (_dir, _child, addr, log) =
-        tokio::task::spawn_blocking(|| serve("limits: {max_stream_items_per_second: 50, max_stream_pending_bytes: 20000}")).await.unwrap();
+        tokio::task::spawn_blocking(|| serve("limits: {max_stream_items_per_second: 50, max_message_bytes: 16000, max_stream_pending_bytes: 20000}")).await.unwrap();
     let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
     let mut c = EmbeddingServiceClient::new(channel);
     let reqs: Vec<_> = (0..1000).map(message).collect();
     let mut answers = c.embed_stream(tokio_stream::iter(reqs)).await.unwrap().into_inner();
     let mut answered = 0;
     let status = loop {
-        match answers.message().await {
+        match tokio::time::timeout(Duration::from_secs(60), answers.message()).await.expect("the stream stalled") {
             Ok(Some(a)) => {
                 assert_eq!(a.request_id, answered.to_string());
                 answered += 1;
@@ -155,7 +156,7 @@ async fn a_stream_too_far_ahead_of_its_answers_is_ended_and_the_connection_lives
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert!(status.message().contains("max_stream_pending_bytes"), "{}", status.message());
     assert!(answered >= 50, "only {answered} answers before the end");
-    let counted = scrape_value(&metrics_addr(&log), r#"mlx_embed_requests_total{rpc="EmbedStream",model="",code="RESOURCE_EXHAUSTED"}"#);
+    let counted = scrape_value(&metrics_addr(&log), r#"mlx_embed_requests_total{rpc="EmbedStream",model="unknown",code="RESOURCE_EXHAUSTED"}"#);
     assert_eq!(counted, Some(1.0), "the stream's end is counted");
     // The same connection still serves.
     assert!(c.embed(request("q", vec![text("after")])).await.is_ok());
@@ -179,7 +180,7 @@ async fn an_idle_stream_is_ended_and_its_place_given_back() {
         .expect("the idle stream was never ended").unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     assert!(status.message().contains("stream_idle_timeout"), "{}", status.message());
-    let counted = scrape_value(&metrics, r#"mlx_embed_requests_total{rpc="EmbedStream",model="",code="DEADLINE_EXCEEDED"}"#);
+    let counted = scrape_value(&metrics, r#"mlx_embed_requests_total{rpc="EmbedStream",model="unknown",code="DEADLINE_EXCEEDED"}"#);
     assert_eq!(counted, Some(1.0), "the stream's end is counted");
     let t0 = Instant::now();
     while c.embed(request("q", vec![text("after the idle stream")])).await.is_err() {

@@ -230,7 +230,13 @@ fn status_of(headers: &mut http::HeaderMap) -> Option<(tonic::Code, bool)> {
         headers.insert("grpc-status", http::HeaderValue::from_static("8"));
         return Some((tonic::Code::ResourceExhausted, true));
     }
-    Some((code, code == tonic::Code::InvalidArgument && says(crate::grpc::codec::MALFORMED)))
+    // Our codec's refusals start with MALFORMED; a handler's message may quote client text anywhere.
+    let starts = |text: &str| {
+        headers.get("grpc-message").is_some_and(|m| {
+            m.as_bytes().starts_with(text.as_bytes()) || m.as_bytes().starts_with(text.replace(' ', "%20").as_bytes())
+        })
+    };
+    Some((code, code == tonic::Code::InvalidArgument && starts(crate::grpc::codec::MALFORMED)))
 }
 
 /// A response body that keeps its call's place until it is finished or dropped, and is read

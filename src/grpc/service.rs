@@ -262,7 +262,11 @@ impl EmbeddingService for Service {
                     let q = r?;
                     let call = inner.call("EmbedStream", &Request::new(()), &q.request.model, &q.request.request_id);
                     if inner.drain.is_draining() {
-                        return Err(call.finish::<pb::EmbedResponse>(Err(Status::from(Drain::refusal()))).unwrap_err());
+                        let refusal = Status::from(Drain::refusal());
+                        return Err(match call.finish::<pb::EmbedResponse>(Err(refusal.clone())) {
+                            Err(recorded) => recorded,
+                            Ok(_) => refusal,
+                        });
                     }
                     let result = inner.within_deadline(Deadline::none(), inner.embed(q.request)).await;
                     let answer = call.finish(result.map(|(r, t)| (r, Some(t))).map_err(Status::from)).map(Response::into_inner);

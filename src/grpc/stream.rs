@@ -6,7 +6,7 @@
 //! ingest sends exactly that, one small message per frame; leaving them unread while earlier ones
 //! are computed (or while the stream is paced) would close every call on the connection. So the
 //! flow control that holds a client back is ours, in bytes: a stream may run `max_pending` bytes
-//! ahead of its answers (each message counted as its encoded size plus [`MESSAGE_OVERHEAD`]);
+//! ahead of its answers (each message counted as its encoded size plus [`STREAM_MESSAGE_OVERHEAD`]);
 //! further ahead, it is ended with RESOURCE_EXHAUSTED after the answers owed before that point.
 //!
 //! A stream that owes no answer and sends nothing for `idle_timeout` is ended with
@@ -22,12 +22,11 @@ use prost::Message;
 use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
+use crate::config::STREAM_MESSAGE_OVERHEAD;
 use crate::error::Error;
 use crate::grpc::observe::Call;
 use crate::grpc::pb;
 
-/// What a queued message costs beyond its bytes (h2 charges small frames about as much).
-pub const MESSAGE_OVERHEAD: usize = 256;
 
 /// A message read, with what it counts against `max_pending` until it is answered.
 pub struct Queued {
@@ -91,7 +90,7 @@ async fn read(mut incoming: Streaming<pb::EmbedRequest>, tx: mpsc::UnboundedSend
             Err(_) => Err(ended(Error::DeadlineExceeded(format!(
                 "the stream sent nothing for {:?} with no answer owed (limits.stream_idle_timeout)", limits.idle_timeout)))),
             Ok(Ok(Some(request))) => {
-                let cost = request.encoded_len() + MESSAGE_OVERHEAD;
+                let cost = request.encoded_len() + STREAM_MESSAGE_OVERHEAD;
                 let pending = ledger.pending.fetch_add(cost, Ordering::SeqCst) + cost;
                 ledger.touch();
                 if pending > limits.max_pending {
@@ -116,7 +115,9 @@ async fn read(mut incoming: Streaming<pb::EmbedRequest>, tx: mpsc::UnboundedSend
 /// `EmbedStream` call as each answered message is.
 fn ended(e: Error) -> Status {
     let status = Status::from(e);
-    match Call::start("EmbedStream", String::new(), String::new()).finish::<pb::EmbedResponse>(Err(status.clone())) {
+    // No model is known for the stream as a whole: counted like the other calls answered before
+    // a handler saw a model.
+    match Call::start("EmbedStream", "unknown".into(), String::new()).finish::<pb::EmbedResponse>(Err(status.clone())) {
         Err(recorded) => recorded,
         Ok(_) => status,
     }

@@ -107,10 +107,10 @@ pub fn write_from_config(source: &Path, dir: &Path, seed: u64, precision: Precis
     let config: Value = serde_json::from_slice(&fs::read(source.join("config.json"))?).map_err(|e| invalid(e.to_string()))?;
     let int = |key: &str| config.get(key).and_then(Value::as_u64).map(|v| v as usize).ok_or_else(|| invalid(format!("`{key}` missing or not a count")));
     let (base, norms, norm_init, default_head_dim): (_, &[&str], _, _) = match config.get("model_type").and_then(Value::as_str) {
-        Some("qwen3") => (Blueprint::Qwen3Embedding06B, &["input_layernorm", "post_attention_layernorm"], 1.0, None),
+        Some("qwen3") => (Blueprint::Qwen3Embedding06B, &QWEN3_NORMS, 1.0, None),
         Some("gemma3_text") => (
             Blueprint::EmbeddingGemma300M,
-            &["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"],
+            &GEMMA3_NORMS,
             0.0,
             Some(256),
         ),
@@ -226,7 +226,7 @@ impl Spec {
                     "rope_parameters": {"rope_theta": 1_000_000.0, "rope_type": "default"}, "sliding_window": null,
                     "tie_word_embeddings": true, "use_cache": true, "use_sliding_window": false, "vocab_size": vocab
                 });
-                let mut tensors = decoder_tensors(hidden, layers, heads, kv, head_dim, inter, vocab, &["input_layernorm", "post_attention_layernorm"], 1.0);
+                let mut tensors = decoder_tensors(hidden, layers, heads, kv, head_dim, inter, vocab, &QWEN3_NORMS, 1.0);
                 tensors.push(Tensor { name: "norm.weight".into(), shape: vec![hidden], init: Init::Constant(1.0) });
                 Spec {
                     config,
@@ -266,8 +266,7 @@ impl Spec {
                     "sliding_window": 512, "tie_word_embeddings": true, "use_bidirectional_attention": true,
                     "use_cache": true, "vocab_size": vocab
                 });
-                let norms = ["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"];
-                let mut tensors = decoder_tensors(hidden, layers, heads, kv, head_dim, inter, vocab, &norms, 0.0);
+                let mut tensors = decoder_tensors(hidden, layers, heads, kv, head_dim, inter, vocab, &GEMMA3_NORMS, 0.0);
                 tensors.push(Tensor { name: "norm.weight".into(), shape: vec![hidden], init: Init::Constant(0.0) });
                 Spec {
                     config,
@@ -295,6 +294,10 @@ impl Spec {
         }
     }
 }
+
+/// The per-layer norms of each architecture (Qwen3's multiply by w, Gemma's by 1 + w).
+const QWEN3_NORMS: [&str; 2] = ["input_layernorm", "post_attention_layernorm"];
+const GEMMA3_NORMS: [&str; 4] = ["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"];
 
 /// The tensors of a decoder stack in Hugging Face naming (without the `model.` prefix).
 #[allow(clippy::too_many_arguments)]

@@ -125,6 +125,12 @@ impl Call {
     /// Records and answers `result`; an answer over the scope's message limit becomes
     /// RESOURCE_EXHAUSTED here, before it is counted (tonic would only find out while sending it,
     /// with OUT_OF_RANGE, after the headers had gone out).
+    /// Records and answers a refusal: [`Call::finish`] for a call that has no answer to give.
+    pub fn refuse(self, status: Status) -> Status {
+        let unrecorded = status.clone();
+        self.finish::<()>(Err(status)).err().unwrap_or(unrecorded)
+    }
+
     pub fn finish<T: prost::Message>(mut self, result: Result<(T, Option<Timings>), Status>) -> Result<Response<T>, Status> {
         self.done = true;
         let total = self.started.elapsed();

@@ -262,11 +262,7 @@ impl EmbeddingService for Service {
                     let q = r?;
                     let call = inner.call("EmbedStream", &Request::new(()), &q.request.model, &q.request.request_id);
                     if inner.drain.is_draining() {
-                        let refusal = Status::from(Drain::refusal());
-                        return Err(match call.finish::<pb::EmbedResponse>(Err(refusal.clone())) {
-                            Err(recorded) => recorded,
-                            Ok(_) => refusal,
-                        });
+                        return Err(call.refuse(Status::from(Drain::refusal())));
                     }
                     let result = inner.within_deadline(Deadline::none(), inner.embed(q.request)).await;
                     let answer = call.finish(result.map(|(r, t)| (r, Some(t))).map_err(Status::from)).map(Response::into_inner);

@@ -27,7 +27,6 @@ use crate::error::Error;
 use crate::grpc::observe::Call;
 use crate::grpc::pb;
 
-
 /// A message read, with what it counts against `max_pending` until it is answered.
 pub struct Queued {
     pub request: pb::EmbedRequest,
@@ -114,11 +113,7 @@ async fn read(mut incoming: Streaming<pb::EmbedRequest>, tx: mpsc::UnboundedSend
 /// The status that ends a stream for a reason of ours (idle, too far ahead), counted as an
 /// `EmbedStream` call as each answered message is.
 fn ended(e: Error) -> Status {
-    let status = Status::from(e);
     // No model is known for the stream as a whole: counted like the other calls answered before
     // a handler saw a model.
-    match Call::start("EmbedStream", "unknown".into(), String::new()).finish::<pb::EmbedResponse>(Err(status.clone())) {
-        Err(recorded) => recorded,
-        Ok(_) => status,
-    }
+    Call::start("EmbedStream", "unknown".into(), String::new()).refuse(Status::from(e))
 }
